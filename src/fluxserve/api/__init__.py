@@ -1,0 +1,1 @@
+"""The HTTP API: routing, wire schemas, authentication, the error envelope."""

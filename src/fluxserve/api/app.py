@@ -1,0 +1,31 @@
+"""The FastAPI application: one Runtime, started and stopped with the app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from fluxserve import __version__
+from fluxserve.api.envelope import install_error_handlers
+from fluxserve.api.routes import router
+from fluxserve.runtime import Runtime
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The app serving `runtime`; its lifespan starts and stops the runtime."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,24 @@
+"""`Authorization: Bearer <key>` on every /api route."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from fluxserve.errors import Unauthenticated
+from fluxserve.keys import hash_key
+from fluxserve.store import ApiKeyRecord, Store
+
+
+async def authenticate(store: Store, request: Request) -> ApiKeyRecord:
+    """The key behind the request's bearer token; 401 if missing, unknown or revoked."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("Missing API key: send the header 'Authorization: Bearer <key>'")
+    record = await store.key_for_hash(hash_key(token))
+    if record is None:
+        raise Unauthenticated("Invalid API key")
+    if record.revoked_at is not None:
+        raise Unauthenticated("API key has been revoked")
+    return record

@@ -1,0 +1,67 @@
+"""The routes of the wire contract (DESIGN.md §1) and the file server."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
+
+from fluxserve.api.auth import authenticate
+from fluxserve.api.schemas import SubmitBody
+from fluxserve.errors import NotFound
+from fluxserve.runtime import Runtime
+from fluxserve.storage.local import FILES_ROUTE
+from fluxserve.store import ApiKeyRecord
+from fluxserve.tasks import format_time
+from fluxserve.wire import ok, status_body
+
+router = APIRouter()
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+async def api_key(request: Request) -> ApiKeyRecord:
+    return await authenticate(runtime(request).store, request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
+
+
+@router.post("/api/generate/submit")
+async def submit(body: SubmitBody, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
+    """Queue a task; answered once it is committed."""
+    task = await rt.service.submit(key.key_id, body.model, body.task_input(), body.callback_url)
+    return ok(
+        {
+            "task_id": task.task_id,
+            "status": task.status.value,
+            "created_time": format_time(task.created_at),
+        }
+    )
+
+
+@router.get("/api/generate/status/{task_id}")
+async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
+    """The task's status, progress and, once finished, its files."""
+    task = await rt.service.get(key.key_id, task_id)
+    return status_body(task, rt.storage)
+
+
+@router.get(FILES_ROUTE + "/{key:path}")
+async def download(key: str, rt: RuntimeDep) -> FileResponse:
+    """A stored file; its key is unguessable, so the URL itself is the credential."""
+    path = rt.storage.path_for(key)
+    if path is None or not path.is_file():
+        raise NotFound("File not found")
+    return FileResponse(path)
+
+
+@router.get("/health")
+async def health(rt: RuntimeDep) -> dict[str, Any]:
+    """Liveness, and whether this process's worker is ready."""
+    return rt.health()

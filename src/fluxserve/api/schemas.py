@@ -1,0 +1,139 @@
+"""The request bodies of the wire contract, with the rules of DESIGN.md §1."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+
+from fluxserve.sizes import SIZE_CHOICES
+from fluxserve.tasks import EDIT_MODELS, MODELS, OUTPUT_FORMATS, TaskInput
+
+MAX_URL_LENGTH = 2048
+MAX_IMAGES = 8
+PROMPT_MIN, PROMPT_MAX = 3, 5000
+RESOLUTIONS = ("1K", "2K")
+STEPS_RANGE = (1, 50)
+GUIDANCE_RANGE = (1.5, 10.0)
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return "must be one of " + ", ".join(choices)
+
+
+def _check_http_url(value: str, field: str, *, allow_data: bool = False) -> None:
+    if allow_data and value.startswith("data:"):
+        return
+    if len(value) > MAX_URL_LENGTH:
+        raise ValueError(f"{field} must be at most {MAX_URL_LENGTH} characters")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or rest[0] in "/?#":
+        kinds = "an http(s) or data:image URL" if allow_data else "an http(s) URL"
+        raise ValueError(f"{field} must be {kinds}")
+
+
+class SubmitInput(BaseModel):
+    """`input` of POST /api/generate/submit."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    size: str = "auto"
+    resolution: str = "1K"
+    image_urls: list[str] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] | None = None
+    output_format: str = "png"
+    steps: StrictInt | None = None
+    guidance: StrictFloat | StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SubmitInput:
+        if not PROMPT_MIN <= len(self.prompt.strip()) <= PROMPT_MAX:
+            raise ValueError(
+                f"input.prompt must be {PROMPT_MIN} to {PROMPT_MAX} characters "
+                f"(got {len(self.prompt.strip())})"
+            )
+        if self.size not in SIZE_CHOICES:
+            raise ValueError(f"input.size {_one_of(SIZE_CHOICES)}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"input.resolution {_one_of(RESOLUTIONS)}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"input.output_format {_one_of(tuple(OUTPUT_FORMATS))}")
+        for index, url in enumerate(self.image_urls or ()):
+            _check_http_url(url, f"input.image_urls[{index}]", allow_data=True)
+        return self
+
+
+class SubmitBody(BaseModel):
+    """The body of POST /api/generate/submit."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    callback_url: str | None = None
+    input: SubmitInput
+
+    @model_validator(mode="after")
+    def _check(self) -> SubmitBody:
+        if self.model not in MODELS:
+            raise ValueError(f"model {_one_of(MODELS)}")
+        if self.callback_url is not None:
+            _check_http_url(self.callback_url, "callback_url")
+        urls = self.input.image_urls
+        if self.model in EDIT_MODELS:
+            if not urls:
+                raise ValueError(f"input.image_urls is required for {self.model} (1 to 8 URLs)")
+            if len(urls) > MAX_IMAGES:
+                raise ValueError(f"input.image_urls must hold at most {MAX_IMAGES} URLs")
+        elif urls:
+            raise ValueError(
+                f"input.image_urls is only accepted by the edit models, not {self.model}"
+            )
+        self._check_sampler()
+        return self
+
+    def _check_sampler(self) -> None:
+        steps, guidance = self.input.steps, self.input.guidance
+        flex = self.model.startswith("flux-2-flex")
+        for name, value in (("steps", steps), ("guidance", guidance)):
+            if value is not None and not flex:
+                raise ValueError(f"input.{name} is only accepted by the flex models")
+        if steps is not None and not STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]:
+            raise ValueError(f"input.steps must be between {STEPS_RANGE[0]} and {STEPS_RANGE[1]}")
+        if guidance is not None and not GUIDANCE_RANGE[0] <= guidance <= GUIDANCE_RANGE[1]:
+            raise ValueError(
+                f"input.guidance must be between {GUIDANCE_RANGE[0]} and {GUIDANCE_RANGE[1]}"
+            )
+
+    def task_input(self) -> TaskInput:
+        i = self.input
+        return TaskInput(
+            prompt=i.prompt,
+            size=i.size,
+            resolution=i.resolution,
+            image_urls=tuple(i.image_urls or ()),
+            seed=i.seed,
+            output_format=i.output_format,
+            steps=i.steps,
+            guidance=float(i.guidance) if i.guidance is not None else None,
+        )
+
+
+def describe_validation_error(errors: list[Any]) -> str:
+    """One message naming the field and what was wrong, from pydantic's errors."""
+    if not errors:
+        return "Invalid request"
+    error = errors[0]
+    kind = error.get("type", "")
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    field = ".".join(loc) if loc else "body"
+    if kind == "json_invalid":
+        return "Request body is not valid JSON"
+    if field == "body" and kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "Request body must be a JSON object"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "value_error":
+        # Our own validators name the field themselves.
+        return str(error.get("ctx", {}).get("error", error.get("msg")))
+    return f"{field}: {error.get('msg', 'is invalid')}"

@@ -1,0 +1,107 @@
+"""The `fluxserve` command: serve, and manage API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fluxserve.keys import new_key
+from fluxserve.settings import Settings
+from fluxserve.store import Store, open_store
+
+app = typer.Typer(help="fluxserve: self-hosted FLUX.2 behind the unified task API.")
+keys_app = typer.Typer(help="Create, list and revoke API keys.")
+app.add_typer(keys_app, name="keys")
+
+T = TypeVar("T")
+
+TINY_WARNING = (
+    "WARNING: engine 'tiny' serves a FLUX.2 pipeline with random weights: "
+    "every image it makes is noise. Set FLUXSERVE_ENGINE for real images."
+)
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store = open_store(settings.resolved_database_url)
+        await store.start()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="SQLite file and results.")]
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    data_dir: DataDir = None,
+    engine: Annotated[str | None, typer.Option(help="Engine for every model: tiny.")] = None,
+) -> None:
+    """Run the API and a worker in one process (the embedded default)."""
+    import uvicorn
+
+    from fluxserve.api.app import create_app
+    from fluxserve.runtime import Runtime
+
+    settings = _settings(host=host, port=port, data_dir=data_dir, engine=engine)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.engine == "tiny":
+        typer.secho(TINY_WARNING, fg=typer.colors.YELLOW, err=True)
+    application = create_app(Runtime(settings))
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key, e.g. its owner.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Create a key; it is printed once, on the last line, and stored only hashed."""
+    settings = _settings(data_dir=data_dir)
+    key = new_key()
+    _with_store(settings, lambda s: s.create_key(key.key_id, name, key.key_hash, key.prefix))
+    typer.echo(f"created key {key.key_id} ({name}); keep it, it is not shown again:")
+    typer.echo(key.secret)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List keys: id, name, prefix, created, revoked."""
+    records = _with_store(_settings(data_dir=data_dir), lambda s: s.list_keys())
+    for record in records:
+        revoked = _when(record.revoked_at) if record.revoked_at else "active"
+        typer.echo(
+            f"{record.key_id}\t{record.name}\t{record.prefix}...\t"
+            f"{_when(record.created_at)}\t{revoked}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
+    """Revoke a key by its id; requests with it get 401 from then on."""
+    if not _with_store(_settings(data_dir=data_dir), lambda s: s.revoke_key(key_id)):
+        typer.echo(f"no active key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,45 @@
+"""The engine port: one small interface every image backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as `on_progress(steps_done, steps_total)` after each denoising step.
+
+It runs on the engine's thread. It may raise (for example to cancel the task):
+the engine must let the exception stop generation and propagate it unchanged.
+"""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to draw: everything an engine needs, already validated and sized."""
+
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    steps: int | None = None
+    guidance: float | None = None
+    images: Sequence[Image.Image] = field(default_factory=tuple)
+
+
+class Engine(Protocol):
+    """An image backend. `load` and `generate` block: call them off the event loop."""
+
+    name: str
+    """Short label reported in each task's status data, e.g. "tiny"."""
+
+    def load(self) -> None:
+        """Build or load the model once; later calls do nothing."""
+
+    def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> list[Image.Image]:
+        """Draw the images for `request`, reporting each step to `on_progress`."""
+        ...

@@ -1,0 +1,203 @@
+"""The `tiny` engine: the real FLUX.2 [klein] pipeline with a few random weights.
+
+Every component is the genuine diffusers or transformers class (the Flux2
+transformer, the Flux2 VAE, a Qwen3 text encoder, a byte-level Qwen2 tokenizer,
+the flow-match scheduler), so the whole serving path runs for real at the
+requested output size: chat-template prompt encoding, reference-image encoding,
+the denoising loop with its step callbacks, and VAE decoding. The weights are
+random, built in code from a fixed seed, so nothing is downloaded and every image
+is noise. It lets the service run, and be tested, on any CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
+from PIL import Image
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from fluxserve.engines.base import GenerationRequest, ProgressCallback
+from fluxserve.errors import EngineError
+
+WEIGHTS_SEED = 0
+"""Seed for the random weights: every build of the tiny pipeline is identical."""
+
+# The pipeline stacks the hidden states of text-encoder layers 9, 18 and 27 by
+# default. 27 layers make those indices valid, so the pipeline (and a copy saved
+# with `save_pretrained`) runs with its default arguments; the layers are so
+# narrow that the depth costs next to nothing.
+TEXT_LAYERS = 27
+TEXT_HIDDEN = 16
+
+# The real klein latent space: 32 VAE channels, patched 2x2 into the 128 channels
+# the transformer reads. Four VAE blocks give the real 8x downscale, so every
+# multiple of 16 (8 x the 2x2 patch) comes out at exactly the requested size.
+LATENT_CHANNELS = 32
+VAE_CHANNELS = (4, 4, 4, 4)
+
+# One head: attention over every image token is the cost that grows fastest with
+# the output size (16k tokens at 2048x2048), and it scales with the head count.
+HEADS = 1
+HEAD_DIM = 16
+ROPE_AXES = (4, 4, 4, 4)  # rotary dims for the (T, H, W, L) ids; they sum to HEAD_DIM
+
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+# Qwen3's chat template, cut down to what the pipeline asks of it: user turns,
+# the generation prompt, and the empty think block of `enable_thinking=False`.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def build_tokenizer() -> Qwen2TokenizerFast:
+    """A byte-level Qwen2 tokenizer with no merges: one token per UTF-8 byte.
+
+    It encodes any text with no vocabulary file, and keeps Qwen's special tokens
+    whole so the chat template tokenizes as it does for the real model.
+    """
+    vocab = {"<|endoftext|>": 0}  # Qwen's pad token
+    for char in bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    return Qwen2TokenizerFast(
+        vocab=vocab,
+        merges=[],
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=list(SPECIAL_TOKENS),
+    )
+
+
+def build_tiny_pipeline() -> Flux2KleinPipeline:
+    """Build the tiny klein pipeline on the CPU, with the same weights every time."""
+    tokenizer = build_tokenizer()
+    # fork_rng: the fixed seed must not reset the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(WEIGHTS_SEED)
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=len(tokenizer),
+                hidden_size=TEXT_HIDDEN,
+                intermediate_size=2 * TEXT_HIDDEN,
+                num_hidden_layers=TEXT_LAYERS,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=1024,
+            )
+        )
+        transformer = Flux2Transformer2DModel(
+            in_channels=4 * LATENT_CHANNELS,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS,
+            joint_attention_dim=3 * TEXT_HIDDEN,  # three stacked text-encoder layers
+            timestep_guidance_channels=32,
+            axes_dims_rope=ROPE_AXES,
+            guidance_embeds=False,  # as klein: the pipeline passes guidance=None
+        )
+        vae = AutoencoderKLFlux2(
+            block_out_channels=VAE_CHANNELS,
+            # The decoder's convolutions at full output resolution are the bulk of
+            # a tiny image's time: keep one resnet per decoder block, none in the
+            # encoder.
+            layers_per_block=0,
+            latent_channels=LATENT_CHANNELS,
+            norm_num_groups=4,
+            # Attention over every latent pixel grows with the square of the area.
+            mid_block_add_attention=False,
+        )
+    for model in (text_encoder, transformer, vae):
+        model.eval()  # built models start in training mode; loaded ones do not
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)  # progress goes to on_progress
+    return pipeline
+
+
+class TinyEngine:
+    """The tiny klein pipeline behind the `Engine` port: real work, noise out."""
+
+    name = "tiny"
+
+    def __init__(self, steps: int = 4) -> None:
+        self.steps = steps
+        self._pipeline: Flux2KleinPipeline | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Build the pipeline once; later or concurrent calls wait, then do nothing."""
+        self._loaded()
+
+    def _loaded(self) -> Flux2KleinPipeline:
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = build_tiny_pipeline()
+            return self._pipeline
+
+    def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> list[Image.Image]:
+        """Draw `request` through the real denoising loop, reporting every step.
+
+        An exception from `on_progress` stops generation and propagates unchanged;
+        any other failure becomes `EngineError`.
+        """
+        pipeline = self._loaded()
+        steps = request.steps or self.steps
+        # on_progress's own exception, kept to tell it apart from pipeline failures.
+        raised: list[BaseException] = []
+
+        def step_end(
+            _pipeline: Flux2KleinPipeline, i: int, _t: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            try:
+                on_progress(i + 1, steps)
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+            return tensors  # diffusers reads the (unchanged) latents back from it
+
+        options: dict[str, Any] = {}
+        if request.guidance is not None:
+            options["guidance_scale"] = request.guidance
+        try:
+            output = pipeline(
+                prompt=request.prompt,
+                image=list(request.images) or None,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=steps,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+                callback_on_step_end=step_end,
+                **options,
+            )
+        except Exception as exc:
+            if raised and exc is raised[0]:
+                raise
+            raise EngineError(f"The tiny engine failed: {exc}") from exc
+        return list(output.images)

@@ -1,0 +1,83 @@
+"""Exceptions raised by fluxserve.
+
+FluxserveError
+├── ApiError                  an answer to a client, in the error envelope
+│   ├── InvalidRequest        400 invalid_request_error
+│   ├── Unauthenticated       401 authentication_error
+│   ├── PermissionDenied      403 permission_error
+│   ├── NotFound              404 not_found_error
+│   └── Conflict              409 conflict_error
+├── UnsafeURLError            an outbound URL the net guard refuses
+├── FetchError                an outbound fetch that failed or returned too much
+├── ReferenceImageError       a reference image that is not a usable image
+├── EngineError               the engine could not produce an image
+│   └── EngineUnavailable     the engine cannot start (missing extra, no weights)
+└── ConfigError               settings that cannot work together
+"""
+
+from __future__ import annotations
+
+
+class FluxserveError(Exception):
+    """Root of every error fluxserve raises on purpose."""
+
+
+class ApiError(FluxserveError):
+    """An error answered to the client as `{"code": status, "error": {...}}`."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(ApiError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthenticated(ApiError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDenied(ApiError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    error_type = "conflict_error"
+
+
+class UnsafeURLError(FluxserveError):
+    """The net guard refused a URL: bad scheme, or a private/loopback target."""
+
+
+class FetchError(FluxserveError):
+    """An outbound fetch failed, timed out, or returned more than allowed."""
+
+
+class ReferenceImageError(FluxserveError):
+    """A reference image could not be used (not an image, too large, a bomb)."""
+
+
+class EngineError(FluxserveError):
+    """The engine failed to produce an image; the message is shown to the user."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be started here; the message names the fix."""
+
+
+class ConfigError(FluxserveError):
+    """Settings that cannot work; the message names the setting."""

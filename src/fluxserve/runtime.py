@@ -1,0 +1,88 @@
+"""Wires the pieces together for one process and runs their background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from fluxserve.engines import make_engine
+from fluxserve.engines.base import Engine
+from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.service import TaskService
+from fluxserve.settings import Settings
+from fluxserve.storage import LocalStorage
+from fluxserve.store import Store, open_store
+from fluxserve.webhooks import CallbackDispatcher
+from fluxserve.wire import status_body
+from fluxserve.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Store, storage and service; plus, when asked, a worker and the callback dispatcher."""
+
+    def __init__(
+        self, settings: Settings, *, run_worker: bool = True, engine: Engine | None = None
+    ) -> None:
+        self.settings = settings
+        self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
+        self.store: Store = open_store(settings.resolved_database_url)
+        self.storage = LocalStorage(settings.files_dir, settings.base_url)
+        self.service = TaskService(self.store, self.policy)
+        self.worker: Worker | None = None
+        if run_worker:
+            self.worker = Worker(
+                store=self.store,
+                storage=self.storage,
+                engine=engine or make_engine(settings),
+                settings=settings,
+                policy=self.policy,
+            )
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.store.start()
+        client = guarded_client(self.policy, timeout=self.settings.callback_timeout)
+        dispatcher = CallbackDispatcher(
+            self.store,
+            client,
+            self._callback_body,
+            delays=self.settings.callback_retry_delays,
+            timeout=self.settings.callback_timeout,
+            concurrency=self.settings.callback_concurrency,
+            poll_interval=self.settings.poll_interval,
+        )
+        self._client = client
+        self._loops.append(asyncio.create_task(dispatcher.run(), name="callbacks"))
+        if self.worker is not None:
+            self._loops.append(asyncio.create_task(self.worker.run(), name="worker"))
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop_engine()
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
+        self._loops.clear()
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.close)
+        await self._client.aclose()
+        await self.store.close()
+
+    async def _callback_body(self, task_id: str) -> dict[str, Any] | None:
+        task = await self.store.get_task(task_id)
+        return None if task is None else status_body(task, self.storage)
+
+    def health(self) -> dict[str, Any]:
+        worker = self.worker
+        return {
+            "status": "ok",
+            "worker": None
+            if worker is None
+            else {"state": worker.state.value, "engine": worker.engine.name, "error": worker.error},
+        }

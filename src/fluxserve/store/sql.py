@@ -1,0 +1,404 @@
+"""The store on SQLAlchemy Core (async): SQLite in WAL mode, one file, one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from fluxserve.store.base import ApiKeyRecord, CallbackRecord, Outcome, Store
+from fluxserve.store.schema import api_keys, callbacks, tasks
+from fluxserve.tasks import Claim, NewTask, ResultFile, Task, TaskInput, TaskStatus
+
+LOST_WORKER_MESSAGE = "The worker running this task was lost {attempts} times; giving up"
+
+
+def _async_url(database_url: str) -> tuple[str, Path]:
+    path = Path(database_url.removeprefix("sqlite:///"))
+    return f"sqlite+aiosqlite:///{path}", path
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the one writer; busy_timeout makes a second
+    # process (an `api` beside a `worker`) wait for the lock instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _row_to_task(row: Any) -> Task:
+    return Task(
+        task_id=row.task_id,
+        owner=row.owner,
+        model=row.model,
+        input=TaskInput.from_json(row.input),
+        callback_url=row.callback_url,
+        status=TaskStatus(row.status),
+        progress=row.progress,
+        created_at=row.created_at,
+        engine=row.engine,
+        seed=row.seed,
+        width=row.width,
+        height=row.height,
+        error_message=row.error_message,
+        files=tuple(ResultFile.from_json(f) for f in row.files),
+        attempts=row.attempts,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _held_by(claim: Claim) -> sa.ColumnElement[bool]:
+    """The row is still this claim's: running, and leased with the claim's token."""
+    return sa.and_(
+        tasks.c.task_id == claim.task.task_id,
+        tasks.c.status == TaskStatus.RUNNING.value,
+        tasks.c.lease_token == claim.lease_token,
+    )
+
+
+class SqlStore(Store):
+    """SQLite through aiosqlite. Writes in one process are serialized by a lock,
+    so they never wait on SQLite's sleeping busy handler."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url, self._path = _async_url(database_url)
+        self._engine: AsyncEngine | None = None
+        self._write_lock = asyncio.Lock()
+        self._task_queued = asyncio.Event()
+        self._callback_queued = asyncio.Event()
+
+    async def start(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(self._url)
+        sa.event.listen(engine.sync_engine, "connect", _on_connect)
+        self._engine = engine
+        async with engine.begin() as conn:
+            await conn.run_sync(_upgrade)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("store not started")
+        return self._engine
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    # API keys ---------------------------------------------------------------
+    async def create_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    key_id=key_id,
+                    name=name,
+                    key_hash=key_hash,
+                    prefix=prefix,
+                    created_at=time.time(),
+                )
+            )
+
+    async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(api_keys.select().where(api_keys.c.key_hash == key_hash))
+            ).first()
+        return None if row is None else _key_record(row)
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(api_keys.select().order_by(api_keys.c.created_at))
+            return [_key_record(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+        return result.rowcount == 1
+
+    # Tasks ------------------------------------------------------------------
+    async def create_task(self, task: NewTask) -> Task:
+        async with self._write() as conn:
+            await conn.execute(
+                tasks.insert().values(
+                    task_id=task.task_id,
+                    owner=task.owner,
+                    model=task.model,
+                    status=TaskStatus.NOT_STARTED.value,
+                    progress=0,
+                    input=task.input.to_json(),
+                    callback_url=task.callback_url,
+                    files=[],
+                    attempts=0,
+                    created_at=task.created_at,
+                )
+            )
+        self._task_queued.set()
+        return Task(
+            task_id=task.task_id,
+            owner=task.owner,
+            model=task.model,
+            input=task.input,
+            callback_url=task.callback_url,
+            status=TaskStatus.NOT_STARTED,
+            progress=0,
+            created_at=task.created_at,
+        )
+
+    async def get_task(self, task_id: str) -> Task | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
+        return None if row is None else _row_to_task(row)
+
+    async def claim_task(
+        self, models: Sequence[str], worker_id: str, lease_seconds: float
+    ) -> Claim | None:
+        now = time.time()
+        token = secrets.token_hex(8)
+        oldest = (
+            sa.select(tasks.c.seq)
+            .where(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model.in_(models))
+            .order_by(tasks.c.seq)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        statement = (
+            tasks.update()
+            .where(tasks.c.seq == oldest, tasks.c.status == TaskStatus.NOT_STARTED.value)
+            .values(
+                status=TaskStatus.RUNNING.value,
+                progress=0,
+                worker_id=worker_id,
+                lease_token=token,
+                lease_expires_at=now + lease_seconds,
+                attempts=tasks.c.attempts + 1,
+                started_at=sa.func.coalesce(tasks.c.started_at, now),
+            )
+            .returning(*tasks.c)
+        )
+        async with self._write() as conn:
+            row = (await conn.execute(statement)).first()
+        if row is None:
+            return None
+        return Claim(task=_row_to_task(row), worker_id=worker_id, lease_token=token)
+
+    async def wait_for_task(self, at_most: float) -> None:
+        await _wait(self._task_queued, at_most)
+
+    async def report_progress(self, claim: Claim, progress: int, lease_seconds: float) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(
+                tasks.update()
+                .where(_held_by(claim))
+                .values(
+                    progress=sa.case(
+                        (tasks.c.progress < progress, progress), else_=tasks.c.progress
+                    ),
+                    lease_expires_at=time.time() + lease_seconds,
+                )
+            )
+        return result.rowcount == 1
+
+    async def finish_task(self, claim: Claim, outcome: Outcome) -> bool:
+        return await self._end(
+            claim,
+            status=TaskStatus.FINISHED,
+            progress=100,
+            engine=outcome.engine,
+            seed=outcome.seed,
+            width=outcome.width,
+            height=outcome.height,
+            files=[f.to_json() for f in outcome.files],
+        )
+
+    async def fail_task(self, claim: Claim, message: str) -> bool:
+        return await self._end(claim, status=TaskStatus.FAILED, error_message=message)
+
+    async def _end(self, claim: Claim, *, status: TaskStatus, **values: Any) -> bool:
+        now = time.time()
+        async with self._write() as conn:
+            result = await conn.execute(
+                tasks.update()
+                .where(_held_by(claim))
+                .values(status=status.value, finished_at=now, lease_expires_at=None, **values)
+            )
+            if result.rowcount != 1:
+                return False
+            if claim.task.callback_url:
+                await self._queue_callback(conn, claim.task, now)
+        if claim.task.callback_url:
+            self._callback_queued.set()
+        return True
+
+    async def _queue_callback(self, conn: AsyncConnection, task: Task, now: float) -> None:
+        assert task.callback_url is not None
+        await conn.execute(
+            callbacks.insert().values(
+                event_id=f"evt_{secrets.token_hex(12)}",
+                task_id=task.task_id,
+                url=task.callback_url,
+                state="pending",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+
+    async def release_task(self, claim: Claim) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(
+                tasks.update()
+                .where(_held_by(claim))
+                .values(
+                    status=TaskStatus.NOT_STARTED.value,
+                    progress=0,
+                    attempts=tasks.c.attempts - 1,
+                    worker_id=None,
+                    lease_token=None,
+                    lease_expires_at=None,
+                )
+            )
+        if result.rowcount == 1:
+            self._task_queued.set()
+        return result.rowcount == 1
+
+    async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
+        now = time.time()
+        expired = sa.and_(
+            tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < now
+        )
+        async with self._write() as conn:
+            gone = (
+                await conn.execute(
+                    tasks.update()
+                    .where(expired, tasks.c.attempts >= max_attempts)
+                    .values(
+                        status=TaskStatus.FAILED.value,
+                        finished_at=now,
+                        lease_expires_at=None,
+                        error_message=LOST_WORKER_MESSAGE.format(attempts=max_attempts),
+                    )
+                    .returning(*tasks.c)
+                )
+            ).all()
+            for row in gone:
+                if row.callback_url:
+                    await self._queue_callback(conn, _row_to_task(row), now)
+            requeued = await conn.execute(
+                tasks.update()
+                .where(expired)
+                .values(
+                    status=TaskStatus.NOT_STARTED.value,
+                    progress=0,
+                    worker_id=None,
+                    lease_token=None,
+                    lease_expires_at=None,
+                )
+            )
+        if requeued.rowcount:
+            self._task_queued.set()
+        if gone:
+            self._callback_queued.set()
+        return requeued.rowcount, len(gone)
+
+    # Callback outbox --------------------------------------------------------
+    async def claim_callbacks(self, limit: int, hold_seconds: float) -> list[CallbackRecord]:
+        now = time.time()
+        due = (
+            sa.select(callbacks.c.callback_id)
+            .where(callbacks.c.state == "pending", callbacks.c.next_attempt_at <= now)
+            .order_by(callbacks.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._write() as conn:
+            rows = await conn.execute(
+                callbacks.update()
+                .where(callbacks.c.callback_id.in_(due.scalar_subquery()))
+                .values(next_attempt_at=now + hold_seconds)
+                .returning(
+                    callbacks.c.callback_id,
+                    callbacks.c.event_id,
+                    callbacks.c.task_id,
+                    callbacks.c.url,
+                    callbacks.c.attempts,
+                )
+            )
+            return [
+                CallbackRecord(r.callback_id, r.event_id, r.task_id, r.url, r.attempts)
+                for r in rows
+            ]
+
+    async def next_callback_at(self) -> float | None:
+        async with self.engine.connect() as conn:
+            return await conn.scalar(
+                sa.select(sa.func.min(callbacks.c.next_attempt_at)).where(
+                    callbacks.c.state == "pending"
+                )
+            )
+
+    async def wait_for_callback(self, at_most: float) -> None:
+        await _wait(self._callback_queued, at_most)
+
+    async def record_attempt(
+        self, callback_id: int, *, delivered: bool, error: str | None, retry_at: float | None
+    ) -> None:
+        now = time.time()
+        values: dict[str, Any] = {"attempts": callbacks.c.attempts + 1, "last_error": error}
+        if delivered:
+            values.update(state="delivered", delivered_at=now)
+        elif retry_at is not None:
+            values.update(next_attempt_at=retry_at)
+        else:
+            values.update(state="failed")
+        async with self._write() as conn:
+            await conn.execute(
+                callbacks.update().where(callbacks.c.callback_id == callback_id).values(**values)
+            )
+        if retry_at is not None:
+            self._callback_queued.set()
+
+
+def _key_record(row: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(row.key_id, row.name, row.prefix, row.created_at, row.revoked_at)
+
+
+async def _wait(event: asyncio.Event, at_most: float) -> None:
+    # Clearing after the wake-up (not before) keeps a set() that lands between
+    # a caller's empty poll and this wait from being lost.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), at_most)
+    event.clear()
+
+
+def _upgrade(connection: sa.Connection) -> None:
+    config = Config()
+    config.set_main_option(
+        "script_location", str(resources.files("fluxserve.store") / "migrations")
+    )
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")

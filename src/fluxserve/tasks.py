@@ -1,0 +1,152 @@
+"""What a task is: its record, its statuses, and the legal moves between them."""
+
+from __future__ import annotations
+
+import secrets
+import string
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+MODELS: tuple[str, ...] = ("flux-2-pro", "flux-2-pro-edit", "flux-2-flex", "flux-2-flex-edit")
+EDIT_MODELS = frozenset(m for m in MODELS if m.endswith("-edit"))
+OUTPUT_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class TaskStatus(StrEnum):
+    NOT_STARTED = "not_started"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.FINISHED, TaskStatus.FAILED)
+
+
+# Every status write is checked against this table, in the store's WHERE clause.
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.NOT_STARTED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED}),
+    # running -> not_started: a lost worker's task handed back to the queue.
+    TaskStatus.RUNNING: frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.NOT_STARTED}),
+    TaskStatus.FINISHED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+}
+
+
+def can_move(source: TaskStatus, target: TaskStatus) -> bool:
+    """Whether a task may go from `source` to `target`."""
+    return target in TRANSITIONS[source]
+
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_task_id(now: float | None = None) -> str:
+    """`task-unified-<unix seconds>-<8 of [a-z0-9]>`, as the hosted API makes them."""
+    seconds = int(time.time() if now is None else now)
+    suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+    return f"task-unified-{seconds}-{suffix}"
+
+
+def format_time(epoch: float) -> str:
+    """UTC `YYYY-MM-DDTHH:MM:SS`, no zone suffix: the wire's time format."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """The validated `input` of a submitted task."""
+
+    prompt: str
+    size: str
+    resolution: str
+    image_urls: tuple[str, ...] = ()
+    seed: int | None = None
+    output_format: str = "png"
+    steps: int | None = None
+    guidance: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "size": self.size,
+            "resolution": self.resolution,
+            "image_urls": list(self.image_urls),
+            "seed": self.seed,
+            "output_format": self.output_format,
+            "steps": self.steps,
+            "guidance": self.guidance,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TaskInput:
+        return cls(**{**data, "image_urls": tuple(data.get("image_urls") or ())})
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One stored output file of a finished task."""
+
+    key: str
+    file_name: str
+    content_type: str
+    file_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "file_name": self.file_name,
+            "content_type": self.content_type,
+            "file_size": self.file_size,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResultFile:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task about to be stored: what submit decided."""
+
+    task_id: str
+    owner: str
+    model: str
+    input: TaskInput
+    callback_url: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as stored."""
+
+    task_id: str
+    owner: str
+    model: str
+    input: TaskInput
+    callback_url: str | None
+    status: TaskStatus
+    progress: int
+    created_at: float
+    engine: str | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    error_message: str | None = None
+    files: tuple[ResultFile, ...] = field(default_factory=tuple)
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A running task held by one worker until `lease_expires_at`."""
+
+    task: Task
+    worker_id: str
+    lease_token: str

@@ -1,0 +1,208 @@
+"""The worker: claim a task, run the engine off the event loop, hand back the result.
+
+States: NEW -> STARTING (engine loading) -> READY -> STOPPED, or DEFUNCT when the
+engine cannot load. One task at a time: a worker is one GPU's (or CPU's) engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+
+import httpx
+
+from fluxserve import results
+from fluxserve.engines.base import Engine, GenerationRequest
+from fluxserve.errors import EngineError, FetchError, ReferenceImageError, UnsafeURLError
+from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.references import load_references
+from fluxserve.settings import Settings
+from fluxserve.sizes import dimensions, size_ratio
+from fluxserve.storage import Storage
+from fluxserve.store import Store
+from fluxserve.store.base import Outcome
+from fluxserve.tasks import MODELS, Claim
+
+logger = logging.getLogger(__name__)
+
+# Denoising fills progress up to here; storing the file takes it to 100.
+DENOISE_SHARE = 95
+USER_ERRORS = (ReferenceImageError, FetchError, UnsafeURLError, EngineError)
+
+
+class WorkerState(StrEnum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    DEFUNCT = "defunct"
+    STOPPED = "stopped"
+
+
+class Interrupted(Exception):
+    """Raised on the engine thread at the next step when the worker must stop."""
+
+
+class Worker:
+    """Claims tasks for `models` from `store` and runs them on `engine`."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        storage: Storage,
+        engine: Engine,
+        settings: Settings,
+        policy: NetPolicy,
+        models: Sequence[str] = MODELS,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.engine = engine
+        self.settings = settings
+        self.policy = policy
+        self.models = tuple(models)
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.state = WorkerState.NEW
+        self.error: str | None = None
+        # Model code runs on this one thread, never on the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._stopping = threading.Event()
+
+    async def run(self) -> None:
+        """Load the engine, then claim and run tasks until cancelled."""
+        loop = asyncio.get_running_loop()
+        self.state = WorkerState.STARTING
+        try:
+            await loop.run_in_executor(self._executor, self.engine.load)
+        except Exception as exc:
+            self.state, self.error = WorkerState.DEFUNCT, f"engine failed to load: {exc}"
+            logger.exception("worker %s: engine failed to load", self.worker_id)
+            raise
+        self.state = WorkerState.READY
+        logger.info("worker %s ready for %s", self.worker_id, ", ".join(self.models))
+        sweeper = asyncio.create_task(self._sweep_forever())
+        try:
+            async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
+                while True:
+                    claim = await self.store.claim_task(
+                        self.models, self.worker_id, self.settings.lease_seconds
+                    )
+                    if claim is None:
+                        await self.store.wait_for_task(self.settings.poll_interval)
+                        continue
+                    await self._run_task(claim, client)
+        finally:
+            sweeper.cancel()
+            self.state = WorkerState.STOPPED
+
+    def stop_engine(self) -> None:
+        """Make the engine give up at its next step; the task goes back to the queue."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            requeued, failed = await self.store.requeue_expired(self.settings.max_attempts)
+            if requeued or failed:
+                logger.warning("lost workers: %d tasks requeued, %d failed", requeued, failed)
+            await asyncio.sleep(self.settings.lease_seconds / 2)
+
+    async def _run_task(self, claim: Claim, client: httpx.AsyncClient) -> None:
+        reporter = _ProgressReporter(self.store, claim, self.settings.lease_seconds)
+        heartbeat = asyncio.create_task(reporter.run())
+        try:
+            outcome = await self._generate(claim, client, reporter)
+        except asyncio.CancelledError:
+            await self.store.release_task(claim)
+            raise
+        except Interrupted:
+            await self.store.release_task(claim)
+            return
+        except USER_ERRORS as exc:
+            await self.store.fail_task(claim, str(exc))
+            return
+        except Exception as exc:
+            logger.exception("task %s failed", claim.task.task_id)
+            await self.store.fail_task(claim, f"Internal error: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            heartbeat.cancel()
+        if not await self.store.finish_task(claim, outcome):
+            logger.warning(
+                "task %s: lease lost before finishing; result discarded", claim.task.task_id
+            )
+
+    async def _generate(
+        self, claim: Claim, client: httpx.AsyncClient, reporter: _ProgressReporter
+    ) -> Outcome:
+        task = claim.task
+        spec = task.input
+        images = await load_references(
+            spec.image_urls,
+            client=client,
+            policy=self.policy,
+            max_bytes=self.settings.max_reference_bytes,
+            max_pixels=self.settings.max_reference_pixels,
+        )
+        reference = images[0].size if images else None
+        width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)
+        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        request = GenerationRequest(
+            prompt=spec.prompt,
+            width=width,
+            height=height,
+            seed=seed,
+            steps=spec.steps,
+            guidance=spec.guidance,
+            images=tuple(images),
+        )
+        loop = asyncio.get_running_loop()
+
+        def on_progress(done: int, total: int) -> None:
+            if self._stopping.is_set():
+                raise Interrupted("worker is stopping")
+            loop.call_soon_threadsafe(reporter.update, done * DENOISE_SHARE // max(total, 1))
+
+        outputs = await loop.run_in_executor(
+            self._executor, self.engine.generate, request, on_progress
+        )
+        files = []
+        for index, image in enumerate(outputs):
+            data = await asyncio.to_thread(results.encode, image, spec.output_format)
+            record = results.result_file(task.task_id, index, data, spec.output_format)
+            await self.storage.put(record.key, data, record.content_type)
+            files.append(record)
+        return Outcome(engine=self.engine.name, seed=seed, width=width, height=height, files=files)
+
+
+class _ProgressReporter:
+    """Writes the newest progress, and renews the lease at least every third of it."""
+
+    def __init__(self, store: Store, claim: Claim, lease_seconds: float) -> None:
+        self._store = store
+        self._claim = claim
+        self._lease = lease_seconds
+        self._latest = 0
+        self._changed = asyncio.Event()
+
+    def update(self, progress: int) -> None:
+        self._latest = max(self._latest, progress)
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._lease / 3)
+            self._changed.clear()
+            if not await self._store.report_progress(self._claim, self._latest, self._lease):
+                return

@@ -1,0 +1,175 @@
+"""Shared fixtures: settings in a temporary folder, real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fluxserve.api.app import create_app
+from fluxserve.engines.base import Engine
+from fluxserve.keys import new_key
+from fluxserve.runtime import Runtime
+from fluxserve.settings import Settings
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test: its own folder, loopback allowed, quick retries."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "allow_private_networks": True,
+        "callback_retry_delays": [0.05, 0.1, 0.2],
+        "poll_interval": 0.5,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@asynccontextmanager
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with real uvicorn on 127.0.0.1; yields its base URL."""
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@dataclass
+class Service:
+    """A running fluxserve (API and worker in one process) and a key for it."""
+
+    url: str
+    key: str
+    runtime: Runtime
+    client: httpx.AsyncClient
+
+    async def submit(self, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+        return await self.client.post("/api/generate/submit", json=body, headers=self.auth(key))
+
+    async def status(self, task_id: str, key: str | None = None) -> httpx.Response:
+        return await self.client.get(f"/api/generate/status/{task_id}", headers=self.auth(key))
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    async def new_key(self, name: str = "other") -> str:
+        key = new_key()
+        await self.runtime.store.create_key(key.key_id, name, key.key_hash, key.prefix)
+        return key.secret
+
+    async def wait(self, task_id: str, within: float = 60) -> dict[str, Any]:
+        """Poll until the task ends; returns its status data."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            data = (await self.status(task_id)).json()["data"]
+            if data["status"] in ("finished", "failed"):
+                return data
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"task {task_id} did not end within {within}s")
+
+
+@asynccontextmanager
+async def run_service(
+    settings: Settings, *, engine: Engine | None = None, run_worker: bool = True
+) -> AsyncIterator[Service]:
+    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key."""
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
+    runtime = Runtime(settings, run_worker=run_worker, engine=engine)
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            service = Service(url, "", runtime, client)
+            service.key = await service.new_key("test")
+            yield service
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@dataclass
+class Receiver:
+    """A real callback receiver: records every POST, fails the first `fail` times."""
+
+    fail: int = 0
+    status_code: int = 500
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    attempts: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def app(self) -> Starlette:
+        async def hook(request: Request) -> Response:
+            self.attempts += 1
+            if self.attempts <= self.fail:
+                return Response(status_code=self.status_code)
+            self.bodies.append(await request.json())
+            self.headers.append(dict(request.headers))
+            self.arrived.set()
+            return JSONResponse({"ok": True})
+
+        return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+    async def wait_for(self, count: int, within: float = 30) -> None:
+        async with asyncio.timeout(within):
+            while len(self.bodies) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+@pytest.fixture
+def receiver_factory() -> Callable[..., Receiver]:
+    return Receiver
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Engine:
+    """One loaded tiny FLUX.2 engine for the whole session (it is stateless per call)."""
+    from fluxserve.engines.tiny import TinyEngine
+
+    engine = TinyEngine()
+    engine.load()
+    return engine

@@ -1,0 +1,154 @@
+"""The real `fluxserve` command, started, stopped and killed as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def fluxserve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fluxserve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FLUXSERVE_DATA_DIR": str(tmp_path / "data"),
+        "FLUXSERVE_PORT": str(free_port()),
+        "FLUXSERVE_POLL_INTERVAL": "0.2",
+    }
+
+
+@contextmanager
+def server(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`fluxserve serve` as a child process, yielded once its worker is ready."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxserve", "serve"], env=env, stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/health"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(url).json()["worker"]["state"] == "ready":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+class Api:
+    def __init__(self, env: dict[str, str], key: str) -> None:
+        self.base = f"http://127.0.0.1:{env['FLUXSERVE_PORT']}"
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    def submit(self, **inputs: Any) -> str:
+        response = httpx.post(
+            self.base + "/api/generate/submit",
+            json={"model": "flux-2-pro", "input": {"prompt": "a fox in the snow", **inputs}},
+            headers=self.headers,
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["data"]["task_id"])
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        response = httpx.get(self.base + f"/api/generate/status/{task_id}", headers=self.headers)
+        data: dict[str, Any] = response.json()["data"]
+        return data
+
+    def wait(self, task_id: str, states: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.status(task_id)
+            if data["status"] in states:
+                return data
+            time.sleep(0.05)
+        raise AssertionError(f"{task_id} never reached {states}: {data}")
+
+
+def test_keys_create_list_revoke(env: dict[str, str], tmp_path: Path) -> None:
+    created = fluxserve("keys", "create", "--name", "alice", env=env)
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("fsk_") and len(secret) > 40
+    listed = fluxserve("keys", "list", env=env).stdout
+    assert "alice" in listed and "active" in listed and secret not in listed
+    database = (tmp_path / "data" / "fluxserve.db").read_bytes()
+    assert secret.encode() not in database, "keys are stored hashed"
+    key_id = listed.split()[0]
+    assert fluxserve("keys", "revoke", key_id, env=env).returncode == 0
+    assert "active" not in fluxserve("keys", "list", env=env).stdout
+
+
+def test_queued_tasks_survive_a_restart(env: dict[str, str], tmp_path: Path) -> None:
+    secret = fluxserve("keys", "create", "--name", "me", env=env).stdout.split()[-1]
+    api = Api(env, secret)
+    log = tmp_path / "serve.log"
+    with server(env, log) as process:
+        ids = [api.submit(size="1:1") for _ in range(3)]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    unfinished = [i for i in ids if api_status_offline(tmp_path, i) != "finished"]
+    assert unfinished, "the restart must have work left to do"
+    with server(env, log):
+        results = [api.wait(task_id, ("finished", "failed")) for task_id in ids]
+    assert [r["status"] for r in results] == ["finished"] * 3
+
+
+def test_a_killed_server_runs_its_task_again(env: dict[str, str], tmp_path: Path) -> None:
+    env = {**env, "FLUXSERVE_LEASE_SECONDS": "1"}
+    secret = fluxserve("keys", "create", "--name", "me", env=env).stdout.split()[-1]
+    api = Api(env, secret)
+    log = tmp_path / "serve.log"
+    with server(env, log) as process:
+        task_id = api.submit(size="1:1", resolution="2K")
+        api.wait(task_id, ("running",))
+        process.kill()
+        process.wait(timeout=30)
+    with server(env, log):
+        data = api.wait(task_id, ("finished", "failed"))
+    assert data["status"] == "finished", data
+    assert data["width"] == 2048
+
+
+def api_status_offline(tmp_path: Path, task_id: str) -> str:
+    """A task's status read straight from the SQLite file, with no server running."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "fluxserve.db") as conn:
+        row = conn.execute("select status from tasks where task_id = ?", (task_id,)).fetchone()
+    return str(row[0])
