@@ -121,7 +121,9 @@ def test_queued_tasks_survive_a_restart(env: dict[str, str], tmp_path: Path) -> 
     with server(env, log) as process:
         ids = [api.submit(size="1:1") for _ in range(3)]
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, log.read_text()
+        # uvicorn re-raises the signal once its graceful shutdown is done.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
+        assert "Application shutdown complete" in log.read_text()
     unfinished = [i for i in ids if api_status_offline(tmp_path, i) != "finished"]
     assert unfinished, "the restart must have work left to do"
     with server(env, log):

@@ -63,6 +63,7 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if settings.engine == "tiny":
         typer.secho(TINY_WARNING, fg=typer.colors.YELLOW, err=True)
     application = create_app(Runtime(settings))

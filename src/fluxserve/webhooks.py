@@ -123,6 +123,9 @@ class CallbackDispatcher:
                 content=json.dumps(body).encode(),
                 headers=headers,
                 timeout=self.timeout,
+                # A redirect is the receiver's answer, not an invitation to
+                # read another server's body.
+                follow_redirects=False,
             )
         except UnsafeURLError as exc:
             return f"refused: {exc}", False

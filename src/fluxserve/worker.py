@@ -153,6 +153,7 @@ class Worker:
             policy=self.policy,
             max_bytes=self.settings.max_reference_bytes,
             max_pixels=self.settings.max_reference_pixels,
+            total_timeout=self.settings.fetch_timeout,
         )
         reference = images[0].size if images else None
         width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)

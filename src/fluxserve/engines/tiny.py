@@ -15,14 +15,21 @@ import threading
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKLFlux2,
+
+# Imported from their modules, not from `diffusers`: its lazy top-level names
+# read as placeholder classes to a type checker.
+from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
-    Flux2KleinPipeline,
-    Flux2Transformer2DModel,
 )
 from PIL import Image
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+# Qwen2Tokenizer is the tokenizers-backed class in transformers 5 (the
+# pipeline's `Qwen2TokenizerFast` is an alias of it), built here from an
+# in-memory vocabulary.
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
@@ -67,7 +74,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> Qwen2TokenizerFast:
+def build_tokenizer() -> Qwen2Tokenizer:
     """A byte-level Qwen2 tokenizer with no merges: one token per UTF-8 byte.
 
     It encodes any text with no vocabulary file, and keeps Qwen's special tokens
@@ -78,7 +85,7 @@ def build_tokenizer() -> Qwen2TokenizerFast:
         vocab[char] = len(vocab)
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    return Qwen2TokenizerFast(
+    return Qwen2Tokenizer(
         vocab=vocab,
         merges=[],
         chat_template=CHAT_TEMPLATE,
@@ -126,8 +133,10 @@ def build_tiny_pipeline() -> Flux2KleinPipeline:
             # Attention over every latent pixel grows with the square of the area.
             mid_block_add_attention=False,
         )
-    for model in (text_encoder, transformer, vae):
-        model.eval()  # built models start in training mode; loaded ones do not
+    # Models start in training mode when built, in eval mode when loaded.
+    text_encoder.eval()
+    transformer.eval()
+    vae.eval()
     pipeline = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
         vae=vae,
@@ -147,14 +156,16 @@ class TinyEngine:
     def __init__(self, steps: int = 4) -> None:
         self.steps = steps
         self._pipeline: Flux2KleinPipeline | None = None
-        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        # The scheduler keeps per-call state (timesteps, step index): one at a time.
+        self._generate_lock = threading.Lock()
 
     def load(self) -> None:
         """Build the pipeline once; later or concurrent calls wait, then do nothing."""
         self._loaded()
 
     def _loaded(self) -> Flux2KleinPipeline:
-        with self._lock:
+        with self._load_lock:
             if self._pipeline is None:
                 self._pipeline = build_tiny_pipeline()
             return self._pipeline
@@ -182,20 +193,23 @@ class TinyEngine:
                 raise
             return tensors  # diffusers reads the (unchanged) latents back from it
 
+        # Unset, the pipeline's own default applies: 4.0, classifier-free guidance
+        # (a second transformer pass per step), as on the undistilled klein base.
         options: dict[str, Any] = {}
         if request.guidance is not None:
             options["guidance_scale"] = request.guidance
         try:
-            output = pipeline(
-                prompt=request.prompt,
-                image=list(request.images) or None,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=steps,
-                generator=torch.Generator("cpu").manual_seed(request.seed),
-                callback_on_step_end=step_end,
-                **options,
-            )
+            with self._generate_lock:
+                output = pipeline(
+                    prompt=request.prompt,
+                    image=list(request.images) or None,
+                    width=request.width,
+                    height=request.height,
+                    num_inference_steps=steps,
+                    generator=torch.Generator("cpu").manual_seed(request.seed),
+                    callback_on_step_end=step_end,
+                    **options,
+                )
         except Exception as exc:
             if raised and exc is raised[0]:
                 raise
