@@ -1,9 +1,10 @@
 """What the service adds over the raw pipeline, on the tiny FLUX.2 engine.
 
-Times the same tiny pipeline at the same size two ways, in one run:
-  raw      the diffusers pipeline called directly in a loop
-  service  tasks through a running `fluxserve serve` process, one at a time
-           (submit -> finished callback received -> file on disk)
+Times the same tiny pipeline at the same size two ways, in one run, alternating
+one of each so that the machine's drift hits both alike:
+  raw      the diffusers pipeline called directly, in this process
+  service  a task through a running `fluxserve serve` process (submit ->
+           finished callback received -> file on disk), while this process waits
 and prints both medians, the overhead per task, their ratio, and the time from
 submit to `running` on an idle worker (server timestamps, from the database).
 
@@ -41,102 +42,120 @@ PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 STEPS = 4
 
 
-def time_raw(width: int, height: int, runs: int) -> list[float]:
-    pipe = build_tiny_pipeline()
-    times = []
-    for seed in range(runs + 1):
-        started = time.perf_counter()
-        pipe(
-            prompt=PROMPT,
-            width=width,
-            height=height,
-            num_inference_steps=STEPS,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
-        times.append(time.perf_counter() - started)
-    return times[1:]  # the first call warms caches up
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-async def time_service(size: str, resolution: str, runs: int) -> tuple[list[float], list[float]]:
-    data_dir = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
-    port = free_port()
-    env = {
-        **os.environ,
-        "FLUXSERVE_DATA_DIR": str(data_dir),
-        "FLUXSERVE_PORT": str(port),
-        "FLUXSERVE_ALLOW_PRIVATE_NETWORKS": "true",
-        "FLUXSERVE_TINY_STEPS": str(STEPS),
-    }
-    cli = [sys.executable, "-m", "fluxserve"]
-    keys = await asyncio.create_subprocess_exec(
-        *cli, "keys", "create", "--name", "bench", env=env, stdout=subprocess.PIPE
+def raw_call(pipe: Any, width: int, height: int, seed: int) -> float:
+    """One direct pipeline call; seconds."""
+    started = time.perf_counter()
+    pipe(
+        prompt=PROMPT,
+        width=width,
+        height=height,
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(seed),
     )
-    key = (await keys.communicate())[0].decode().split()[-1]
+    return time.perf_counter() - started
 
-    arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    async def hook(request: Request) -> Response:
-        arrived.put_nowait(await request.json())
-        return Response(status_code=204)
+class Service:
+    """A `fluxserve serve` child process and a callback receiver in this process."""
 
-    hook_port = free_port()
-    receiver = uvicorn.Server(
-        uvicorn.Config(
-            Starlette(routes=[Route("/hook", hook, methods=["POST"])]),
-            host="127.0.0.1",
-            port=hook_port,
-            log_level="warning",
+    def __init__(self) -> None:
+        self.data_dir = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
+        self.port = free_port()
+        self.hook_port = free_port()
+        self.env = {
+            **os.environ,
+            "FLUXSERVE_DATA_DIR": str(self.data_dir),
+            "FLUXSERVE_PORT": str(self.port),
+            "FLUXSERVE_ALLOW_PRIVATE_NETWORKS": "true",
+            "FLUXSERVE_TINY_STEPS": str(STEPS),
+        }
+        self.arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def start(self) -> None:
+        cli = [sys.executable, "-m", "fluxserve"]
+        keys = await asyncio.create_subprocess_exec(
+            *cli, "keys", "create", "--name", "bench", env=self.env, stdout=subprocess.PIPE
         )
-    )
-    receiver_task = asyncio.create_task(receiver.serve())
-    server = await asyncio.create_subprocess_exec(
-        *cli, "serve", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}"
-    totals: list[float] = []
+        self.key = (await keys.communicate())[0].decode().split()[-1]
+
+        async def hook(request: Request) -> Response:
+            self.arrived.put_nowait(await request.json())
+            return Response(status_code=204)
+
+        app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.hook_port, log_level="warning")
+        self.receiver = uvicorn.Server(config)
+        self.receiver_task = asyncio.create_task(self.receiver.serve())
+        self.server = await asyncio.create_subprocess_exec(
+            *cli, "serve", env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        while True:
+            try:
+                health = (await self.client.get("/health")).json()
+                if health["worker"]["state"] == "ready":
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+    async def task(self, size: str, resolution: str, seed: int) -> float:
+        """One task, submit to callback; seconds."""
+        body = {
+            "model": "flux-2-pro",
+            "callback_url": f"http://127.0.0.1:{self.hook_port}/hook",
+            "input": {"prompt": PROMPT, "size": size, "resolution": resolution, "seed": seed},
+        }
+        headers = {"Authorization": f"Bearer {self.key}"}
+        started = time.perf_counter()
+        response = await self.client.post("/api/generate/submit", json=body, headers=headers)
+        task_id = response.json()["data"]["task_id"]
+        done = await self.arrived.get()
+        elapsed = time.perf_counter() - started
+        data = done["data"]
+        assert data["task_id"] == task_id and data["status"] == "finished", done
+        key = data["files"][0]["file_url"].split("/files/", 1)[1]
+        assert (self.data_dir / "files" / key).is_file()
+        return elapsed
+
+    async def stop(self) -> list[tuple[float, float]]:
+        """Stop everything; per task, the server's submit -> running and running -> done."""
+        await self.client.aclose()
+        self.server.terminate()
+        await self.server.wait()
+        self.receiver.should_exit = True
+        await self.receiver_task
+        with closing(sqlite3.connect(self.data_dir / "fluxserve.db")) as conn:
+            rows = conn.execute(
+                "select started_at - created_at, finished_at - started_at from tasks order by seq"
+            )
+            return [(row[0], row[1]) for row in rows]
+
+
+async def run(size: str, resolution: str, tasks: int) -> dict[str, list[float]]:
+    width, height = dimensions(size_ratio(size), resolution)
+    pipe = build_tiny_pipeline()
+    service = Service()
+    await service.start()
+    raw, served = [], []
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-            while True:
-                try:
-                    health = (await client.get("/health")).json()
-                    if health["worker"]["state"] == "ready":
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-            body = {
-                "model": "flux-2-pro",
-                "callback_url": f"http://127.0.0.1:{hook_port}/hook",
-                "input": {"prompt": PROMPT, "size": size, "resolution": resolution},
-            }
-            headers = {"Authorization": f"Bearer {key}"}
-            for run in range(runs + 1):
-                body["input"]["seed"] = run
-                started = time.perf_counter()
-                response = await client.post("/api/generate/submit", json=body, headers=headers)
-                task_id = response.json()["data"]["task_id"]
-                done = await arrived.get()
-                elapsed = time.perf_counter() - started
-                assert done["data"]["task_id"] == task_id
-                assert done["data"]["status"] == "finished", done
-                file_name = done["data"]["files"][0]["file_url"].split("/files/", 1)[1]
-                assert (data_dir / "files" / file_name).is_file()
-                if run:
-                    totals.append(elapsed)
+        for seed in range(tasks + 1):  # the first of each warms caches up
+            raw.append(await asyncio.to_thread(raw_call, pipe, width, height, seed))
+            served.append(await service.task(size, resolution, seed))
     finally:
-        server.terminate()
-        await server.wait()
-        receiver.should_exit = True
-        await receiver_task
-    with closing(sqlite3.connect(data_dir / "fluxserve.db")) as conn:
-        rows = conn.execute("select started_at - created_at from tasks order by seq").fetchall()
-    return totals, [row[0] for row in rows[1:]]
+        recorded = await service.stop()
+    return {
+        "raw": raw[1:],
+        "service": served[1:],
+        "to_running": [queued for queued, _ in recorded[1:]],
+        "running": [ran for _, ran in recorded[1:]],
+    }
 
 
 def main() -> None:
@@ -146,20 +165,24 @@ def main() -> None:
     parser.add_argument("--resolution", default="1K")
     args = parser.parse_args()
     width, height = dimensions(size_ratio(args.size), args.resolution)
-
-    raw = statistics.median(time_raw(width, height, args.tasks))
-    totals, to_running = asyncio.run(time_service(args.size, args.resolution, args.tasks))
-    service = statistics.median(totals)
+    times = asyncio.run(run(args.size, args.resolution, args.tasks))
+    raw, service = statistics.median(times["raw"]), statistics.median(times["service"])
+    to_running = statistics.median(times["to_running"])
+    running = statistics.median(times["running"])
     print(
-        f"tiny FLUX.2 [klein], {width}x{height}, {STEPS} steps, {args.tasks} tasks each, "
-        f"torch threads {torch.get_num_threads()}"
+        f"tiny FLUX.2 [klein] pipeline, {width}x{height}, {STEPS} steps, "
+        f"{args.tasks} of each, alternating; torch threads {torch.get_num_threads()}"
     )
-    print(f"{'':28}{'median':>10}")
-    print(f"{'raw pipeline (s/image)':28}{raw:>10.3f}")
-    print(f"{'service (s/task)':28}{service:>10.3f}")
-    print(f"{'overhead per task (ms)':28}{(service - raw) * 1000:>10.1f}")
-    print(f"{'ratio raw/service':28}{raw / service:>10.3f}")
-    print(f"{'submit -> running (ms)':28}{statistics.median(to_running) * 1000:>10.2f}")
+    rows = [
+        ("raw pipeline, s/image", f"{raw:.3f}"),
+        ("service, s/task", f"{service:.3f}"),
+        ("overhead per task, ms", f"{(service - raw) * 1000:.1f}"),
+        ("ratio raw/service", f"{raw / service:.3f}"),
+        ("submit -> running, ms", f"{to_running * 1000:.2f}"),
+        ("running -> finished, s", f"{running:.3f}"),
+    ]
+    for label, value in rows:
+        print(f"  {label:<26}{value:>10}   (median)")
 
 
 if __name__ == "__main__":
