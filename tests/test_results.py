@@ -33,7 +33,9 @@ def test_png_refuses_what_it_cannot_write() -> None:
         encode_png(np.zeros((4, 4, 4), dtype=np.uint8))
 
 
-@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+@pytest.mark.parametrize(
+    ("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")]
+)
 def test_every_output_format_decodes(fmt: str, pil_format: str) -> None:
     image = Image.new("RGBA", (64, 48), (10, 200, 30, 128))
     decoded = Image.open(io.BytesIO(encode(image, fmt)))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from fluxserve.keys import new_key
 from fluxserve.settings import Settings
@@ -28,7 +29,13 @@ TINY_WARNING = (
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"])
+            typer.secho(f"fluxserve: setting {name}: {error['msg']}", fg="red", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
