@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from fluxserve.keys import new_key
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
+from fluxserve.tasks import MODELS
 
 app = typer.Typer(help="fluxserve: self-hosted FLUX.2 behind the unified task API.")
 keys_app = typer.Typer(help="Create, list and revoke API keys.")
@@ -61,19 +63,78 @@ def serve(
     engine: Annotated[str | None, typer.Option(help="Engine for every model: tiny.")] = None,
 ) -> None:
     """Run the API and a worker in one process (the embedded default)."""
+    settings = _settings(host=host, port=port, data_dir=data_dir, engine=engine)
+    _serve_http(settings, run_worker=True)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run the HTTP API alone: no worker, no model code (for many machines)."""
+    settings = _settings(host=host, port=port, data_dir=data_dir)
+    _serve_http(settings, run_worker=False)
+
+
+@app.command()
+def worker(
+    models: Annotated[
+        str, typer.Option(help="Comma-separated public model names this worker serves.")
+    ] = ",".join(MODELS),
+    data_dir: DataDir = None,
+    engine: Annotated[str | None, typer.Option(help="Engine for its models: tiny.")] = None,
+) -> None:
+    """Run one worker (one per GPU): claim tasks for MODELS until SIGTERM."""
+    served = [name.strip() for name in models.split(",") if name.strip()]
+    unknown = sorted(set(served) - set(MODELS))
+    if unknown or not served:
+        typer.secho(
+            f"fluxserve: --models: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(MODELS)}",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
+    settings = _settings(data_dir=data_dir, engine=engine)
+    _configure_logging(settings, runs_engine=True)
+    raise typer.Exit(asyncio.run(_run_worker(settings, served)))
+
+
+async def _run_worker(settings: Settings, models: list[str]) -> int:
+    from fluxserve.runtime import Runtime
+
+    runtime = Runtime(settings, run_worker=True, models=models)
+    await runtime.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        return await runtime.wait_until(stopping)
+    finally:
+        # The running task, if any, stops at its next step and goes back to the queue.
+        await runtime.stop()
+
+
+def _configure_logging(settings: Settings, *, runs_engine: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if runs_engine and settings.engine == "tiny":
+        typer.secho(TINY_WARNING, fg=typer.colors.YELLOW, err=True)
+
+
+def _serve_http(settings: Settings, *, run_worker: bool) -> None:
     import uvicorn
 
     from fluxserve.api.app import create_app
     from fluxserve.runtime import Runtime
 
-    settings = _settings(host=host, port=port, data_dir=data_dir, engine=engine)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    if settings.engine == "tiny":
-        typer.secho(TINY_WARNING, fg=typer.colors.YELLOW, err=True)
-    application = create_app(Runtime(settings))
+    _configure_logging(settings, runs_engine=run_worker)
+    application = create_app(Runtime(settings, run_worker=run_worker))
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
 
 

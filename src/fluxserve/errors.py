@@ -10,6 +10,7 @@ FluxserveError
 ├── UnsafeURLError            an outbound URL the net guard refuses
 ├── FetchError                an outbound fetch that failed or returned too much
 ├── ReferenceImageError       a reference image that is not a usable image
+├── StoreUnavailable          the database cannot be reached right now
 ├── EngineError               the engine could not produce an image
 │   └── EngineUnavailable     the engine cannot start (missing extra, no weights)
 └── ConfigError               settings that cannot work together
@@ -69,6 +70,10 @@ class FetchError(FluxserveError):
 
 class ReferenceImageError(FluxserveError):
     """A reference image could not be used (not an image, too large, a bomb)."""
+
+
+class StoreUnavailable(FluxserveError):
+    """The database cannot be reached; the caller retries later (the API answers 503)."""
 
 
 class EngineError(FluxserveError):

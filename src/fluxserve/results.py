@@ -6,18 +6,20 @@ import io
 import secrets
 import struct
 import zlib
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
 
 from fluxserve.tasks import OUTPUT_FORMATS, ResultFile
 
+deflate: ModuleType
 try:
     # ISA-L's deflate is about ten times faster than zlib's at the same ratio;
     # without it (a platform with no wheel) PNGs are only slower to write.
     from isal import isal_zlib as deflate
 except ImportError:  # pragma: no cover - depends on the platform
-    deflate = zlib  # type: ignore[no-redef]
+    deflate = zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_FILTER_SUB = 1

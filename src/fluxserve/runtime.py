@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fluxserve.engines import make_engine
 from fluxserve.engines.base import Engine
+from fluxserve.errors import StoreUnavailable
 from fluxserve.netguard import NetPolicy, guarded_client
 from fluxserve.service import TaskService
 from fluxserve.settings import Settings
 from fluxserve.storage import LocalStorage
 from fluxserve.store import Store, open_store
+from fluxserve.tasks import MODELS
 from fluxserve.webhooks import CallbackDispatcher
 from fluxserve.wire import status_body
 from fluxserve.worker import Worker
@@ -25,7 +28,12 @@ class Runtime:
     """Store, storage and service; plus, when asked, a worker and the callback dispatcher."""
 
     def __init__(
-        self, settings: Settings, *, run_worker: bool = True, engine: Engine | None = None
+        self,
+        settings: Settings,
+        *,
+        run_worker: bool = True,
+        models: Sequence[str] = MODELS,
+        engine: Engine | None = None,
     ) -> None:
         self.settings = settings
         self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
@@ -40,6 +48,7 @@ class Runtime:
                 engine=engine or make_engine(settings),
                 settings=settings,
                 policy=self.policy,
+                models=models,
             )
         self._loops: list[asyncio.Task[None]] = []
 
@@ -57,8 +66,20 @@ class Runtime:
         )
         self._client = client
         self._loops.append(asyncio.create_task(dispatcher.run(), name="callbacks"))
+        self._loops.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
         if self.worker is not None:
             self._loops.append(asyncio.create_task(self.worker.run(), name="worker"))
+
+    async def wait_until(self, stopping: asyncio.Event) -> int:
+        """Run until `stopping` is set (exit code 0) or the worker dies (exit code 1)."""
+        stop = asyncio.create_task(stopping.wait())
+        watched = [loop for loop in self._loops if loop.get_name() == "worker"]
+        done, _ = await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if stop in done:
+            return 0
+        logger.error("worker stopped: %s", self.worker.error if self.worker else "unknown")
+        return 1
 
     async def stop(self) -> None:
         if self.worker is not None:
@@ -73,6 +94,18 @@ class Runtime:
             await asyncio.to_thread(self.worker.close)
         await self._client.aclose()
         await self.store.close()
+
+    async def _sweep_forever(self) -> None:
+        """Hand back the tasks of lost workers; every process sweeps, one at a time."""
+        while True:
+            try:
+                requeued, failed = await self.store.requeue_expired(self.settings.max_attempts)
+            except StoreUnavailable as exc:
+                logger.warning("sweep skipped: %s", exc)
+            else:
+                if requeued or failed:
+                    logger.warning("lost workers: %d tasks requeued, %d failed", requeued, failed)
+            await asyncio.sleep(self.settings.lease_seconds / 2)
 
     async def _callback_body(self, task_id: str) -> dict[str, Any] | None:
         task = await self.store.get_task(task_id)

@@ -21,7 +21,13 @@ import httpx
 
 from fluxserve import results
 from fluxserve.engines.base import Engine, GenerationRequest
-from fluxserve.errors import EngineError, FetchError, ReferenceImageError, UnsafeURLError
+from fluxserve.errors import (
+    EngineError,
+    FetchError,
+    ReferenceImageError,
+    StoreUnavailable,
+    UnsafeURLError,
+)
 from fluxserve.netguard import NetPolicy, guarded_client
 from fluxserve.references import load_references
 from fluxserve.settings import Settings
@@ -88,19 +94,22 @@ class Worker:
             raise
         self.state = WorkerState.READY
         logger.info("worker %s ready for %s", self.worker_id, ", ".join(self.models))
-        sweeper = asyncio.create_task(self._sweep_forever())
         try:
             async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
                 while True:
-                    claim = await self.store.claim_task(
-                        self.models, self.worker_id, self.settings.lease_seconds
-                    )
-                    if claim is None:
-                        await self.store.wait_for_task(self.settings.poll_interval)
-                        continue
-                    await self._run_task(claim, client)
+                    try:
+                        claim = await self.store.claim_task(
+                            self.models, self.worker_id, self.settings.lease_seconds
+                        )
+                        if claim is None:
+                            await self.store.wait_for_task(self.settings.poll_interval)
+                            continue
+                        await self._run_task(claim, client)
+                    except StoreUnavailable as exc:
+                        # The lease covers a running task meanwhile; retry once it's back.
+                        logger.warning("worker %s: %s; retrying", self.worker_id, exc)
+                        await asyncio.sleep(self.settings.poll_interval)
         finally:
-            sweeper.cancel()
             self.state = WorkerState.STOPPED
 
     def stop_engine(self) -> None:
@@ -109,13 +118,6 @@ class Worker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            requeued, failed = await self.store.requeue_expired(self.settings.max_attempts)
-            if requeued or failed:
-                logger.warning("lost workers: %d tasks requeued, %d failed", requeued, failed)
-            await asyncio.sleep(self.settings.lease_seconds / 2)
 
     async def _run_task(self, claim: Claim, client: httpx.AsyncClient) -> None:
         reporter = _ProgressReporter(self.store, claim, self.settings.lease_seconds)
@@ -205,5 +207,8 @@ class _ProgressReporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self._lease / 3)
             self._changed.clear()
-            if not await self._store.report_progress(self._claim, self._latest, self._lease):
-                return
+            try:
+                if not await self._store.report_progress(self._claim, self._latest, self._lease):
+                    return
+            except StoreUnavailable as exc:
+                logger.warning("progress of %s not saved: %s", self._claim.task.task_id, exc)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.api.schemas import describe_validation_error
-from fluxserve.errors import ApiError
+from fluxserve.errors import ApiError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, message, dict(exc.headers or {}))
 
 
+async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    logger.warning("answering 503: %s", exc)
+    return error_response(503, "The database is unavailable; retry shortly", {"Retry-After": "1"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "Internal server error")
@@ -65,4 +70,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

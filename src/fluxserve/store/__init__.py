@@ -8,11 +8,18 @@ from fluxserve.store.base import ApiKeyRecord, CallbackRecord, Store
 
 def open_store(database_url: str) -> Store:
     """The store for `database_url` (`sqlite:///path`), not yet started."""
-    if database_url.startswith("sqlite:"):
-        from fluxserve.store.sql import SqlStore
+    scheme = database_url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        from fluxserve.store.sqlite import SqliteStore
 
-        return SqlStore(database_url)
-    raise ConfigError(f"database_url: unsupported scheme in {database_url!r}; use sqlite:///path")
+        return SqliteStore(database_url)
+    if scheme in ("postgresql", "postgres"):
+        from fluxserve.store.postgres import PostgresStore
+
+        return PostgresStore(database_url)
+    raise ConfigError(
+        f"database_url: unsupported scheme {scheme!r}; use sqlite:///PATH or postgresql://..."
+    )
 
 
 __all__ = ["ApiKeyRecord", "CallbackRecord", "Store", "open_store"]

@@ -1,4 +1,9 @@
-"""The store on SQLAlchemy Core (async): SQLite in WAL mode, one file, one machine."""
+"""The store on SQLAlchemy Core (async), shared by the SQLite and PostgreSQL backends.
+
+The dialects differ only in how an engine is made, how writers take turns, and
+how a write wakes the waiting workers and dispatchers: see `sqlite.py` and
+`postgres.py`.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,17 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from fluxserve.errors import StoreUnavailable
 from fluxserve.store.base import ApiKeyRecord, CallbackRecord, Outcome, Store
 from fluxserve.store.schema import api_keys, callbacks, tasks
 from fluxserve.tasks import Claim, NewTask, ResultFile, Task, TaskInput, TaskStatus
@@ -24,19 +29,9 @@ from fluxserve.tasks import Claim, NewTask, ResultFile, Task, TaskInput, TaskSta
 LOST_WORKER_MESSAGE = "The worker running this task was lost {attempts} times; giving up"
 
 
-def _async_url(database_url: str) -> tuple[str, Path]:
-    path = Path(database_url.removeprefix("sqlite:///"))
-    return f"sqlite+aiosqlite:///{path}", path
-
-
-def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers run beside the one writer; busy_timeout makes a second
-    # process (an `api` beside a `worker`) wait for the lock instead of failing.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+TASKS = "fluxserve_tasks"
+CALLBACKS = "fluxserve_callbacks"
+"""Wake-up channels: a task became claimable; a callback became due."""
 
 
 def _row_to_task(row: Any) -> Task:
@@ -71,23 +66,24 @@ def _held_by(claim: Claim) -> sa.ColumnElement[bool]:
 
 
 class SqlStore(Store):
-    """SQLite through aiosqlite. Writes in one process are serialized by a lock,
-    so they never wait on SQLite's sleeping busy handler."""
+    """Everything but the dialect's engine, write turns and wake-ups."""
 
-    def __init__(self, database_url: str) -> None:
-        self._url, self._path = _async_url(database_url)
+    def __init__(self, url: str) -> None:
+        self._url = url
         self._engine: AsyncEngine | None = None
-        self._write_lock = asyncio.Lock()
-        self._task_queued = asyncio.Event()
-        self._callback_queued = asyncio.Event()
+        self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
+
+    def _create_engine(self) -> AsyncEngine:
+        raise NotImplementedError
 
     async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(self._url)
-        sa.event.listen(engine.sync_engine, "connect", _on_connect)
-        self._engine = engine
-        async with engine.begin() as conn:
+        self._engine = self._create_engine()
+        async with self._write() as conn:
+            await self._before_migrations(conn)
             await conn.run_sync(_upgrade)
+
+    async def _before_migrations(self, conn: AsyncConnection) -> None:
+        """Make concurrent starts take turns at migrating, where the dialect needs it."""
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -101,9 +97,30 @@ class SqlStore(Store):
         return self._engine
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock, self.engine.begin() as conn:
-            yield conn
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        with _unavailable_on_connection_errors():
+            async with self.engine.connect() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
+        """A transaction; when it commits, wake whoever waits on the `wake` channels."""
+        with _unavailable_on_connection_errors():
+            async with self.engine.begin() as conn:
+                yield conn
+                await self._notify(conn, wake)
+        for channel in wake:
+            self._events[channel].set()
+
+    async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
+        """Tell other processes, inside the transaction; in-process waiters need nothing."""
+
+    def _wake_local(self, channel: str) -> None:
+        self._events[channel].set()
+
+    async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
+        """Whether this transaction may sweep now; one sweeper at a time."""
+        return True
 
     # API keys ---------------------------------------------------------------
     async def create_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None:
@@ -119,14 +136,14 @@ class SqlStore(Store):
             )
 
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 await conn.execute(api_keys.select().where(api_keys.c.key_hash == key_hash))
             ).first()
         return None if row is None else _key_record(row)
 
     async def list_keys(self) -> list[ApiKeyRecord]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = await conn.execute(api_keys.select().order_by(api_keys.c.created_at))
             return [_key_record(row) for row in rows]
 
@@ -141,7 +158,7 @@ class SqlStore(Store):
 
     # Tasks ------------------------------------------------------------------
     async def create_task(self, task: NewTask) -> Task:
-        async with self._write() as conn:
+        async with self._write(wake=(TASKS,)) as conn:
             await conn.execute(
                 tasks.insert().values(
                     task_id=task.task_id,
@@ -156,7 +173,6 @@ class SqlStore(Store):
                     created_at=task.created_at,
                 )
             )
-        self._task_queued.set()
         return Task(
             task_id=task.task_id,
             owner=task.owner,
@@ -169,7 +185,7 @@ class SqlStore(Store):
         )
 
     async def get_task(self, task_id: str) -> Task | None:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
         return None if row is None else _row_to_task(row)
 
@@ -207,7 +223,7 @@ class SqlStore(Store):
         return Claim(task=_row_to_task(row), worker_id=worker_id, lease_token=token)
 
     async def wait_for_task(self, at_most: float) -> None:
-        await _wait(self._task_queued, at_most)
+        await _wait(self._events[TASKS], at_most)
 
     async def report_progress(self, claim: Claim, progress: int, lease_seconds: float) -> bool:
         async with self._write() as conn:
@@ -240,7 +256,7 @@ class SqlStore(Store):
 
     async def _end(self, claim: Claim, *, status: TaskStatus, **values: Any) -> bool:
         now = time.time()
-        async with self._write() as conn:
+        async with self._write(wake=(CALLBACKS,)) as conn:
             result = await conn.execute(
                 tasks.update()
                 .where(_held_by(claim))
@@ -250,8 +266,6 @@ class SqlStore(Store):
                 return False
             if claim.task.callback_url:
                 await self._queue_callback(conn, claim.task, now)
-        if claim.task.callback_url:
-            self._callback_queued.set()
         return True
 
     async def _queue_callback(self, conn: AsyncConnection, task: Task, now: float) -> None:
@@ -269,7 +283,7 @@ class SqlStore(Store):
         )
 
     async def release_task(self, claim: Claim) -> bool:
-        async with self._write() as conn:
+        async with self._write(wake=(TASKS,)) as conn:
             result = await conn.execute(
                 tasks.update()
                 .where(_held_by(claim))
@@ -282,8 +296,6 @@ class SqlStore(Store):
                     lease_expires_at=None,
                 )
             )
-        if result.rowcount == 1:
-            self._task_queued.set()
         return result.rowcount == 1
 
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
@@ -291,7 +303,9 @@ class SqlStore(Store):
         expired = sa.and_(
             tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < now
         )
-        async with self._write() as conn:
+        async with self._write(wake=(TASKS, CALLBACKS)) as conn:
+            if not await self._take_sweep_turn(conn):
+                return 0, 0
             gone = (
                 await conn.execute(
                     tasks.update()
@@ -319,10 +333,6 @@ class SqlStore(Store):
                     lease_expires_at=None,
                 )
             )
-        if requeued.rowcount:
-            self._task_queued.set()
-        if gone:
-            self._callback_queued.set()
         return requeued.rowcount, len(gone)
 
     # Callback outbox --------------------------------------------------------
@@ -354,7 +364,7 @@ class SqlStore(Store):
             ]
 
     async def next_callback_at(self) -> float | None:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             return await conn.scalar(
                 sa.select(sa.func.min(callbacks.c.next_attempt_at)).where(
                     callbacks.c.state == "pending"
@@ -362,7 +372,7 @@ class SqlStore(Store):
             )
 
     async def wait_for_callback(self, at_most: float) -> None:
-        await _wait(self._callback_queued, at_most)
+        await _wait(self._events[CALLBACKS], at_most)
 
     async def record_attempt(
         self, callback_id: int, *, delivered: bool, error: str | None, retry_at: float | None
@@ -375,12 +385,24 @@ class SqlStore(Store):
             values.update(next_attempt_at=retry_at)
         else:
             values.update(state="failed")
-        async with self._write() as conn:
+        # A retry only needs this process's dispatcher to recompute its wait.
+        async with self._write(wake=(CALLBACKS,) if retry_at is not None else ()) as conn:
             await conn.execute(
                 callbacks.update().where(callbacks.c.callback_id == callback_id).values(**values)
             )
-        if retry_at is not None:
-            self._callback_queued.set()
+
+
+@contextlib.contextmanager
+def _unavailable_on_connection_errors() -> Iterator[None]:
+    """Connection-level failures become StoreUnavailable: callers retry or answer 503."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError) as exc:
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable(f"database connection lost: {exc}") from exc
+        raise
 
 
 def _key_record(row: Any) -> ApiKeyRecord:

@@ -1,0 +1,107 @@
+"""The store for many machines: PostgreSQL through asyncpg.
+
+Claims use `FOR UPDATE SKIP LOCKED` (in the shared SQL), so workers on many
+machines never take the same task. Each write that makes work NOTIFYs inside its
+transaction; a dedicated LISTEN connection wakes this process's idle workers and
+dispatchers at once, and reconnects when the database restarts (polling covers
+the gap). One sweeper at a time: an advisory lock held for the transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from fluxserve.errors import ConfigError
+from fluxserve.store.sql import CALLBACKS, TASKS, SqlStore
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ConfigError(
+        "database_url is PostgreSQL, which needs asyncpg: pip install 'fluxserve[postgres]'"
+    ) from exc
+
+logger = logging.getLogger(__name__)
+
+# Keys of the advisory locks; arbitrary, fixed, fluxserve's own.
+SWEEP_LOCK = 0x464C5558_01
+MIGRATE_LOCK = 0x464C5558_02
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def _setter(event: asyncio.Event) -> Any:
+    return lambda _connection: event.set()
+
+
+class PostgresStore(SqlStore):
+    """PostgreSQL; `database_url` is `postgresql://user:password@host:port/database`."""
+
+    def __init__(self, database_url: str) -> None:
+        url = sa.engine.make_url(database_url)
+        super().__init__(
+            url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        )
+        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._listener: asyncio.Task[None] | None = None
+
+    def _create_engine(self) -> AsyncEngine:
+        # pre_ping replaces connections that died with a database restart.
+        return create_async_engine(self._url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+    async def start(self) -> None:
+        await super().start()
+        self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        await super().close()
+
+    async def _before_migrations(self, conn: AsyncConnection) -> None:
+        # Several processes starting at once would race to create the tables.
+        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
+
+    async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
+        for channel in channels:
+            await conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": channel})
+
+    async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
+        taken = await conn.scalar(
+            sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK}
+        )
+        return bool(taken)
+
+    def _on_notification(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
+        self._wake_local(channel)
+
+    async def _listen_forever(self) -> None:
+        failures = 0
+        while True:
+            connection = None
+            try:
+                connection = await asyncpg.connect(self._dsn)
+                closed = asyncio.Event()
+                connection.add_termination_listener(_setter(closed))
+                for channel in (TASKS, CALLBACKS):
+                    await connection.add_listener(channel, self._on_notification)
+                if failures:
+                    logger.info("LISTEN connection restored")
+                failures = 0
+                # Anything notified while no one listened is found by one look now.
+                for channel in (TASKS, CALLBACKS):
+                    self._wake_local(channel)
+                await closed.wait()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("LISTEN connection failed (%s); polling meanwhile", exc)
+            finally:
+                if connection is not None and not connection.is_closed():
+                    await connection.close()
+            await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
+            failures += 1
