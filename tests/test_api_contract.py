@@ -91,6 +91,9 @@ async def test_status_of_a_queued_task(service: Service) -> None:
     assert data["error_message"] is None
     assert data["credits_amount"] == 0
     assert data["model"] == "flux-2-pro"
+    assert data["queue_position"] == 1
+    second = (await service.submit(BODY)).json()["data"]["task_id"]
+    assert (await service.status(second)).json()["data"]["queue_position"] == 2
 
 
 async def test_task_ids_are_unique(service: Service) -> None:

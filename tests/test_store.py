@@ -160,3 +160,15 @@ async def test_keys(store: Store) -> None:
     record = await store.key_for_hash("h" * 64)
     assert record is not None and record.revoked_at is not None
     assert [k.key_id for k in await store.list_keys()] == ["key_1"]
+
+
+async def test_queue_position_counts_the_queued_tasks_of_the_model_ahead(store: Store) -> None:
+    first = await add(store)
+    await add(store, "flux-2-flex")
+    third = await add(store)
+    assert await store.queue_position(first) == 1
+    assert await store.queue_position(third) == 2
+    claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None and claim.task.task_id == first
+    assert await store.queue_position(first) is None
+    assert await store.queue_position(third) == 1

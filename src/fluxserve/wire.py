@@ -13,7 +13,7 @@ def ok(data: dict[str, Any]) -> dict[str, Any]:
     return {"code": 200, "data": data}
 
 
-def status_data(task: Task, storage: Storage) -> dict[str, Any]:
+def status_data(task: Task, storage: Storage, queue_position: int | None = None) -> dict[str, Any]:
     """The `data` of a status answer, and of a callback body."""
     files = []
     if task.status is TaskStatus.FINISHED:
@@ -42,9 +42,11 @@ def status_data(task: Task, storage: Storage) -> dict[str, Any]:
     }
     if task.width and task.height:
         data["width"], data["height"] = task.width, task.height
+    if queue_position is not None:
+        data["queue_position"] = queue_position
     return data
 
 
-def status_body(task: Task, storage: Storage) -> dict[str, Any]:
+def status_body(task: Task, storage: Storage, queue_position: int | None = None) -> dict[str, Any]:
     """The whole status answer: what GET status returns and a callback POSTs."""
-    return ok(status_data(task, storage))
+    return ok(status_data(task, storage, queue_position))

@@ -13,7 +13,7 @@ from fluxserve.errors import NotFound
 from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE
 from fluxserve.store import ApiKeyRecord
-from fluxserve.tasks import format_time
+from fluxserve.tasks import TaskStatus, format_time
 from fluxserve.wire import ok, status_body
 
 router = APIRouter()
@@ -49,7 +49,9 @@ async def submit(body: SubmitBody, key: KeyDep, rt: RuntimeDep) -> dict[str, Any
 async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's status, progress and, once finished, its files."""
     task = await rt.service.get(key.key_id, task_id)
-    return status_body(task, rt.storage)
+    queued = task.status is TaskStatus.NOT_STARTED
+    position = await rt.store.queue_position(task_id) if queued else None
+    return status_body(task, rt.storage, position)
 
 
 @router.get(FILES_ROUTE + "/{key:path}")

@@ -74,6 +74,10 @@ class Store(ABC):
     async def get_task(self, task_id: str) -> Task | None: ...
 
     @abstractmethod
+    async def queue_position(self, task_id: str) -> int | None:
+        """1 for the next queued task of its model, 2 for the one after...; None unless queued."""
+
+    @abstractmethod
     async def claim_task(
         self, models: Sequence[str], worker_id: str, lease_seconds: float
     ) -> Claim | None:

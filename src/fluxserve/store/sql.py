@@ -189,6 +189,22 @@ class SqlStore(Store):
             row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
         return None if row is None else _row_to_task(row)
 
+    async def queue_position(self, task_id: str) -> int | None:
+        own = tasks.alias("own")
+        ahead = (
+            sa.select(sa.func.count())
+            .select_from(tasks.join(own, tasks.c.model == own.c.model))
+            .where(
+                own.c.task_id == task_id,
+                own.c.status == TaskStatus.NOT_STARTED.value,
+                tasks.c.status == TaskStatus.NOT_STARTED.value,
+                tasks.c.seq <= own.c.seq,
+            )
+        )
+        async with self._read() as conn:
+            position = await conn.scalar(ahead)
+        return position or None
+
     async def claim_task(
         self, models: Sequence[str], worker_id: str, lease_seconds: float
     ) -> Claim | None:

@@ -1,0 +1,101 @@
+"""What only PostgreSQL does: wake-ups across processes, surviving a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database
+
+from fluxserve.store import Store, open_store
+from fluxserve.tasks import NewTask, TaskInput, new_task_id
+
+INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
+
+
+@pytest.fixture
+async def two_stores() -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one database: as two processes on two machines would hold."""
+    async with fresh_postgres_database() as url:
+        first, second = open_store(url), open_store(url)
+        await asyncio.gather(first.start(), second.start())
+        try:
+            yield first, second
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def add(store: Store) -> str:
+    task = await store.create_task(
+        NewTask(new_task_id(), "key_a", "flux-2-pro", INPUT, None, time.time())
+    )
+    return task.task_id
+
+
+async def settle(store: Store) -> None:
+    """Let the listener connect and take the wake-up it gives itself on connecting."""
+    await store.wait_for_task(at_most=5)
+
+
+async def test_a_submit_in_one_process_wakes_a_worker_in_another(
+    two_stores: tuple[Store, Store],
+) -> None:
+    worker_side, api_side = two_stores
+    await settle(worker_side)
+    # The poll fallback is 60 s here: only a NOTIFY can end this wait in time.
+    waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    task_id = await add(api_side)
+    await asyncio.wait_for(waiting, 10)
+    claim = await worker_side.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None and claim.task.task_id == task_id
+
+
+async def test_both_stores_survive_the_database_dropping_every_connection(
+    two_stores: tuple[Store, Store],
+) -> None:
+    worker_side, api_side = two_stores
+    await settle(worker_side)
+    await add(api_side)
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        database = api_side.engine.url.database
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await admin.close()
+    assert killed >= 2, "the pooled and the LISTEN connections were cut"
+    # Pooled connections are replaced on first use...
+    second = await add(api_side)
+    claim = await worker_side.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None
+    # ...and the listener reconnects, so wake-ups keep arriving.
+    await settle(worker_side)
+    waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
+    await add(api_side)
+    await asyncio.wait_for(waiting, 10)
+    assert await api_side.get_task(second) is not None
+
+
+async def test_claims_from_two_processes_never_share_a_task(
+    two_stores: tuple[Store, Store],
+) -> None:
+    first, second = two_stores
+    ids = {await add(first) for _ in range(30)}
+    claims = await asyncio.gather(
+        *(
+            store.claim_task(["flux-2-pro"], f"w{i}", 30)
+            for i in range(20)
+            for store in (first, second)
+        )
+    )
+    claimed = [c.task.task_id for c in claims if c is not None]
+    assert len(claimed) == len(set(claimed)) == 30 and set(claimed) == ids
