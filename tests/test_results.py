@@ -42,9 +42,9 @@ def test_every_output_format_decodes(fmt: str, pil_format: str) -> None:
     assert decoded.format == pil_format and decoded.size == (64, 48)
 
 
-def test_result_keys_are_unguessable_and_named_by_format() -> None:
+def test_result_keys_are_stable_per_task_and_named_by_format() -> None:
     first = result_file("task-unified-1-abcdefgh", 0, b"x" * 10, "jpeg")
-    second = result_file("task-unified-1-abcdefgh", 0, b"x" * 10, "jpeg")
+    again = result_file("task-unified-1-abcdefgh", 0, b"y" * 12, "jpeg")
     assert first.file_name == "image.jpg" and first.content_type == "image/jpeg"
     assert first.file_size == 10
-    assert first.key != second.key and first.key.endswith("/image.jpg")
+    assert first.key == again.key == "results/task-unified-1-abcdefgh/image.jpg"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import secrets
 import struct
 import zlib
 from types import ModuleType
@@ -71,11 +70,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def result_file(task_id: str, index: int, data: bytes, output_format: str) -> ResultFile:
-    """The record of one result; its key carries a random part so URLs are unguessable."""
+    """The record of one result. The key is the same on every run of the task, so a
+    rerun overwrites rather than adds; the task id's random part keeps it unguessable."""
     extension = "jpg" if output_format == "jpeg" else output_format
     file_name = f"image.{extension}" if index == 0 else f"image-{index}.{extension}"
     return ResultFile(
-        key=f"results/{task_id}-{secrets.token_hex(8)}/{file_name}",
+        key=f"results/{task_id}/{file_name}",
         file_name=file_name,
         content_type=OUTPUT_FORMATS[output_format],
         file_size=len(data),
