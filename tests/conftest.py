@@ -6,7 +6,7 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +25,17 @@ from fluxserve.engines.base import Engine
 from fluxserve.keys import new_key
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
+from fluxserve.store.base import Outcome
+from fluxserve.tasks import MODELS, ResultFile
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test: its own folder, loopback allowed, quick retries."""
+    """Settings for a test: its own folder, loopback allowed, quick retries, no jitter."""
     values: dict[str, Any] = {
         "data_dir": data_dir,
         "allow_private_networks": True,
         "callback_retry_delays": [0.05, 0.1, 0.2],
+        "callback_retry_jitter": 0.0,
         "poll_interval": 0.5,
         **overrides,
     }
@@ -44,17 +47,17 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path / "data")
 
 
-def _bound_socket() -> socket.socket:
+def _bound_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
 @asynccontextmanager
-async def serve_asgi(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with real uvicorn on 127.0.0.1; yields its base URL."""
-    sock = _bound_socket()
+async def serve_asgi(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Serve an ASGI app with real uvicorn on 127.0.0.1 (on `port` if given); yields its URL."""
+    sock = _bound_socket(port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -107,13 +110,17 @@ class Service:
 
 @asynccontextmanager
 async def run_service(
-    settings: Settings, *, engine: Engine | None = None, run_worker: bool = True
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    run_worker: bool = True,
+    models: Sequence[str] = MODELS,
 ) -> AsyncIterator[Service]:
     """fluxserve on a real uvicorn server on 127.0.0.1, with one API key."""
     sock = _bound_socket()
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
-    runtime = Runtime(settings, run_worker=run_worker, engine=engine)
+    runtime = Runtime(settings, run_worker=run_worker, models=models, engine=engine)
     server = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -140,6 +147,7 @@ class Receiver:
     status_code: int = 500
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)
     attempts: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -148,6 +156,7 @@ class Receiver:
             self.attempts += 1
             if self.attempts <= self.fail:
                 return Response(status_code=self.status_code)
+            self.raw.append(await request.body())
             self.bodies.append(await request.json())
             self.headers.append(dict(request.headers))
             self.arrived.set()
@@ -204,3 +213,44 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
 async def postgres_url() -> AsyncIterator[str]:
     async with fresh_postgres_database() as url:
         yield url
+
+
+async def submit_ended(service: Service, url: str, model: str = "flux-2-pro") -> str:
+    """Submit a task with a callback and finish it as a worker would, through the store:
+    for tests of what happens after a task ends, without an engine's run."""
+    body = {"model": model, "callback_url": url, "input": {"prompt": "a quiet harbour"}}
+    response = await service.submit(body)
+    task_id: str = response.json()["data"]["task_id"]
+    store = service.runtime.store
+    claim = await store.claim_task([model], "test-worker", 30)
+    assert claim is not None and claim.task.task_id == task_id
+    image = ResultFile(f"results/{task_id}/image.png", "image.png", "image/png", 1234)
+    assert await store.finish_task(claim, Outcome("tiny", 7, 1024, 1024, [image]))
+    return task_id
+
+
+async def callback_log(service: Service, task_id: str, key: str | None = None) -> dict[str, Any]:
+    """GET /api/generate/callbacks/{task_id}: the task's events and every attempt."""
+    response = await service.client.get(
+        f"/api/generate/callbacks/{task_id}", headers=service.auth(key)
+    )
+    assert response.status_code == 200, response.text
+    data: dict[str, Any] = response.json()["data"]
+    return data
+
+
+async def settled_log(
+    service: Service,
+    task_id: str,
+    key: str | None = None,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
+    """The callback log once every event is delivered or given up (or once `until`)."""
+    async with asyncio.timeout(60):
+        while True:
+            log = await callback_log(service, task_id, key)
+            events = log["events"]
+            ended = all(e["state"] in ("delivered", "failed") for e in events)
+            if until(log) if until else events and ended:
+                return log
+            await asyncio.sleep(0.05)

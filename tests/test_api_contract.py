@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from conftest import Service, make_settings, run_service
 
 TASK_ID = re.compile(r"^task-unified-(\d+)-[a-z0-9]{8}$")
@@ -128,6 +129,17 @@ BAD_BODIES = [
     (
         {**BODY, "callback_url": "https://example.com/" + "a" * 2100},
         "callback_url must be at most 2048 characters",
+    ),
+    (
+        {**BODY, "callback_events": ["finished", "done"]},
+        "callback_events must be a non-empty list of running, progress, finished, failed "
+        "(got 'done')",
+    ),
+    ({**BODY, "callback_events": []}, "callback_events must be a non-empty list of running"),
+    ({**BODY, "callback_events": "finished"}, "callback_events: "),
+    (
+        {k: v for k, v in {**BODY, "callback_events": ["progress"]}.items() if k != "callback_url"},
+        "callback_events needs a callback_url",
     ),
     (with_input(BODY, output_format="gif"), "input.output_format must be one of png, jpeg, webp"),
     (with_input(BODY, seed=-1), "input.seed: "),

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Receiver, Service, make_settings, run_service, serve_asgi
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.responses import Response
@@ -17,6 +16,8 @@ from starlette.routing import Route
 
 from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.errors import EngineError
+
+from conftest import Receiver, Service, make_settings, run_service, serve_asgi
 
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 

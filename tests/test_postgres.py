@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database
 
 from fluxserve.store import Store, open_store
 from fluxserve.tasks import NewTask, TaskInput, new_task_id
+
+from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database
 
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
 

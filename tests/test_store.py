@@ -9,11 +9,12 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from conftest import fresh_postgres_database
 
 from fluxserve.store import Store, open_store
-from fluxserve.store.base import Outcome
-from fluxserve.tasks import NewTask, ResultFile, TaskInput, TaskStatus, new_task_id
+from fluxserve.store.base import Attempt, CallbackState, Outcome
+from fluxserve.tasks import NewTask, ResultFile, Task, TaskInput, TaskStatus, new_task_id
+
+from conftest import fresh_postgres_database
 
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
 
@@ -141,13 +142,15 @@ async def test_callback_attempts_are_recorded(store: Store) -> None:
     assert await store.claim_callbacks(10, 30) == []  # held while in flight
     retry_at = time.time() + 0.05
     await store.record_attempt(
-        record.callback_id, delivered=False, error="HTTP 500", retry_at=retry_at
+        record.callback_id, Attempt(time.time(), 0.01, 500, "HTTP 500"), retry_at=retry_at
     )
     assert await store.next_callback_at() == pytest.approx(retry_at)
     await asyncio.sleep(0.06)
     [again] = await store.claim_callbacks(10, 30)
     assert again.event_id == record.event_id and again.attempts == 1
-    await store.record_attempt(again.callback_id, delivered=True, error=None, retry_at=None)
+    await store.record_attempt(
+        again.callback_id, Attempt(time.time(), 0.01, 200, None), retry_at=None
+    )
     assert await store.next_callback_at() is None
 
 
@@ -172,3 +175,133 @@ async def test_queue_position_counts_the_queued_tasks_of_the_model_ahead(store: 
     assert claim is not None and claim.task.task_id == first
     assert await store.queue_position(first) is None
     assert await store.queue_position(third) == 1
+
+
+HOOK = "https://example.com/hook"
+
+
+async def ended(store: Store, events: tuple[str, ...] = ("finished", "failed")) -> Task:
+    """A task with a callback, run to `finished` by a claim."""
+    await store.create_task(NewTask(new_task_id(), "key_a", "flux-2-pro", INPUT, HOOK, 0.0, events))
+    claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None and await store.finish_task(claim, outcome())
+    task = await store.get_task(claim.task.task_id)
+    assert task is not None and task.callback_events == events
+    return task
+
+
+async def test_every_attempt_and_best_effort_event_is_logged(store: Store) -> None:
+    task = await ended(store, ("progress", "finished"))
+    [record] = await store.claim_callbacks(10, 30)
+    assert record.event_type == "finished"
+    [event] = await store.callback_events(task.task_id)
+    assert event.state is CallbackState.SENDING and event.attempts == ()
+    failed = Attempt(1000.0, 0.25, 503, "HTTP 503")
+    await store.record_attempt(record.callback_id, failed, retry_at=time.time() + 60)
+    progress = Attempt(900.0, 0.5, None, "timed out after 10s")
+    await store.record_event(task.task_id, "evt_progress", "progress", HOOK, progress)
+    assert await store.pending_callbacks() == 1
+    finished, sent = await store.callback_events(task.task_id)
+    assert (finished.event_id, finished.state, finished.attempts) == (
+        record.event_id,
+        CallbackState.PENDING,
+        (failed,),
+    )
+    assert finished.next_attempt_at is not None and finished.delivered_at is None
+    assert (sent.event_type, sent.state, sent.attempts) == (
+        "progress",
+        CallbackState.FAILED,
+        (progress,),
+    )
+    assert sent.next_attempt_at is None
+    assert await store.callback_events("task-unified-0-missing0") == []
+
+
+async def test_a_filtered_out_terminal_event_is_not_queued(store: Store) -> None:
+    task = await ended(store, ("running", "progress"))
+    assert not task.wants("finished") and task.wants("progress")
+    assert await store.claim_callbacks(10, 30) == []
+    assert await store.pending_callbacks() == 0
+
+
+async def test_redelivery_reopens_an_ended_event_on_a_fresh_schedule(store: Store) -> None:
+    task = await ended(store)
+    [record] = await store.claim_callbacks(10, 30)
+    # While it is being sent, redelivery leaves it alone: that attempt is the one.
+    assert await store.redeliver_callback(task) == record.event_id
+    assert await store.claim_callbacks(10, 30) == []
+    await store.record_attempt(
+        record.callback_id, Attempt(1.0, 0.1, 410, "HTTP 410"), retry_at=None
+    )
+    assert await store.pending_callbacks() == 0
+    assert await store.redeliver_callback(task) == record.event_id
+    [again] = await store.claim_callbacks(10, 30)
+    assert (again.event_id, again.attempts) == (record.event_id, 0)
+    await store.record_attempt(again.callback_id, Attempt(2.0, 0.1, 200, None), retry_at=None)
+    [event] = await store.callback_events(task.task_id)
+    assert event.state is CallbackState.DELIVERED and len(event.attempts) == 2
+    assert event.delivered_at == pytest.approx(2.1)
+
+
+async def test_redelivery_brings_a_waiting_retry_forward(store: Store) -> None:
+    task = await ended(store)
+    [record] = await store.claim_callbacks(10, 30)
+    later = time.time() + 3600
+    await store.record_attempt(
+        record.callback_id, Attempt(1.0, 0.1, 503, "HTTP 503"), retry_at=later
+    )
+    assert await store.claim_callbacks(10, 30) == []
+    await store.redeliver_callback(task)
+    [again] = await store.claim_callbacks(10, 30)
+    assert (again.event_id, again.attempts) == (record.event_id, 0)
+
+
+async def test_redelivery_queues_a_terminal_event_that_was_filtered_out(store: Store) -> None:
+    task = await ended(store, ("progress",))
+    event_id = await store.redeliver_callback(task)
+    [record] = await store.claim_callbacks(10, 30)
+    assert (record.event_id, record.event_type, record.url) == (event_id, "finished", HOOK)
+
+
+async def test_webhook_secrets_are_made_once_and_rotated(store: Store) -> None:
+    made = await store.webhook_secret("key_a", "whsec_one")
+    assert (made.secret, made.previous_secret, made.previous_expires_at) == (
+        "whsec_one",
+        None,
+        None,
+    )
+    assert (await store.webhook_secret("key_a", "whsec_other")).secret == "whsec_one"
+    rotated = await store.rotate_webhook_secret("key_a", "whsec_two", 500.0)
+    assert (rotated.secret, rotated.previous_secret) == ("whsec_two", "whsec_one")
+    assert rotated.previous_signs(499.0) and not rotated.previous_signs(500.0)
+    assert (await store.webhook_secret("key_a", "whsec_other")) == rotated
+    again = await store.rotate_webhook_secret("key_a", "whsec_three", 600.0)
+    assert (again.secret, again.previous_secret) == ("whsec_three", "whsec_two")
+    first = await store.rotate_webhook_secret("key_b", "whsec_b", 700.0)
+    assert (first.secret, first.previous_secret) == ("whsec_b", None)
+
+
+async def test_concurrent_first_uses_agree_on_one_secret(store: Store) -> None:
+    made = await asyncio.gather(*(store.webhook_secret("key_c", f"whsec_{i}") for i in range(8)))
+    assert len({record.secret for record in made}) == 1
+
+
+async def test_claims_skip_busy_receivers_and_release_hands_back(store: Store) -> None:
+    await ended(store)
+    await store.create_task(
+        NewTask(new_task_id(), "key_a", "flux-2-pro", INPUT, "http://Other.example:8080/x", 0.0)
+    )
+    claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None and await store.finish_task(claim, outcome())
+    busy = ["https://example.com:443"]
+    assert await store.next_callback_at([*busy, "http://other.example:8080"]) is None
+    assert await store.next_callback_at(busy) is not None
+    [other] = await store.claim_callbacks(10, 30, busy)
+    assert other.origin == "http://other.example:8080"
+    assert await store.claim_callbacks(10, 30, busy) == []
+    [first] = await store.claim_callbacks(10, 30)
+    assert first.origin == "https://example.com:443"
+    await store.release_callbacks([first.callback_id, other.callback_id])
+    again = await store.claim_callbacks(10, 30)
+    assert sorted(r.event_id for r in again) == sorted([first.event_id, other.event_id])
+    assert all(r.attempts == 0 for r in again)

@@ -60,7 +60,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     data_dir: DataDir = None,
-    engine: Annotated[str | None, typer.Option(help="Engine for every model: tiny.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Engine: auto, diffusers or tiny.")] = None,
 ) -> None:
     """Run the API and a worker in one process (the embedded default)."""
     settings = _settings(host=host, port=port, data_dir=data_dir, engine=engine)
@@ -84,7 +84,7 @@ def worker(
         str, typer.Option(help="Comma-separated public model names this worker serves.")
     ] = ",".join(MODELS),
     data_dir: DataDir = None,
-    engine: Annotated[str | None, typer.Option(help="Engine for its models: tiny.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Engine: auto, diffusers or tiny.")] = None,
 ) -> None:
     """Run one worker (one per GPU): claim tasks for MODELS until SIGTERM."""
     served = [name.strip() for name in models.split(",") if name.strip()]
@@ -125,6 +125,12 @@ def _configure_logging(settings: Settings, *, runs_engine: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     if runs_engine and settings.engine == "tiny":
         typer.secho(TINY_WARNING, fg=typer.colors.YELLOW, err=True)
+    elif runs_engine:
+        from fluxserve.checkpoints import fallback_warning, plan_engines
+
+        warning = fallback_warning(plan_engines(settings, MODELS))
+        if warning:
+            typer.secho(warning, fg=typer.colors.YELLOW, err=True)
 
 
 def _serve_http(settings: Settings, *, run_worker: bool) -> None:
@@ -174,3 +180,10 @@ def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
 
 def _when(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# Registered last: cli_models reads settings through _settings above.
+from fluxserve.cli_models import doctor, models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+app.command()(doctor)

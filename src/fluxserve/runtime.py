@@ -11,14 +11,14 @@ from typing import Any
 from fluxserve.engines import make_engine
 from fluxserve.engines.base import Engine
 from fluxserve.errors import StoreUnavailable
-from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.metrics import Registry
+from fluxserve.netguard import NetPolicy
 from fluxserve.service import TaskService
 from fluxserve.settings import Settings
-from fluxserve.storage import LocalStorage
+from fluxserve.storage import Storage, open_storage
 from fluxserve.store import Store, open_store
 from fluxserve.tasks import MODELS
-from fluxserve.webhooks import CallbackDispatcher
-from fluxserve.wire import status_body
+from fluxserve.webhooks import Webhooks
 from fluxserve.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -38,34 +38,26 @@ class Runtime:
         self.settings = settings
         self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
         self.store: Store = open_store(settings.resolved_database_url)
-        self.storage = LocalStorage(settings.files_dir, settings.base_url)
-        self.service = TaskService(self.store, self.policy)
+        self.storage: Storage = open_storage(settings)
+        self.metrics = Registry()
+        self.webhooks = Webhooks(settings, self.store, self.storage, self.metrics)
+        self.service = TaskService(self.store, self.policy, callback_policy=self.webhooks.policy)
         self.worker: Worker | None = None
         if run_worker:
             self.worker = Worker(
                 store=self.store,
                 storage=self.storage,
-                engine=engine or make_engine(settings),
+                engine=engine or make_engine(settings, models),
                 settings=settings,
                 policy=self.policy,
                 models=models,
+                events=self.webhooks.progress,
             )
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.store.start()
-        client = guarded_client(self.policy, timeout=self.settings.callback_timeout)
-        dispatcher = CallbackDispatcher(
-            self.store,
-            client,
-            self._callback_body,
-            delays=self.settings.callback_retry_delays,
-            timeout=self.settings.callback_timeout,
-            concurrency=self.settings.callback_concurrency,
-            poll_interval=self.settings.poll_interval,
-        )
-        self._client = client
-        self._loops.append(asyncio.create_task(dispatcher.run(), name="callbacks"))
+        self._loops.append(asyncio.create_task(self.webhooks.run(), name="callbacks"))
         self._loops.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
         if self.worker is not None:
             self._loops.append(asyncio.create_task(self.worker.run(), name="worker"))
@@ -92,7 +84,7 @@ class Runtime:
         self._loops.clear()
         if self.worker is not None:
             await asyncio.to_thread(self.worker.close)
-        await self._client.aclose()
+        await self.webhooks.aclose()
         await self.store.close()
 
     async def _sweep_forever(self) -> None:
@@ -106,10 +98,6 @@ class Runtime:
                 if requeued or failed:
                     logger.warning("lost workers: %d tasks requeued, %d failed", requeued, failed)
             await asyncio.sleep(self.settings.lease_seconds / 2)
-
-    async def _callback_body(self, task_id: str) -> dict[str, Any] | None:
-        task = await self.store.get_task(task_id)
-        return None if task is None else status_body(task, self.storage)
 
     def health(self) -> dict[str, Any]:
         worker = self.worker

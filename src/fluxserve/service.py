@@ -6,6 +6,7 @@ import dataclasses
 import secrets
 import time
 
+from fluxserve import reference_shape
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
 from fluxserve.netguard import NetPolicy, check_url
 from fluxserve.store import Store
@@ -38,6 +39,7 @@ class TaskService:
         for index, url in enumerate(task_input.image_urls):
             if not url.startswith("data:"):
                 self._check_outbound(f"input.image_urls[{index}]", url, self.policy)
+        reference_shape.check_submitted(task_input.image_urls)
         if task_input.seed is None:
             # Drawn now, not at run time: a task that runs twice (its first worker
             # lost) makes the same image and overwrites the same file.

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,7 +18,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-EngineName = Literal["tiny"]
+from fluxserve.checkpoints import ModelRoute, default_routes
+from fluxserve.tasks import MODELS
+
+EngineName = Literal["auto", "diffusers", "tiny"]
 
 
 class Settings(BaseSettings):
@@ -35,13 +38,46 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="sqlite:///path; defaults to data_dir/fluxserve.db"
     )
-    engine: EngineName = "tiny"
+    engine: EngineName = Field(
+        default="auto",
+        description="auto: real weights where present, else tiny (loudly); diffusers: never tiny",
+    )
     tiny_steps: int = Field(default=4, ge=1, le=50)
+    # Each public model's engine, checkpoint and defaults: see checkpoints.ModelRoute.
+    models: dict[str, ModelRoute] = Field(default_factory=default_routes)
+    allow_downloads: bool = Field(
+        default=False, description="Download absent checkpoints at load (engine auto/diffusers)"
+    )
+    max_loaded_pipelines: int = Field(
+        default=1, ge=1, description="Checkpoints kept loaded at once; the least recent unloads"
+    )
+    compile_transformer: bool = Field(
+        default=False, description="torch.compile the diffusers transformer (slow first task)"
+    )
+    task_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds a task may denoise before it fails"
+    )
     allow_private_networks: bool = False
 
     callback_timeout: float = Field(default=10.0, gt=0)
-    callback_retry_delays: list[float] = Field(default=[1.0, 2.0, 4.0])
+    # 1, 2 and 4 s as the hosted API retries, then minutes, then hours: about a
+    # day in all, so an event outlasts its receiver's deploy or outage.
+    callback_retry_delays: list[float] = Field(
+        default=[1, 2, 4, 60, 300, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600]
+    )
+    callback_retry_jitter: float = Field(
+        default=0.1, ge=0, le=1, description="Each retry waits up to this fraction longer"
+    )
     callback_concurrency: int = Field(default=16, ge=1)
+    callback_concurrency_per_receiver: int = Field(
+        default=4, ge=1, description="Callbacks in flight to one scheme://host:port at once"
+    )
+    allow_http_callbacks: bool = Field(
+        default=False, description="Accept http:// callback URLs (https only otherwise)"
+    )
+    webhook_secret_grace: float = Field(
+        default=24 * 3600, ge=0, description="Seconds a rotated-out signing secret still signs"
+    )
 
     fetch_timeout: float = Field(default=20.0, gt=0)
     max_reference_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
@@ -50,6 +86,35 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     poll_interval: float = Field(default=2.0, gt=0)
+
+    # Where result and uploaded files live; the s3_* settings apply to "s3" only.
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = Field(default="", description="Folder inside the bucket, e.g. fluxserve/")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="An S3-compatible server (MinIO, R2, ...); AWS when unset"
+    )
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_url_lifetime: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Seconds a file_url works; 7 days at most, the SigV4 limit",
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _route_every_model(cls, value: object) -> object:
+        # A TOML file that routes one model keeps the defaults of the other three.
+        if not isinstance(value, dict):
+            return value
+        unknown = sorted(set(value) - set(MODELS))
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}")
+        return {**{model: {} for model in MODELS}, **value}
 
     @field_validator("callback_retry_delays")
     @classmethod

@@ -14,6 +14,12 @@ MODELS: tuple[str, ...] = ("flux-2-pro", "flux-2-pro-edit", "flux-2-flex", "flux
 EDIT_MODELS = frozenset(m for m in MODELS if m.endswith("-edit"))
 OUTPUT_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
+# What a task's callback_url can be told, in the order a task meets them. The
+# terminal two go through the durable outbox; the others are best effort.
+CALLBACK_EVENTS: tuple[str, ...] = ("running", "progress", "finished", "failed")
+TERMINAL_EVENTS: tuple[str, ...] = ("finished", "failed")
+"""The default `callback_events`: what the hosted API sends."""
+
 
 class TaskStatus(StrEnum):
     NOT_STARTED = "not_started"
@@ -49,6 +55,11 @@ def new_task_id(now: float | None = None) -> str:
     seconds = int(time.time() if now is None else now)
     suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
     return f"task-unified-{seconds}-{suffix}"
+
+
+def new_event_id() -> str:
+    """A callback event's id (`webhook-id`): the same on every retry of the event."""
+    return f"evt_{secrets.token_hex(12)}"
 
 
 def format_time(epoch: float) -> str:
@@ -118,6 +129,7 @@ class NewTask:
     input: TaskInput
     callback_url: str | None
     created_at: float
+    callback_events: tuple[str, ...] = TERMINAL_EVENTS
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,11 @@ class Task:
     attempts: int = 0
     started_at: float | None = None
     finished_at: float | None = None
+    callback_events: tuple[str, ...] = TERMINAL_EVENTS
+
+    def wants(self, event: str) -> bool:
+        """Whether this task's callback_url is to be told about `event`."""
+        return self.callback_url is not None and event in self.callback_events
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from enum import StrEnum
 
 import httpx
 
-from fluxserve import results
-from fluxserve.engines.base import Engine, GenerationRequest
+from fluxserve import reference_shape, results
+from fluxserve.engines.base import Engine, GenerationRequest, engine_label
 from fluxserve.errors import (
     EngineError,
     FetchError,
@@ -36,6 +36,7 @@ from fluxserve.storage import Storage
 from fluxserve.store import Store
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import MODELS, Claim
+from fluxserve.webhooks.progress import ProgressEvents, TaskEvents
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ class Interrupted(Exception):
     """Raised on the engine thread at the next step when the worker must stop."""
 
 
+class TaskStopped(Exception):
+    """Raised on the engine thread at the next step of a cancelled or timed-out task.
+
+    Unlike `Interrupted`, the task does not go back to the queue: it fails with
+    this message.
+    """
+
+
 class Worker:
     """Claims tasks for `models` from `store` and runs them on `engine`."""
 
@@ -68,6 +77,7 @@ class Worker:
         settings: Settings,
         policy: NetPolicy,
         models: Sequence[str] = MODELS,
+        events: ProgressEvents | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -75,12 +85,16 @@ class Worker:
         self.settings = settings
         self.policy = policy
         self.models = tuple(models)
+        self.events = events
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.state = WorkerState.NEW
         self.error: str | None = None
         # Model code runs on this one thread, never on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._stopping = threading.Event()
+        # Task ids to stop at their next step; read on the engine thread.
+        self._cancelled: set[str] = set()
+        self._running: str | None = None
 
     async def run(self) -> None:
         """Load the engine, then claim and run tasks until cancelled."""
@@ -116,11 +130,24 @@ class Worker:
         """Make the engine give up at its next step; the task goes back to the queue."""
         self._stopping.set()
 
+    def cancel(self, task_id: str) -> bool:
+        """Stop `task_id` at its next denoising step; it fails as cancelled.
+
+        Returns whether the task is running on this worker now.
+        """
+        if self._running != task_id:
+            return False
+        self._cancelled.add(task_id)
+        return True
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _run_task(self, claim: Claim, client: httpx.AsyncClient) -> None:
-        reporter = _ProgressReporter(self.store, claim, self.settings.lease_seconds)
+        events = self.events.watch(claim.task) if self.events is not None else None
+        if events is not None:
+            events.running()
+        reporter = _ProgressReporter(self.store, claim, self.settings.lease_seconds, events)
         heartbeat = asyncio.create_task(reporter.run())
         try:
             outcome = await self._generate(claim, client, reporter)
@@ -129,6 +156,9 @@ class Worker:
             raise
         except Interrupted:
             await self.store.release_task(claim)
+            return
+        except TaskStopped as exc:
+            await self.store.fail_task(claim, str(exc))
             return
         except USER_ERRORS as exc:
             await self.store.fail_task(claim, str(exc))
@@ -139,6 +169,8 @@ class Worker:
             return
         finally:
             heartbeat.cancel()
+            self._running = None
+            self._cancelled.discard(claim.task.task_id)
         if not await self.store.finish_task(claim, outcome):
             logger.warning(
                 "task %s: lease lost before finishing; result discarded", claim.task.task_id
@@ -157,6 +189,7 @@ class Worker:
             max_pixels=self.settings.max_reference_pixels,
             total_timeout=self.settings.fetch_timeout,
         )
+        reference_shape.check_loaded(images)
         reference = images[0].size if images else None
         width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
@@ -168,12 +201,23 @@ class Worker:
             steps=spec.steps,
             guidance=spec.guidance,
             images=tuple(images),
+            model=task.model,
         )
         loop = asyncio.get_running_loop()
+        timeout = self.settings.task_timeout
+        deadline = None if timeout is None else loop.time() + timeout
+        self._running = task.task_id
 
         def on_progress(done: int, total: int) -> None:
             if self._stopping.is_set():
                 raise Interrupted("worker is stopping")
+            if task.task_id in self._cancelled:
+                raise TaskStopped(f"Task cancelled after {done} of {total} steps")
+            if deadline is not None and loop.time() > deadline:
+                raise TaskStopped(
+                    f"Task timed out: still denoising after {timeout:g} s (step {done} of "
+                    f"{total}); the limit is the task_timeout setting"
+                )
             loop.call_soon_threadsafe(reporter.update, done * DENOISE_SHARE // max(total, 1))
 
         outputs = await loop.run_in_executor(
@@ -185,22 +229,28 @@ class Worker:
             record = results.result_file(task.task_id, index, data, spec.output_format)
             await self.storage.put(record.key, data, record.content_type)
             files.append(record)
-        return Outcome(engine=self.engine.name, seed=seed, width=width, height=height, files=files)
+        engine = engine_label(self.engine, task.model)
+        return Outcome(engine=engine, seed=seed, width=width, height=height, files=files)
 
 
 class _ProgressReporter:
     """Writes the newest progress, and renews the lease at least every third of it."""
 
-    def __init__(self, store: Store, claim: Claim, lease_seconds: float) -> None:
+    def __init__(
+        self, store: Store, claim: Claim, lease_seconds: float, events: TaskEvents | None
+    ) -> None:
         self._store = store
         self._claim = claim
         self._lease = lease_seconds
+        self._events = events
         self._latest = 0
         self._changed = asyncio.Event()
 
     def update(self, progress: int) -> None:
         self._latest = max(self._latest, progress)
         self._changed.set()
+        if self._events is not None:
+            self._events.progress(self._latest)
 
     async def run(self) -> None:
         while True:

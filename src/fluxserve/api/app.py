@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from fluxserve import __version__
+from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.routes import router
 from fluxserve.runtime import Runtime
@@ -28,4 +29,5 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(callback_router)
     return app

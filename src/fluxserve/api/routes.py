@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from fluxserve.api.auth import authenticate
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
+from fluxserve.metrics import CONTENT_TYPE
 from fluxserve.runtime import Runtime
-from fluxserve.storage.local import FILES_ROUTE
+from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
 from fluxserve.tasks import TaskStatus, format_time
 from fluxserve.wire import ok, status_body
@@ -35,7 +36,13 @@ KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 @router.post("/api/generate/submit")
 async def submit(body: SubmitBody, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Queue a task; answered once it is committed."""
-    task = await rt.service.submit(key.key_id, body.model, body.task_input(), body.callback_url)
+    task = await rt.service.submit(
+        key.key_id,
+        body.model,
+        body.task_input(),
+        body.callback_url,
+        body.task_callback_events(),
+    )
     return ok(
         {
             "task_id": task.task_id,
@@ -57,7 +64,8 @@ async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
 @router.get(FILES_ROUTE + "/{key:path}")
 async def download(key: str, rt: RuntimeDep) -> FileResponse:
     """A stored file; its key is unguessable, so the URL itself is the credential."""
-    path = rt.storage.path_for(key)
+    # Only local storage is served here; S3 hands out its own (presigned) URLs.
+    path = rt.storage.path_for(key) if isinstance(rt.storage, LocalStorage) else None
     if path is None or not path.is_file():
         raise NotFound("File not found")
     return FileResponse(path)
@@ -67,3 +75,9 @@ async def download(key: str, rt: RuntimeDep) -> FileResponse:
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness, and whether this process's worker is ready."""
     return rt.health()
+
+
+@router.get("/metrics")
+async def metrics(rt: RuntimeDep) -> Response:
+    """This process's metrics in the Prometheus text format."""
+    return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)

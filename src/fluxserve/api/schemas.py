@@ -7,7 +7,14 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 from fluxserve.sizes import SIZE_CHOICES
-from fluxserve.tasks import EDIT_MODELS, MODELS, OUTPUT_FORMATS, TaskInput
+from fluxserve.tasks import (
+    CALLBACK_EVENTS,
+    EDIT_MODELS,
+    MODELS,
+    OUTPUT_FORMATS,
+    TERMINAL_EVENTS,
+    TaskInput,
+)
 
 MAX_URL_LENGTH = 2048
 MAX_IMAGES = 8
@@ -71,6 +78,7 @@ class SubmitBody(BaseModel):
 
     model: str
     callback_url: str | None = None
+    callback_events: list[str] | None = None
     input: SubmitInput
 
     @model_validator(mode="after")
@@ -79,6 +87,7 @@ class SubmitBody(BaseModel):
             raise ValueError(f"model {_one_of(MODELS)}")
         if self.callback_url is not None:
             _check_http_url(self.callback_url, "callback_url")
+        self._check_callback_events()
         urls = self.input.image_urls
         if self.model in EDIT_MODELS:
             if not urls:
@@ -91,6 +100,26 @@ class SubmitBody(BaseModel):
             )
         self._check_sampler()
         return self
+
+    def _check_callback_events(self) -> None:
+        events = self.callback_events
+        if events is None:
+            return
+        if self.callback_url is None:
+            raise ValueError("callback_events needs a callback_url to send them to")
+        unknown = [event for event in events if event not in CALLBACK_EVENTS]
+        if not events or unknown:
+            raise ValueError(
+                "callback_events must be a non-empty list of "
+                + ", ".join(CALLBACK_EVENTS)
+                + (f" (got {unknown[0]!r})" if unknown else "")
+            )
+
+    def task_callback_events(self) -> tuple[str, ...]:
+        """The events asked for, in the order a task meets them; the terminal ones by default."""
+        if self.callback_events is None:
+            return TERMINAL_EVENTS
+        return tuple(event for event in CALLBACK_EVENTS if event in self.callback_events)
 
     def _check_sampler(self) -> None:
         steps, guidance = self.input.steps, self.input.guidance

@@ -5,22 +5,59 @@ Each engine is imported only when chosen: torch and diffusers are an extra.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
+from fluxserve.checkpoints import fallback_warning, plan_engines
 from fluxserve.engines.base import Engine
 from fluxserve.errors import EngineUnavailable
 from fluxserve.settings import Settings
+from fluxserve.tasks import MODELS
+
+logger = logging.getLogger(__name__)
 
 LOCAL_EXTRA_HINT = "pip install 'fluxserve[local]' torch==2.13.0"
 
 
-def make_engine(settings: Settings) -> Engine:
-    """The engine `settings.engine` names, not yet loaded."""
-    if settings.engine == "tiny":
-        try:
-            from fluxserve.engines.tiny import TinyEngine
-        except ImportError as exc:
-            raise EngineUnavailable(
-                f"the tiny engine needs torch and diffusers ({exc.name} is missing): "
-                f"{LOCAL_EXTRA_HINT}"
-            ) from exc
-        return TinyEngine(steps=settings.tiny_steps)
-    raise EngineUnavailable(f"unknown engine {settings.engine!r}")
+def make_engine(settings: Settings, models: Sequence[str] = MODELS) -> Engine:
+    """The engine for `models` as `settings` route them, not yet loaded.
+
+    All on tiny: the tiny engine. Otherwise one engine per model behind a router;
+    models that `engine = "auto"` put on tiny are logged loudly here.
+    """
+    plans = plan_engines(settings, models)
+    warning = fallback_warning(plans)
+    if warning:
+        logger.warning(warning)
+    if all(plan.engine == "tiny" for plan in plans):
+        return _tiny(settings)
+    try:
+        from fluxserve.engines.diffusers import DiffusersEngine
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"the diffusers engine needs torch and diffusers ({exc.name} is missing): "
+            f"{LOCAL_EXTRA_HINT}"
+        ) from exc
+    real = [plan for plan in plans if plan.engine == "diffusers"]
+    diffusers_engine = DiffusersEngine(
+        real,
+        max_loaded=settings.max_loaded_pipelines,
+        allow_downloads=settings.allow_downloads,
+        compile_transformer=settings.compile_transformer,
+    )
+    tiny = _tiny(settings) if len(real) < len(plans) else diffusers_engine
+    from fluxserve.engines.routed import RoutedEngine
+
+    return RoutedEngine(
+        {plan.model: diffusers_engine if plan.engine == "diffusers" else tiny for plan in plans}
+    )
+
+
+def _tiny(settings: Settings) -> Engine:
+    try:
+        from fluxserve.engines.tiny import TinyEngine
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"the tiny engine needs torch and diffusers ({exc.name} is missing): {LOCAL_EXTRA_HINT}"
+        ) from exc
+    return TinyEngine(steps=settings.tiny_steps)

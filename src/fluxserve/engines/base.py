@@ -27,6 +27,8 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | None = None
     images: Sequence[Image.Image] = field(default_factory=tuple)
+    model: str | None = None
+    """The public model name; engines that route per model read it."""
 
 
 class Engine(Protocol):
@@ -43,3 +45,9 @@ class Engine(Protocol):
     ) -> list[Image.Image]:
         """Draw the images for `request`, reporting each step to `on_progress`."""
         ...
+
+
+def engine_label(engine: Engine, model: str) -> str:
+    """What a task of `model` reports as its engine: per model where the engine routes."""
+    name_for: Callable[[str], str] | None = getattr(engine, "name_for", None)
+    return name_for(model) if name_for is not None else engine.name

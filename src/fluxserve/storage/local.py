@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import quote
+
+from fluxserve.storage.base import check_key
 
 FILES_ROUTE = "/files"
 
@@ -19,20 +22,27 @@ class LocalStorage:
         self.base_url = base_url.rstrip("/")
 
     def path_for(self, key: str) -> Path | None:
-        """The file's path, or None when `key` would step outside the root."""
-        parts = PurePosixPath(key).parts
-        if not parts or any(part in ("..", "") or part.startswith("/") for part in parts):
+        """The file's path, or None when `key` is invalid (it could step outside the root)."""
+        try:
+            return self._path(key)
+        except ValueError:
             return None
-        return self.root.joinpath(*parts)
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
-        path = self.path_for(key)
-        if path is None:
-            raise ValueError(f"invalid storage key {key!r}")
-        await asyncio.to_thread(_write_atomically, path, data)
+        # The content type is not kept: the /files route derives it from the name.
+        await asyncio.to_thread(_write_atomically, self._path(key), data)
+
+    async def get(self, key: str) -> bytes | None:
+        return await asyncio.to_thread(_read_or_none, self._path(key))
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(_unlink_if_file, self._path(key))
 
     def url(self, key: str) -> str:
-        return f"{self.base_url}{FILES_ROUTE}/{quote(key)}"
+        return f"{self.base_url}{FILES_ROUTE}/{quote(check_key(key))}"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -45,3 +55,20 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# A key that names a folder, or runs through a file, holds no file here, just as
+# it holds no object in a bucket; so those errors mean "missing" too.
+_NO_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except _NO_FILE:
+        return None
+
+
+def _unlink_if_file(path: Path) -> None:
+    with contextlib.suppress(*_NO_FILE):
+        path.unlink()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from fluxserve.tasks import Claim, NewTask, ResultFile, Task
 
@@ -18,15 +19,69 @@ class ApiKeyRecord:
     revoked_at: float | None
 
 
+class CallbackState(StrEnum):
+    """Where a callback event stands. Only terminal events are ever pending."""
+
+    PENDING = "pending"  # waiting for its next attempt
+    SENDING = "sending"  # an attempt in flight, held by one dispatcher
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up: a final answer, or the schedule spent
+
+
 @dataclass(frozen=True)
 class CallbackRecord:
-    """One pending callback in the outbox."""
+    """One due callback in the outbox, claimed for an attempt."""
 
     callback_id: int
     event_id: str
     task_id: str
     url: str
     attempts: int
+    event_type: str
+    origin: str  # scheme://host:port of `url`
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One POST of a callback event: when, how long, and what came back."""
+
+    attempted_at: float
+    duration: float
+    status_code: int | None
+    error: str | None  # None when the receiver answered 2xx
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class CallbackEvent:
+    """A callback event of a task, with every attempt at it, oldest first."""
+
+    event_id: str
+    event_type: str
+    url: str
+    state: CallbackState
+    created_at: float
+    next_attempt_at: float | None  # None unless pending or sending
+    delivered_at: float | None  # the latest delivery
+    attempts: tuple[Attempt, ...]
+
+
+@dataclass(frozen=True)
+class WebhookSecret:
+    """An API key's signing secret, and the one it replaced while that still signs."""
+
+    key_id: str
+    secret: str
+    created_at: float
+    previous_secret: str | None
+    previous_expires_at: float | None
+
+    def previous_signs(self, now: float) -> bool:
+        """Whether the previous secret is still in its grace period."""
+        return self.previous_expires_at is not None and now < self.previous_expires_at
 
 
 @dataclass(frozen=True)
@@ -112,12 +167,21 @@ class Store(ABC):
 
     # Callback outbox --------------------------------------------------------
     @abstractmethod
-    async def claim_callbacks(self, limit: int, hold_seconds: float) -> list[CallbackRecord]:
-        """Pending callbacks that are due, oldest first, held from others for a while."""
+    async def claim_callbacks(
+        self, limit: int, hold_seconds: float, skip_origins: Collection[str] = ()
+    ) -> list[CallbackRecord]:
+        """Due callbacks, oldest first, held from others for `hold_seconds` while sent.
+
+        Callbacks to `skip_origins` are left for later: those receivers are busy.
+        """
 
     @abstractmethod
-    async def next_callback_at(self) -> float | None:
-        """When the earliest pending callback is due; None if none is pending."""
+    async def release_callbacks(self, callback_ids: Sequence[int]) -> None:
+        """Hand claimed callbacks back unsent, due now, their schedule untouched."""
+
+    @abstractmethod
+    async def next_callback_at(self, skip_origins: Collection[str] = ()) -> float | None:
+        """When the earliest pending callback (not to `skip_origins`) is due; None if none."""
 
     @abstractmethod
     async def wait_for_callback(self, at_most: float) -> None:
@@ -125,6 +189,40 @@ class Store(ABC):
 
     @abstractmethod
     async def record_attempt(
-        self, callback_id: int, *, delivered: bool, error: str | None, retry_at: float | None
+        self, callback_id: int, attempt: Attempt, *, retry_at: float | None
     ) -> None:
-        """Log an attempt: delivered, to retry at `retry_at`, or given up (both falsy)."""
+        """Log a claimed event's attempt: delivered, to retry at `retry_at`, or given up."""
+
+    @abstractmethod
+    async def record_event(
+        self, task_id: str, event_id: str, event_type: str, url: str, attempt: Attempt
+    ) -> None:
+        """Log a best-effort event, sent once outside the outbox, with its one attempt."""
+
+    @abstractmethod
+    async def callback_events(self, task_id: str) -> list[CallbackEvent]:
+        """The task's callback events, oldest first, each with all its attempts."""
+
+    @abstractmethod
+    async def redeliver_callback(self, task: Task) -> str:
+        """Make the ended task's terminal event due now, on a fresh schedule; its event id.
+
+        A delivered or failed event is reopened and a pending one brought forward;
+        one being sent is left alone, as that attempt is the redelivery. A task
+        whose terminal event was filtered out gets it queued now.
+        """
+
+    @abstractmethod
+    async def pending_callbacks(self) -> int:
+        """How many callback events are pending or being sent."""
+
+    # Webhook signing secrets --------------------------------------------------
+    @abstractmethod
+    async def webhook_secret(self, key_id: str, candidate: str) -> WebhookSecret:
+        """The key's signing secret; `candidate` becomes it if the key has none yet."""
+
+    @abstractmethod
+    async def rotate_webhook_secret(
+        self, key_id: str, new_secret: str, previous_expires_at: float
+    ) -> WebhookSecret:
+        """Make `new_secret` the key's secret; the one it replaces signs until then."""

@@ -1,0 +1,200 @@
+"""FLUX.2 [klein] 4B: a plain diffusers loop against tasks through fluxserve's worker.
+
+Builds the pipeline at its real size with random weights (the compute does not
+depend on the weight values), from the published klein 4B shapes: transformer 5
+double + 20 single blocks, 24 heads x 128, text encoder Qwen3-4B (36 layers,
+2560 wide); check them against the checkpoint's config.json when you have it.
+The tokenizer is a byte-level stand-in; prompts are padded to 512 tokens either
+way, so the text encoder's work is the same.
+
+Then, at 1K and 2K: (a) N images from a plain `pipeline(...)` loop, (b) N tasks
+submitted to fluxserve (SQLite store, worker, the diffusers engine holding the
+same pipeline, PNG results stored), timed from first submit to last finished.
+Prints images/s, s/image and the ratio plain_s_per_image / fluxserve_s_per_image
+(>= 1.0: fluxserve at least matches the loop).
+
+    python bench/gpu.py                 # on a CUDA card, bf16
+    python bench/gpu.py --compile       # with compile_transformer = true
+    python bench/gpu.py --cpu-smoke     # tiny pipeline on the CPU: proves it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxserve.checkpoints import EnginePlan, ModelRoute
+from fluxserve.engines.diffusers import DiffusersEngine
+from fluxserve.runtime import Runtime
+from fluxserve.settings import Settings
+from fluxserve.tasks import TaskInput
+from fluxserve.worker import WorkerState
+
+PROMPT = "a lighthouse on a cliff at dusk, waves below, warm light in the windows"
+RESOLUTIONS = {"1K": 1024, "2K": 2048}
+
+
+def build_klein_4b(device: torch.device, dtype: torch.dtype) -> Any:
+    """FLUX.2 [klein] 4B at full size, random weights, built on `device`."""
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fluxserve.engines.tiny import build_tokenizer
+
+    with torch.device(device):
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=151936,
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                max_position_embeddings=40960,
+                rope_theta=1_000_000,
+                tie_word_embeddings=True,
+            )
+        ).to(dtype)
+        transformer = Flux2Transformer2DModel(
+            num_layers=5,
+            num_single_layers=20,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3 * 2560,
+            guidance_embeds=False,
+        ).to(dtype)
+        vae = AutoencoderKLFlux2().to(dtype)
+    for model in (text_encoder, transformer, vae):
+        model.eval()
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        transformer=transformer,
+        is_distilled=True,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def plain_loop(pipeline: Any, size: int, count: int, steps: int) -> float:
+    """Seconds for `count` images, one pipeline call each."""
+    start = time.perf_counter()
+    for seed in range(count):
+        pipeline(
+            prompt=PROMPT,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
+    sync()
+    return time.perf_counter() - start
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+async def through_fluxserve(
+    engine: DiffusersEngine, resolution: str, count: int, data_dir: Path
+) -> float:
+    """Seconds from the first submit of `count` tasks to the last one finished."""
+    settings = Settings(data_dir=data_dir, poll_interval=0.05, engine="diffusers")
+    runtime = Runtime(settings, run_worker=True, models=["flux-2-pro"], engine=engine)
+    await runtime.start()
+    try:
+        worker = runtime.worker
+        assert worker is not None
+        for _ in range(60_000):  # ten minutes at most
+            if worker.state is WorkerState.READY:
+                break
+            await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        ids = []
+        for seed in range(count):
+            task = await runtime.service.submit(
+                "bench",
+                "flux-2-pro",
+                TaskInput(prompt=PROMPT, size="1:1", resolution=resolution, seed=seed),
+                None,
+            )
+            ids.append(task.task_id)
+        pending = set(ids)
+        while pending:
+            for task_id in list(pending):
+                task = await runtime.store.get_task(task_id)
+                assert task is not None
+                if task.status.terminal:
+                    if task.error_message:
+                        raise RuntimeError(f"{task_id} failed: {task.error_message}")
+                    pending.discard(task_id)
+            await asyncio.sleep(0.01)
+        return time.perf_counter() - start
+    finally:
+        await runtime.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny pipeline on the CPU")
+    parser.add_argument("--count", type=int, default=8, help="images per measurement")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    parser.add_argument("--resolutions", default="1K,2K")
+    args = parser.parse_args()
+
+    if args.cpu_smoke:
+        from fluxserve.engines.tiny import build_tiny_pipeline
+
+        device, dtype = torch.device("cpu"), torch.float32
+        pipeline = build_tiny_pipeline()
+        label = "tiny klein (random weights), CPU, float32"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --cpu-smoke to check the bench runs")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        pipeline = build_klein_4b(device, dtype)
+        label = f"FLUX.2 [klein] 4B (random weights), {torch.cuda.get_device_name()}, bf16"
+    route = ModelRoute(checkpoint="bench:in-memory", steps=args.steps)
+    plan = EnginePlan("flux-2-pro", route, "diffusers", "built in memory", Path("."))
+    engine = DiffusersEngine([plan], compile_transformer=args.compile)
+    # The pipeline is already built: hand it to the engine as if loaded from disk.
+    engine._loaded[route.pipeline_key()] = pipeline
+    if args.compile:
+        pipeline.transformer.compile()
+
+    print(f"# {label}; {args.steps} steps, {args.count} images per row")
+    print("| resolution | path | images/s | s/image |")
+    print("|---|---|---|---|")
+    ratios = {}
+    for resolution in args.resolutions.split(","):
+        size = RESOLUTIONS[resolution]
+        plain_loop(pipeline, size, 1, args.steps)  # warm-up (and compile)
+        plain = plain_loop(pipeline, size, args.count, args.steps) / args.count
+        with tempfile.TemporaryDirectory() as folder:
+            served = asyncio.run(through_fluxserve(engine, resolution, args.count, Path(folder)))
+        served /= args.count
+        for name, seconds in (("plain diffusers loop", plain), ("fluxserve worker", served)):
+            print(f"| {resolution} | {name} | {1 / seconds:.3f} | {seconds:.3f} |")
+        ratios[resolution] = plain / served
+    for resolution, ratio in ratios.items():
+        print(f"ratio plain/fluxserve s/image at {resolution}: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

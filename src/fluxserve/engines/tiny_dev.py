@@ -1,0 +1,139 @@
+"""A tiny FLUX.2 [dev] pipeline: `Flux2Pipeline` with a few random weights.
+
+The genuine classes, as in `tiny`: a Mistral3 text encoder (Pixtral vision tower
+and all), the Flux2 transformer with guidance embeddings (as [dev] has), the
+Flux2 VAE. Used to test the `Flux2Pipeline` loading path without the 60 GB
+checkpoint; images are noise.
+
+The real checkpoint's `tokenizer` is a `PixtralProcessor`, which transformers
+builds only where torchvision is installed. The pipeline asks of it one call,
+`apply_chat_template(..., tokenize=True)`, which a tokenizer answers the same
+way; so here, without torchvision, the component is a byte-level tokenizer with
+a Mistral-style chat template.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteScheduler,
+)
+from transformers import (
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
+    Qwen2Tokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from fluxserve.engines.tiny import (
+    HEAD_DIM,
+    HEADS,
+    LATENT_CHANNELS,
+    ROPE_AXES,
+    VAE_CHANNELS,
+    WEIGHTS_SEED,
+)
+
+# Flux2Pipeline stacks Mistral layers 10, 20 and 30: 30 narrow layers keep that valid.
+TEXT_LAYERS = 30
+TEXT_HIDDEN = 16
+SPECIAL_TOKENS = ("<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+# Mistral's template cut down to what `format_input` sends: a system turn, then
+# user turns whose content is a list of text parts.
+CHAT_TEMPLATE = (
+    "<s>"
+    "{%- for message in messages %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}"
+    "{%- if message['role'] == 'user' %}[INST]{{ part['text'] }}[/INST]"
+    "{%- else %}{{ part['text'] }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- endfor %}"
+)
+
+
+def build_processor() -> Qwen2Tokenizer:
+    """A byte-level tokenizer (one token per UTF-8 byte) with Mistral's special tokens."""
+    vocab = {"<pad>": 0}
+    for char in bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=list(SPECIAL_TOKENS),
+    )
+
+
+def build_tiny_dev_pipeline() -> Flux2Pipeline:
+    """Build the tiny [dev] pipeline on the CPU, with the same weights every time."""
+    processor = build_processor()
+    vocab_size = len(processor)
+    image_token = processor.convert_tokens_to_ids("[IMG]")
+    assert isinstance(image_token, int)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(WEIGHTS_SEED)
+        text_encoder = Mistral3ForConditionalGeneration(
+            Mistral3Config(
+                text_config=MistralConfig(
+                    vocab_size=vocab_size,
+                    hidden_size=TEXT_HIDDEN,
+                    intermediate_size=2 * TEXT_HIDDEN,
+                    num_hidden_layers=TEXT_LAYERS,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    head_dim=8,
+                    max_position_embeddings=1024,
+                ),
+                vision_config=PixtralVisionConfig(
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    patch_size=8,
+                    image_size=64,
+                ),
+                image_token_index=image_token,
+                spatial_merge_size=1,
+            )
+        )
+        transformer = Flux2Transformer2DModel(
+            in_channels=4 * LATENT_CHANNELS,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS,
+            joint_attention_dim=3 * TEXT_HIDDEN,
+            timestep_guidance_channels=32,
+            axes_dims_rope=ROPE_AXES,
+            guidance_embeds=True,  # [dev] is guidance-distilled: guidance is an input
+        )
+        vae = AutoencoderKLFlux2(
+            block_out_channels=VAE_CHANNELS,
+            layers_per_block=0,
+            latent_channels=LATENT_CHANNELS,
+            norm_num_groups=4,
+            mid_block_add_attention=False,
+        )
+    text_encoder.eval()
+    transformer.eval()
+    vae.eval()
+    pipeline = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=processor,  # type: ignore[arg-type]  # see the module docstring
+        transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,94 @@
+"""Migrations carry existing data forward, on every backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from fluxserve.store import open_store
+from fluxserve.store.schema import callbacks, tasks
+from fluxserve.tasks import TERMINAL_EVENTS, TaskInput
+
+from conftest import fresh_postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    async with AsyncExitStack() as stack:
+        if request.param == "sqlite":
+            yield f"sqlite:///{tmp_path / 'store.db'}"
+        else:
+            yield await stack.enter_async_context(fresh_postgres_database())
+
+
+def upgrade_to(revision: str) -> Callable[[sa.Connection], None]:
+    def run(connection: sa.Connection) -> None:
+        config = Config()
+        config.set_main_option(
+            "script_location", str(resources.files("fluxserve.store") / "migrations")
+        )
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    return run
+
+
+def task_row(task_id: str, status: str) -> dict[str, object]:
+    return {
+        "task_id": task_id,
+        "owner": "key_a",
+        "model": "flux-2-pro",
+        "status": status,
+        "progress": 100,
+        "input": TaskInput(prompt="an old task", size="1:1", resolution="1K").to_json(),
+        "callback_url": "https://example.com/hook",
+        "files": [],
+        "attempts": 1,
+        "created_at": 1.0,
+    }
+
+
+def callback_row(task_id: str, event_id: str) -> dict[str, object]:
+    return {
+        "event_id": event_id,
+        "task_id": task_id,
+        "url": "https://example.com/hook",
+        "state": "pending",
+        "attempts": 0,
+        "next_attempt_at": 1.0,
+        "created_at": 1.0,
+    }
+
+
+async def test_callbacks_from_before_0002_keep_their_task_status_as_event_type(
+    database_url: str,
+) -> None:
+    driver = "sqlite+aiosqlite" if database_url.startswith("sqlite") else "postgresql+asyncpg"
+    engine = create_async_engine(driver + database_url[database_url.index(":") :])
+    async with engine.begin() as conn:
+        await conn.run_sync(upgrade_to("0001"))
+        for task_id, status in (("task-a", "finished"), ("task-b", "failed")):
+            await conn.execute(tasks.insert().values(task_row(task_id, status)))
+            await conn.execute(callbacks.insert().values(callback_row(task_id, f"evt_{task_id}")))
+    await engine.dispose()
+
+    store = open_store(database_url)
+    await store.start()
+    try:
+        old = await store.get_task("task-a")
+        claimed = await store.claim_callbacks(10, 30)
+    finally:
+        await store.close()
+    assert old is not None and old.callback_events == TERMINAL_EVENTS
+    assert sorted((r.event_id, r.event_type) for r in claimed) == [
+        ("evt_task-a", "finished"),
+        ("evt_task-b", "failed"),
+    ]
