@@ -20,9 +20,11 @@ the dead receivers hammered throughout. During --duration seconds this process
 It prints, per scenario: status latency (median, p99, and both over baseline's),
 the real tasks' seconds from submit to finished, the healthy receiver's
 deliveries and their delay from the task's end (server timestamps), and how
-many attempts the backlog's callbacks got meanwhile.
+many attempts the backlog's callbacks got meanwhile. With --rounds, the
+scenarios run that many times, in rotated order, and the numbers are pooled.
 
-    .venv/bin/python bench/webhooks.py [--tasks 100] [--duration 20] [--retry SECONDS]
+    .venv/bin/python bench/webhooks.py [--tasks 100] [--duration 20] [--rounds 1]
+                                       [--retry SECONDS]
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class Result:
     deliveries: int
     delivery_delays: list[float]
     backlog_attempts: int
+
+    def add(self, other: Result) -> None:
+        """Pool another round's measurements into these."""
+        self.latencies += other.latencies
+        self.task_seconds += other.task_seconds
+        self.deliveries += other.deliveries
+        self.delivery_delays += other.delivery_delays
+        self.backlog_attempts += other.backlog_attempts
 
 
 @asynccontextmanager
@@ -253,7 +263,8 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
     retries = "the default schedule" if args.retry is None else f"every {args.retry:g} s"
     print(
         f"{args.tasks} ended tasks with waiting callbacks; retries {retries}; "
-        f"{args.duration:g} s per scenario; status reads one at a time"
+        f"{args.rounds} x {args.duration:g} s per scenario; status reads one at a time; "
+        f"{os.cpu_count()} CPUs"
     )
     header = (
         f"{'scenario':<10}{'reads':>7}{'p50 ms':>8}{'p99 ms':>8}{'p50 x':>7}{'p99 x':>7}"
@@ -276,10 +287,13 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    results: dict[str, Result] = {}
+    results = {name: Result([], [], 0, [], 0) for name in SCENARIOS}
     async with receivers() as targets:
-        for name in SCENARIOS:
-            results[name] = await run_scenario(name, targets, args)
+        for round_ in range(args.rounds):
+            # Each round in another order, so the machine's drift hits all alike.
+            shift = round_ % len(SCENARIOS)
+            for name in SCENARIOS[shift:] + SCENARIOS[:shift]:
+                results[name].add(await run_scenario(name, targets, args))
     report(results, args)
 
 
@@ -289,6 +303,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per scenario")
     parser.add_argument("--retry", type=float, help="seconds between retries (default: schedule)")
     parser.add_argument("--steps", type=int, default=2, help="tiny engine steps of a real task")
+    parser.add_argument("--rounds", type=int, default=1, help="scenario rounds, pooled")
     asyncio.run(main_async(parser.parse_args()))
 
 
