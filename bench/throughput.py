@@ -399,8 +399,13 @@ class Tally:
         else:
             self.errors[f"HTTP {status}"] += 1
 
-    def server_ms(self) -> str:
+    def cpu_ms(self) -> float:
         """Server and database CPU per answer, in ms: the cost, whatever else ran."""
+        if self.cpu is None or not self.ok:
+            return 0.0
+        return (self.cpu.servers + self.cpu.db) * self.seconds * 1000 / self.ok
+
+    def server_ms(self) -> str:
         if self.cpu is None or not self.ok:
             return "-"
         per = self.seconds * 1000 / self.ok
@@ -760,29 +765,33 @@ def print_header(args: argparse.Namespace) -> None:
 
 
 def print_throughput(rows: Sequence[Row]) -> None:
-    bare = {(row.op, row.procs): row.tally.rate for row in rows if row.server == "bare"}
+    bare = {(row.op, row.procs): row.tally for row in rows if row.server == "bare"}
     print()
     print(
         f"{'op':<7}{'server':<9}{'procs':>5}{'rate/s':>8}{'vs bare':>8}{'target':>7}{'met':>4}"
-        f"  {'rounds':<11}{'ms cpu/req':>11}  {'cores c/s/db/oth':<20}{'queued':>6}  errors"
+        f"  {'rounds':<16}{'ms cpu/req':>11}{'cost vs bare':>13}  {'cores c/s/db/oth':<20}"
+        f"{'queued':>6}  errors"
     )
     for row in rows:
-        ratio, target, met = "-", "-", "-"
+        ratio, target, met, cost = "-", "-", "-", "-"
         if row.server != "bare":
             ceiling = bare[(row.op, row.procs)]
-            share = row.tally.rate / ceiling if ceiling else 0.0
+            share = row.tally.rate / ceiling.rate if ceiling.rate else 0.0
             ratio, target = f"{share:.0%}", f">={TARGETS[row.op]:.0%}"
             met = "yes" if share >= TARGETS[row.op] else "NO"
+            if row.tally.cpu_ms() and ceiling.cpu_ms():
+                cost = f"{ceiling.cpu_ms() / row.tally.cpu_ms():.0%}"
         rounds = ",".join(f"{rate:.0f}" for rate in row.rounds)
         queued = str(row.queued) if row.server != "bare" else "-"
         print(
             f"{row.op:<7}{row.server:<9}{row.procs:>5}{row.tally.rate:>8.0f}{ratio:>8}"
-            f"{target:>7}{met:>4}  {rounds:<11}{row.tally.server_ms():>11}  "
+            f"{target:>7}{met:>4}  {rounds:<16}{row.tally.server_ms():>11}{cost:>13}  "
             f"{row.tally.cpu!s:<20}{queued:>6}  {row.tally.error_text()}"
         )
     print(
-        "rate/s: best of the rounds; ms cpu/req: server + database CPU per 2xx answer "
-        "(independent of what else ran)."
+        "rate/s: best of the rounds; ms cpu/req: server + database CPU per 2xx answer;\n"
+        "cost vs bare: bare's CPU per answer / this one's, the rate ratio to expect when the\n"
+        "cores are the limit (it does not depend on what else ran during the window)."
     )
 
 

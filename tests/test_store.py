@@ -305,3 +305,22 @@ async def test_claims_skip_busy_receivers_and_release_hands_back(store: Store) -
     again = await store.claim_callbacks(10, 30)
     assert sorted(r.event_id for r in again) == sorted([first.event_id, other.event_id])
     assert all(r.attempts == 0 for r in again)
+
+
+async def test_queue_depths_and_worker_heartbeats(store: Store) -> None:
+    await add(store)
+    await add(store)
+    await add(store, "flux-2-flex")
+    assert await store.queue_depths() == {"flux-2-pro": 2, "flux-2-flex": 1}
+    await store.record_heartbeat("w1", ["flux-2-pro"], "tiny", "starting")
+    await store.record_heartbeat("w1", ["flux-2-pro"], "tiny", "ready")
+    await store.record_heartbeat("w2", ["flux-2-flex"], "diffusers", "ready")
+    live = await store.live_workers(seen_within=30)
+    assert [(w.worker_id, w.state, w.models) for w in live] == [
+        ("w1", "ready", ("flux-2-pro",)),
+        ("w2", "ready", ("flux-2-flex",)),
+    ]
+    await asyncio.sleep(0.05)
+    assert await store.live_workers(seen_within=0.01) == []
+    await store.forget_worker("w1")
+    assert [w.worker_id for w in await store.live_workers(seen_within=30)] == ["w2"]

@@ -16,6 +16,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 Labels = tuple[tuple[str, str], ...]
+GaugeReader = Callable[[], Awaitable[float | dict[tuple[str, ...], float]]]
 
 
 class Counter:
@@ -54,7 +55,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._counters: list[Counter] = []
-        self._gauges: list[tuple[str, str, Callable[[], Awaitable[float]]]] = []
+        self._gauges: list[tuple[str, str, tuple[str, ...], GaugeReader]] = []
         self._names: set[str] = set()
 
     def counter(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> Counter:
@@ -64,10 +65,17 @@ class Registry:
         self._counters.append(counter)
         return counter
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], Awaitable[float]]) -> None:
-        """A gauge whose value `read` fetches at each scrape."""
+    def gauge(
+        self,
+        name: str,
+        help_text: str,
+        read: GaugeReader,
+        labelnames: tuple[str, ...] = (),
+    ) -> None:
+        """A gauge whose value `read` fetches at each scrape: a number, or with
+        `labelnames` a number per tuple of label values."""
         self._claim(name)
-        self._gauges.append((name, help_text, read))
+        self._gauges.append((name, help_text, labelnames, read))
 
     async def render(self) -> str:
         """The exposition text: HELP, TYPE and samples of every metric."""
@@ -75,9 +83,16 @@ class Registry:
         for counter in self._counters:
             lines += _header(counter.name, counter.help, "counter")
             lines += [_sample(counter.name, labels, v) for labels, v in counter.samples()]
-        for name, help_text, read in self._gauges:
+        for name, help_text, labelnames, read in self._gauges:
             lines += _header(name, help_text, "gauge")
-            lines.append(_sample(name, (), await read()))
+            value = await read()
+            if isinstance(value, dict):
+                lines += [
+                    _sample(name, tuple(zip(labelnames, values, strict=True)), v)
+                    for values, v in sorted(value.items())
+                ]
+            else:
+                lines.append(_sample(name, (), value))
         return "\n".join(lines) + "\n"
 
     def _claim(self, name: str) -> None:

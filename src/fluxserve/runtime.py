@@ -41,6 +41,7 @@ class Runtime:
         self.storage: Storage = open_storage(settings)
         self.metrics = Registry()
         self.webhooks = Webhooks(settings, self.store, self.storage, self.metrics)
+        self._register_fleet_metrics()
         self.service = TaskService(self.store, self.policy, callback_policy=self.webhooks.policy)
         self.worker: Worker | None = None
         if run_worker:
@@ -99,11 +100,38 @@ class Runtime:
                     logger.warning("lost workers: %d tasks requeued, %d failed", requeued, failed)
             await asyncio.sleep(self.settings.lease_seconds / 2)
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
+        """This process's worker, the queue per model and the fleet's live workers."""
         worker = self.worker
+        live = await self.store.live_workers(self.settings.lease_seconds)
         return {
             "status": "ok",
             "worker": None
             if worker is None
             else {"state": worker.state.value, "engine": worker.engine.name, "error": worker.error},
+            "queue": await self.store.queue_depths(),
+            "workers": [
+                {
+                    "worker_id": w.worker_id,
+                    "state": w.state,
+                    "engine": w.engine,
+                    "models": list(w.models),
+                }
+                for w in live
+            ],
         }
+
+    def _register_fleet_metrics(self) -> None:
+        async def workers_alive() -> float:
+            return len(await self.store.live_workers(self.settings.lease_seconds))
+
+        async def queue_depth() -> dict[tuple[str, ...], float]:
+            depths = await self.store.queue_depths()
+            return {(model,): float(depths.get(model, 0)) for model in MODELS}
+
+        self.metrics.gauge(
+            "fluxserve_workers_alive", "Workers whose heartbeat is within a lease", workers_alive
+        )
+        self.metrics.gauge(
+            "fluxserve_queue_depth", "Queued tasks per model", queue_depth, labelnames=("model",)
+        )

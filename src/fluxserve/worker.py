@@ -100,14 +100,18 @@ class Worker:
         """Load the engine, then claim and run tasks until cancelled."""
         loop = asyncio.get_running_loop()
         self.state = WorkerState.STARTING
+        heartbeat = asyncio.create_task(self._heartbeat_forever())
         try:
             await loop.run_in_executor(self._executor, self.engine.load)
         except Exception as exc:
             self.state, self.error = WorkerState.DEFUNCT, f"engine failed to load: {exc}"
             logger.exception("worker %s: engine failed to load", self.worker_id)
+            await self._heartbeat()
+            heartbeat.cancel()
             raise
         self.state = WorkerState.READY
         logger.info("worker %s ready for %s", self.worker_id, ", ".join(self.models))
+        await self._heartbeat()
         try:
             async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
                 while True:
@@ -125,6 +129,23 @@ class Worker:
                         await asyncio.sleep(self.settings.poll_interval)
         finally:
             self.state = WorkerState.STOPPED
+            heartbeat.cancel()
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.forget_worker(self.worker_id)
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self.store.record_heartbeat(
+                self.worker_id, self.models, self.engine.name, self.state.value
+            )
+        except StoreUnavailable as exc:
+            logger.warning("worker %s: heartbeat not saved: %s", self.worker_id, exc)
+
+    async def _heartbeat_forever(self) -> None:
+        """Tell the fleet this worker is alive; /health counts those seen within a lease."""
+        while True:
+            await self._heartbeat()
+            await asyncio.sleep(self.settings.lease_seconds / 3)
 
     def stop_engine(self) -> None:
         """Make the engine give up at its next step; the task goes back to the queue."""

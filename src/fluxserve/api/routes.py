@@ -74,7 +74,7 @@ async def download(key: str, rt: RuntimeDep) -> FileResponse:
 @router.get("/health")
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness, and whether this process's worker is ready."""
-    return rt.health()
+    return await rt.health()
 
 
 @router.get("/metrics")

@@ -95,6 +95,18 @@ class Outcome:
     files: Sequence[ResultFile]
 
 
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as its last heartbeat described it."""
+
+    worker_id: str
+    models: tuple[str, ...]
+    engine: str
+    state: str
+    started_at: float
+    last_seen: float
+
+
 class Store(ABC):
     """Tasks, keys and callbacks. Each method is one atomic unit of work."""
 
@@ -226,3 +238,22 @@ class Store(ABC):
         self, key_id: str, new_secret: str, previous_expires_at: float
     ) -> WebhookSecret:
         """Make `new_secret` the key's secret; the one it replaces signs until then."""
+
+    # The fleet ----------------------------------------------------------------
+    @abstractmethod
+    async def queue_depths(self) -> dict[str, int]:
+        """Queued (not_started) tasks per model; models with none are left out."""
+
+    @abstractmethod
+    async def record_heartbeat(
+        self, worker_id: str, models: Sequence[str], engine: str, state: str
+    ) -> None:
+        """Say this worker is alive now, with its models, engine and state."""
+
+    @abstractmethod
+    async def forget_worker(self, worker_id: str) -> None:
+        """A worker that stopped cleanly leaves the list at once."""
+
+    @abstractmethod
+    async def live_workers(self, seen_within: float) -> list[WorkerRecord]:
+        """Workers whose last heartbeat is at most `seen_within` seconds old."""

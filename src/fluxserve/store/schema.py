@@ -94,3 +94,15 @@ webhook_secrets = sa.Table(
     sa.Column("previous_secret", sa.String(128)),
     sa.Column("previous_expires_at", sa.Float),
 )
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("worker_id", sa.String(64), primary_key=True),
+    sa.Column("models", sa.JSON, nullable=False),
+    sa.Column("engine", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Index("ix_workers_last_seen", "last_seen"),
+)

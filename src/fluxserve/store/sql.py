@@ -32,8 +32,16 @@ from fluxserve.store.base import (
     Outcome,
     Store,
     WebhookSecret,
+    WorkerRecord,
 )
-from fluxserve.store.schema import api_keys, callback_attempts, callbacks, tasks, webhook_secrets
+from fluxserve.store.schema import (
+    api_keys,
+    callback_attempts,
+    callbacks,
+    tasks,
+    webhook_secrets,
+    workers,
+)
 from fluxserve.tasks import (
     TERMINAL_EVENTS,
     Claim,
@@ -608,6 +616,49 @@ class SqlStore(Store):
         return WebhookSecret(
             row.key_id, row.secret, row.created_at, row.previous_secret, row.previous_expires_at
         )
+
+    # The fleet --------------------------------------------------------------
+    async def queue_depths(self) -> dict[str, int]:
+        statement = (
+            sa.select(tasks.c.model, sa.func.count())
+            .where(tasks.c.status == TaskStatus.NOT_STARTED.value)
+            .group_by(tasks.c.model)
+        )
+        async with self._read() as conn:
+            return {model: count for model, count in await conn.execute(statement)}
+
+    async def record_heartbeat(
+        self, worker_id: str, models: Sequence[str], engine: str, state: str
+    ) -> None:
+        now = time.time()
+        values = {"models": list(models), "engine": engine, "state": state, "last_seen": now}
+        async with self._write() as conn:
+            # Only this worker writes its row, so update-then-insert cannot race.
+            updated = await conn.execute(
+                workers.update().where(workers.c.worker_id == worker_id).values(**values)
+            )
+            if updated.rowcount == 0:
+                await conn.execute(
+                    workers.insert().values(worker_id=worker_id, started_at=now, **values)
+                )
+
+    async def forget_worker(self, worker_id: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(workers.delete().where(workers.c.worker_id == worker_id))
+
+    async def live_workers(self, seen_within: float) -> list[WorkerRecord]:
+        statement = (
+            workers.select()
+            .where(workers.c.last_seen >= time.time() - seen_within)
+            .order_by(workers.c.started_at)
+        )
+        async with self._read() as conn:
+            return [
+                WorkerRecord(
+                    r.worker_id, tuple(r.models), r.engine, r.state, r.started_at, r.last_seen
+                )
+                for r in await conn.execute(statement)
+            ]
 
 
 # The states the outbox dispatcher looks at: due, or held by a dispatcher that

@@ -10,7 +10,6 @@ Each send is recorded (one event with its one attempt) after it ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -67,9 +66,7 @@ class ProgressEvents:
         jobs = list(self._in_flight.values())
         for job in jobs:
             job.cancel()
-        for job in jobs:
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+        await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _send(self, task: Task, event_type: str) -> None:
         assert task.callback_url is not None
