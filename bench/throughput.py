@@ -332,19 +332,24 @@ def backend_pids(database: str | None) -> list[int]:
 class CpuSample:
     wall: float
     client: float
-    servers: float
-    db: float
+    servers: dict[int, float]
+    db: dict[int, float]
     machine: float
 
     @classmethod
-    def take(cls, server_pids: Sequence[int], db_pids: Sequence[int]) -> CpuSample:
+    def take(cls, server_pids: Sequence[int], database: str | None) -> CpuSample:
         return cls(
             wall=time.monotonic(),
             client=time.process_time(),
-            servers=sum(proc_cpu(pid) for pid in server_pids),
-            db=sum(proc_cpu(pid) for pid in db_pids),
+            servers={pid: proc_cpu(pid) for pid in server_pids},
+            db={pid: proc_cpu(pid) for pid in backend_pids(database)},
             machine=machine_busy(),
         )
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU between two samples; a process born in between counts whole, one gone counts 0."""
+    return sum(max(0.0, used - before.get(pid, 0.0)) for pid, used in after.items())
 
 
 @dataclass
@@ -359,7 +364,7 @@ class CpuShare:
     @classmethod
     def between(cls, a: CpuSample, b: CpuSample) -> CpuShare:
         wall = b.wall - a.wall
-        client, servers, db = b.client - a.client, b.servers - a.servers, b.db - a.db
+        client, servers, db = b.client - a.client, _spent(a.servers, b.servers), _spent(a.db, b.db)
         other = max(0.0, (b.machine - a.machine) - client - servers - db)
         return cls(client / wall, servers / wall, db / wall, other / wall)
 
@@ -522,11 +527,10 @@ async def drive(
                     httpx_connection, client, port, key, make_call, window, tally, keep_bodies
                 )
             jobs.append(asyncio.create_task(guarded(job, window, tally)))
-        db_pids = backend_pids(database)
         await asyncio.sleep(max(0.0, window.start - time.monotonic()))
-        before = CpuSample.take(server_pids, db_pids)
+        before = CpuSample.take(server_pids, database)
         await asyncio.sleep(max(0.0, window.end - time.monotonic()))
-        after = CpuSample.take(server_pids, db_pids)
+        after = CpuSample.take(server_pids, database)
         await asyncio.wait_for(asyncio.gather(*jobs), timeout=60)
     tally.cpu = CpuShare.between(before, after)
     tally.seconds = args.duration

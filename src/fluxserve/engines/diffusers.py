@@ -24,6 +24,7 @@ from PIL import Image
 
 from fluxserve.checkpoints import EnginePlan, ModelRoute, pull_hint
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
+from fluxserve.engines.flux2 import run_pipeline
 from fluxserve.errors import EngineError, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -174,43 +175,21 @@ class DiffusersEngine:
         pipeline = self.pipeline_for(request.model)
         steps = request.steps or route.steps
         guidance = request.guidance if request.guidance is not None else route.guidance
-        raised: list[BaseException] = []
-
-        def step_end(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            try:
-                on_progress(i + 1, steps)
-            except BaseException as exc:
-                raised.append(exc)
-                raise
-            return tensors
-
-        options: dict[str, Any] = {}
-        if guidance is not None:
-            options["guidance_scale"] = guidance
         try:
-            with self._lock:
-                output = pipeline(
-                    prompt=request.prompt,
-                    image=list(request.images) or None,
-                    width=request.width,
-                    height=request.height,
-                    num_inference_steps=steps,
-                    # A CPU generator draws the same noise on every device: seeds
-                    # reproduce across cards and offload modes.
-                    generator=torch.Generator("cpu").manual_seed(request.seed),
-                    callback_on_step_end=step_end,
-                    **options,
-                )
+            return run_pipeline(
+                pipeline,
+                request,
+                on_progress,
+                steps=steps,
+                guidance=guidance,
+                lock=self._lock,
+                failure=f"FLUX.2 ({route.checkpoint}) failed",
+            )
         except torch.OutOfMemoryError as exc:
             empty_device_cache()
             raise EngineError(
                 oom_message(request.model, route, request.width, request.height)
             ) from exc
-        except Exception as exc:
-            if raised and exc is raised[0]:
-                raise
-            raise EngineError(f"FLUX.2 ({route.checkpoint}) failed: {exc}") from exc
-        return list(output.images)
 
     def _plan(self, model: str | None) -> EnginePlan:
         if model is None:

@@ -12,7 +12,6 @@ is noise. It lets the service run, and be tested, on any CPU.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import torch
 
@@ -33,7 +32,7 @@ from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
-from fluxserve.errors import EngineError
+from fluxserve.engines.flux2 import run_pipeline
 
 WEIGHTS_SEED = 0
 """Seed for the random weights: every build of the tiny pipeline is identical."""
@@ -93,6 +92,36 @@ def build_tokenizer() -> Qwen2Tokenizer:
     )
 
 
+def build_tiny_transformer(*, guidance_embeds: bool) -> Flux2Transformer2DModel:
+    """The FLUX.2 transformer at its smallest; [dev] embeds guidance, klein does not."""
+    return Flux2Transformer2DModel(
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=3 * TEXT_HIDDEN,  # three stacked text-encoder layers
+        timestep_guidance_channels=32,
+        axes_dims_rope=ROPE_AXES,
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def build_tiny_vae() -> AutoencoderKLFlux2:
+    """The FLUX.2 VAE with the real latent space and the fewest weights that keep it."""
+    return AutoencoderKLFlux2(
+        block_out_channels=VAE_CHANNELS,
+        # The decoder's convolutions at full output resolution are the bulk of
+        # a tiny image's time: keep one resnet per decoder block, none in the
+        # encoder.
+        layers_per_block=0,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        # Attention over every latent pixel grows with the square of the area.
+        mid_block_add_attention=False,
+    )
+
+
 def build_tiny_pipeline() -> Flux2KleinPipeline:
     """Build the tiny klein pipeline on the CPU, with the same weights every time."""
     tokenizer = build_tokenizer()
@@ -111,28 +140,8 @@ def build_tiny_pipeline() -> Flux2KleinPipeline:
                 max_position_embeddings=1024,
             )
         )
-        transformer = Flux2Transformer2DModel(
-            in_channels=4 * LATENT_CHANNELS,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS,
-            joint_attention_dim=3 * TEXT_HIDDEN,  # three stacked text-encoder layers
-            timestep_guidance_channels=32,
-            axes_dims_rope=ROPE_AXES,
-            guidance_embeds=False,  # as klein: the pipeline passes guidance=None
-        )
-        vae = AutoencoderKLFlux2(
-            block_out_channels=VAE_CHANNELS,
-            # The decoder's convolutions at full output resolution are the bulk of
-            # a tiny image's time: keep one resnet per decoder block, none in the
-            # encoder.
-            layers_per_block=0,
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=4,
-            # Attention over every latent pixel grows with the square of the area.
-            mid_block_add_attention=False,
-        )
+        transformer = build_tiny_transformer(guidance_embeds=False)  # klein takes no guidance
+        vae = build_tiny_vae()
     # Models start in training mode when built, in eval mode when loaded.
     text_encoder.eval()
     transformer.eval()
@@ -178,40 +187,14 @@ class TinyEngine:
         An exception from `on_progress` stops generation and propagates unchanged;
         any other failure becomes `EngineError`.
         """
-        pipeline = self._loaded()
-        steps = request.steps or self.steps
-        # on_progress's own exception, kept to tell it apart from pipeline failures.
-        raised: list[BaseException] = []
-
-        def step_end(
-            _pipeline: Flux2KleinPipeline, i: int, _t: Any, tensors: dict[str, Any]
-        ) -> dict[str, Any]:
-            try:
-                on_progress(i + 1, steps)
-            except BaseException as exc:
-                raised.append(exc)
-                raise
-            return tensors  # diffusers reads the (unchanged) latents back from it
-
-        # Unset, the pipeline's own default applies: 4.0, classifier-free guidance
-        # (a second transformer pass per step), as on the undistilled klein base.
-        options: dict[str, Any] = {}
-        if request.guidance is not None:
-            options["guidance_scale"] = request.guidance
-        try:
-            with self._generate_lock:
-                output = pipeline(
-                    prompt=request.prompt,
-                    image=list(request.images) or None,
-                    width=request.width,
-                    height=request.height,
-                    num_inference_steps=steps,
-                    generator=torch.Generator("cpu").manual_seed(request.seed),
-                    callback_on_step_end=step_end,
-                    **options,
-                )
-        except Exception as exc:
-            if raised and exc is raised[0]:
-                raise
-            raise EngineError(f"The tiny engine failed: {exc}") from exc
-        return list(output.images)
+        # Unset, guidance is the pipeline's own default: 4.0, classifier-free
+        # guidance (a second transformer pass per step), as on the undistilled base.
+        return run_pipeline(
+            self._loaded(),
+            request,
+            on_progress,
+            steps=request.steps or self.steps,
+            guidance=request.guidance,
+            lock=self._generate_lock,
+            failure="The tiny engine failed",
+        )

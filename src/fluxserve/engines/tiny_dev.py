@@ -15,8 +15,6 @@ a Mistral-style chat template.
 from __future__ import annotations
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
-from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
@@ -30,14 +28,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fluxserve.engines.tiny import (
-    HEAD_DIM,
-    HEADS,
-    LATENT_CHANNELS,
-    ROPE_AXES,
-    VAE_CHANNELS,
-    WEIGHTS_SEED,
-)
+from fluxserve.engines.tiny import WEIGHTS_SEED, build_tiny_transformer, build_tiny_vae
 
 # Flux2Pipeline stacks Mistral layers 10, 20 and 30: 30 narrow layers keep that valid.
 TEXT_LAYERS = 30
@@ -107,24 +98,9 @@ def build_tiny_dev_pipeline() -> Flux2Pipeline:
                 spatial_merge_size=1,
             )
         )
-        transformer = Flux2Transformer2DModel(
-            in_channels=4 * LATENT_CHANNELS,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS,
-            joint_attention_dim=3 * TEXT_HIDDEN,
-            timestep_guidance_channels=32,
-            axes_dims_rope=ROPE_AXES,
-            guidance_embeds=True,  # [dev] is guidance-distilled: guidance is an input
-        )
-        vae = AutoencoderKLFlux2(
-            block_out_channels=VAE_CHANNELS,
-            layers_per_block=0,
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=4,
-            mid_block_add_attention=False,
-        )
+        # [dev] is guidance-distilled: guidance is an input of the transformer.
+        transformer = build_tiny_transformer(guidance_embeds=True)
+        vae = build_tiny_vae()
     text_encoder.eval()
     transformer.eval()
     vae.eval()
