@@ -47,11 +47,13 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 @contextmanager
-def server(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`fluxserve serve` as a child process, yielded once its worker is ready."""
+def server(
+    env: dict[str, str], log: Path, command: str = "serve"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`fluxserve serve` (or `api`) as a child process, yielded once it is ready."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fluxserve", "serve"], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "fluxserve", command], env=env, stdout=out, stderr=out
         )
     url = f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/health"
     try:
@@ -60,7 +62,8 @@ def server(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             try:
-                if httpx.get(url).json()["worker"]["state"] == "ready":
+                worker = httpx.get(url).json()["worker"]
+                if worker is None or worker["state"] == "ready":
                     break
             except httpx.TransportError:
                 pass
@@ -154,3 +157,11 @@ def api_status_offline(tmp_path: Path, task_id: str) -> str:
     with sqlite3.connect(tmp_path / "data" / "fluxserve.db") as conn:
         row = conn.execute("select status from tasks where task_id = ?", (task_id,)).fetchone()
     return str(row[0])
+
+
+def test_the_api_process_loads_no_model_code(env: dict[str, str], tmp_path: Path) -> None:
+    with server(env, tmp_path / "api.log", command="api") as process:
+        health = httpx.get(f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/health").json()
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+    assert health["worker"] is None
+    assert "libtorch" not in maps and "diffusers" not in maps
