@@ -19,10 +19,21 @@ Compares, in one run, on this machine:
               libtorch is mapped into it.
 
 The load generator is this process (asyncio; raw HTTP/1.1 on keep-alive streams,
-or httpx with --client httpx). Client, servers and PostgreSQL share the machine's
-cores, so the CPU columns say where the cores went during each measurement.
+or httpx with --client httpx: measured at the start, httpx is many times slower
+here). Client, servers and PostgreSQL share the machine's cores, so each row says
+where the cores went during its window (client/servers/db/other processes) and
+the server + database CPU per answer, which does not depend on what else ran.
+Throughput runs --rounds times, bare beside the stores, and shows each row's best.
+Dispatch on SQLite is measured twice: `api` + `worker` processes (the worker
+learns of a task by polling, `poll_interval`) and `serve` (one process, woken at
+once). The bench makes its own PostgreSQL database and drops it; it connects as
+$BENCH_PG_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/test).
 
-    .venv/bin/python bench/throughput.py [--duration 5] [--warmup 1] [--clients 64] [--tasks 50]
+    .venv/bin/python bench/throughput.py [--duration 5] [--warmup 1] [--clients 64]
+        [--tasks 50] [--rounds 2] [--only throughput dispatch memory]
+
+To pin the code under test while src/ changes, run a copy of it:
+`git archive HEAD src | tar -x -C /tmp/snap` then `PYTHONPATH=/tmp/snap/src ...`.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ import httpx
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SUBMIT_BODY = json.dumps(
     {
         "model": "flux-2-pro",

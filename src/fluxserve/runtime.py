@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.engines import make_engine
 from fluxserve.engines.base import Engine
@@ -19,7 +19,9 @@ from fluxserve.storage import Storage, open_storage
 from fluxserve.store import Store, open_store
 from fluxserve.tasks import MODELS
 from fluxserve.webhooks import Webhooks
-from fluxserve.worker import Worker
+
+if TYPE_CHECKING:
+    from fluxserve.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class Runtime:
         self.service = TaskService(self.store, self.policy, callback_policy=self.webhooks.policy)
         self.worker: Worker | None = None
         if run_worker:
+            # Imported here: an API-only process never loads the worker's image code.
+            from fluxserve.worker import Worker
+
             self.worker = Worker(
                 store=self.store,
                 storage=self.storage,

@@ -220,19 +220,26 @@ class SqlStore(Store):
         return None if row is None else _row_to_task(row)
 
     async def queue_position(self, task_id: str) -> int | None:
-        own = tasks.alias("own")
-        ahead = (
-            sa.select(sa.func.count())
-            .select_from(tasks.join(own, tasks.c.model == own.c.model))
-            .where(
-                own.c.task_id == task_id,
-                own.c.status == TaskStatus.NOT_STARTED.value,
-                tasks.c.status == TaskStatus.NOT_STARTED.value,
-                tasks.c.seq <= own.c.seq,
-            )
-        )
         async with self._read() as conn:
-            position = await conn.scalar(ahead)
+            own = (
+                await conn.execute(
+                    sa.select(tasks.c.seq, tasks.c.model).where(
+                        tasks.c.task_id == task_id,
+                        tasks.c.status == TaskStatus.NOT_STARTED.value,
+                    )
+                )
+            ).first()
+            if own is None:
+                return None
+            # A range count on the (status, model, seq) index: no self-join, whose
+            # plan degrades badly on a table the planner has no statistics for.
+            position = await conn.scalar(
+                sa.select(sa.func.count()).where(
+                    tasks.c.status == TaskStatus.NOT_STARTED.value,
+                    tasks.c.model == own.model,
+                    tasks.c.seq <= own.seq,
+                )
+            )
         return position or None
 
     async def claim_task(
