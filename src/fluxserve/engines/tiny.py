@@ -12,6 +12,8 @@ is noise. It lets the service run, and be tested, on any CPU.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +21,7 @@ import torch
 # read as placeholder classes to a type checker.
 from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
@@ -33,6 +36,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
 from fluxserve.engines.flux2 import run_pipeline
+
+PipelineT = TypeVar("PipelineT", Flux2KleinPipeline, Flux2Pipeline)
 
 WEIGHTS_SEED = 0
 """Seed for the random weights: every build of the tiny pipeline is identical."""
@@ -73,22 +78,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level Qwen2 tokenizer with no merges: one token per UTF-8 byte.
+def build_byte_tokenizer(
+    *, pad_token: str, special_tokens: Sequence[str], chat_template: str
+) -> Qwen2Tokenizer:
+    """A byte-level tokenizer with no merges: one token per UTF-8 byte.
 
-    It encodes any text with no vocabulary file, and keeps Qwen's special tokens
-    whole so the chat template tokenizes as it does for the real model.
+    It encodes any text with no vocabulary file, and keeps the model family's
+    special tokens whole so its chat template tokenizes as for the real model.
     """
-    vocab = {"<|endoftext|>": 0}  # Qwen's pad token
+    vocab = {pad_token: 0}
     for char in bytes_to_unicode().values():
         vocab[char] = len(vocab)
-    for token in SPECIAL_TOKENS:
+    for token in special_tokens:
         vocab[token] = len(vocab)
     return Qwen2Tokenizer(
         vocab=vocab,
         merges=[],
+        pad_token=pad_token,
+        chat_template=chat_template,
+        extra_special_tokens=list(special_tokens),
+    )
+
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """The byte-level tokenizer with Qwen's special tokens and chat template."""
+    return build_byte_tokenizer(
+        pad_token="<|endoftext|>",  # Qwen's pad token
+        special_tokens=SPECIAL_TOKENS,
         chat_template=CHAT_TEMPLATE,
-        extra_special_tokens=list(SPECIAL_TOKENS),
     )
 
 
@@ -142,11 +159,22 @@ def build_tiny_pipeline() -> Flux2KleinPipeline:
         )
         transformer = build_tiny_transformer(guidance_embeds=False)  # klein takes no guidance
         vae = build_tiny_vae()
+    return assemble(Flux2KleinPipeline, text_encoder, tokenizer, transformer, vae)
+
+
+def assemble(
+    pipeline_class: type[PipelineT],
+    text_encoder: Any,
+    tokenizer: Any,
+    transformer: Flux2Transformer2DModel,
+    vae: AutoencoderKLFlux2,
+) -> PipelineT:
+    """A FLUX.2 pipeline of freshly built parts, ready to call."""
     # Models start in training mode when built, in eval mode when loaded.
     text_encoder.eval()
     transformer.eval()
     vae.eval()
-    pipeline = Flux2KleinPipeline(
+    pipeline = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
         vae=vae,
         text_encoder=text_encoder,

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
-    FlowMatchEulerDiscreteScheduler,
-)
 from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
@@ -26,9 +23,14 @@ from transformers import (
     PixtralVisionConfig,
     Qwen2Tokenizer,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fluxserve.engines.tiny import WEIGHTS_SEED, build_tiny_transformer, build_tiny_vae
+from fluxserve.engines.tiny import (
+    WEIGHTS_SEED,
+    assemble,
+    build_byte_tokenizer,
+    build_tiny_transformer,
+    build_tiny_vae,
+)
 
 # Flux2Pipeline stacks Mistral layers 10, 20 and 30: 30 narrow layers keep that valid.
 TEXT_LAYERS = 30
@@ -52,17 +54,8 @@ CHAT_TEMPLATE = (
 
 def build_processor() -> Qwen2Tokenizer:
     """A byte-level tokenizer (one token per UTF-8 byte) with Mistral's special tokens."""
-    vocab = {"<pad>": 0}
-    for char in bytes_to_unicode().values():
-        vocab[char] = len(vocab)
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    return Qwen2Tokenizer(
-        vocab=vocab,
-        merges=[],
-        pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
-        extra_special_tokens=list(SPECIAL_TOKENS),
+    return build_byte_tokenizer(
+        pad_token="<pad>", special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE
     )
 
 
@@ -101,15 +94,5 @@ def build_tiny_dev_pipeline() -> Flux2Pipeline:
         # [dev] is guidance-distilled: guidance is an input of the transformer.
         transformer = build_tiny_transformer(guidance_embeds=True)
         vae = build_tiny_vae()
-    text_encoder.eval()
-    transformer.eval()
-    vae.eval()
-    pipeline = Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=processor,  # type: ignore[arg-type]  # see the module docstring
-        transformer=transformer,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    # The processor stands in for [dev]'s PixtralProcessor: see the module docstring.
+    return assemble(Flux2Pipeline, text_encoder, processor, transformer, vae)
