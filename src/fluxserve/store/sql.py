@@ -220,26 +220,20 @@ class SqlStore(Store):
         return None if row is None else _row_to_task(row)
 
     async def queue_position(self, task_id: str) -> int | None:
+        mine = tasks.alias("mine")
+        own = sa.select(mine.c.model, mine.c.seq).where(
+            mine.c.task_id == task_id, mine.c.status == TaskStatus.NOT_STARTED.value
+        )
+        # A range count on the (status, model, seq) index, with the task's own
+        # model and seq as one-row subqueries: no self-join, whose plan degrades
+        # badly on a table the planner has no statistics for.
+        ahead = sa.select(sa.func.count()).where(
+            tasks.c.status == TaskStatus.NOT_STARTED.value,
+            tasks.c.model == own.with_only_columns(mine.c.model).scalar_subquery(),
+            tasks.c.seq <= own.with_only_columns(mine.c.seq).scalar_subquery(),
+        )
         async with self._read() as conn:
-            own = (
-                await conn.execute(
-                    sa.select(tasks.c.seq, tasks.c.model).where(
-                        tasks.c.task_id == task_id,
-                        tasks.c.status == TaskStatus.NOT_STARTED.value,
-                    )
-                )
-            ).first()
-            if own is None:
-                return None
-            # A range count on the (status, model, seq) index: no self-join, whose
-            # plan degrades badly on a table the planner has no statistics for.
-            position = await conn.scalar(
-                sa.select(sa.func.count()).where(
-                    tasks.c.status == TaskStatus.NOT_STARTED.value,
-                    tasks.c.model == own.model,
-                    tasks.c.seq <= own.seq,
-                )
-            )
+            position = await conn.scalar(ahead)
         return position or None
 
     async def claim_task(
