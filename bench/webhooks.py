@@ -53,7 +53,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fluxserve.keys import new_key
+from fluxserve.accounts import create_key
 from fluxserve.store import open_store
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import NewTask, ResultFile, TaskInput, new_task_id
@@ -137,11 +137,18 @@ async def seed_backlog(data_dir: Path, tasks: int, url: str) -> tuple[str, list[
     store = open_store(f"sqlite:///{data_dir / 'fluxserve.db'}")
     await store.start()
     try:
-        key = new_key()
-        await store.create_key(key.key_id, "bench", key.key_hash, key.prefix)
+        key, account = await create_key(store, "bench")
         ids = []
         for _ in range(tasks):
-            task = NewTask(new_task_id(), key.key_id, "flux-2-flex", INPUT, url, time.time())
+            task = NewTask(
+                new_task_id(),
+                key.key_id,
+                account.account_id,
+                "flux-2-flex",
+                INPUT,
+                url,
+                time.time(),
+            )
             await store.create_task(task)
             claim = await store.claim_task(["flux-2-flex"], "bench", 60)
             assert claim is not None and claim.task.task_id == task.task_id

@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fluxserve.accounts import create_key
 from fluxserve.api.app import create_app
 from fluxserve.engines.base import Engine
-from fluxserve.keys import new_key
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store.base import Outcome
@@ -91,9 +91,9 @@ class Service:
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
 
-    async def new_key(self, name: str = "other") -> str:
-        key = new_key()
-        await self.runtime.store.create_key(key.key_id, name, key.key_hash, key.prefix)
+    async def new_key(self, name: str = "other", account: str | None = None) -> str:
+        """A key of a new account of its own, or of the account with email `account`."""
+        key, _ = await create_key(self.runtime.store, name, account)
         return key.secret
 
     async def wait(self, task_id: str, within: float = 60) -> dict[str, Any]:

@@ -389,12 +389,17 @@ async def test_cancel_stops_the_denoising_loop_at_the_next_step(
         assert await asyncio.to_thread(gate.reached.wait, 30)
         worker = service.runtime.worker
         assert worker is not None
-        assert worker.cancel(task_id)
         assert not worker.cancel("task-unified-0-notrunng")
+        cancel = await service.client.post(
+            f"/api/generate/cancel/{task_id}", headers=service.auth()
+        )
+        assert cancel.status_code == 200, cancel.text
         gate.release.set()
         data = await service.wait(task_id)
     assert data["status"] == "failed"
-    assert data["error_message"] == "Task cancelled after 2 of 10 steps"
+    assert data["error_message"] == "Task was cancelled"
+    assert data["cancelled"] is True
+    # Released at step 2, it stopped there: step 3 never ran.
     assert gate.steps == [1, 2]
 
 

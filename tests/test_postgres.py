@@ -32,7 +32,7 @@ async def two_stores() -> AsyncIterator[tuple[Store, Store]]:
 
 async def add(store: Store) -> str:
     task = await store.create_task(
-        NewTask(new_task_id(), "key_a", "flux-2-pro", INPUT, None, time.time())
+        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, None, time.time())
     )
     return task.task_id
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fluxserve.store import Store, open_store
-from fluxserve.store.base import Attempt, CallbackState, Outcome
+from fluxserve.store.base import Attempt, CallbackState, LeaseState, Outcome
 from fluxserve.tasks import NewTask, ResultFile, Task, TaskInput, TaskStatus, new_task_id
 
 from conftest import fresh_postgres_database
@@ -34,7 +34,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 async def add(store: Store, model: str = "flux-2-pro", callback: str | None = None) -> str:
     task = await store.create_task(
-        NewTask(new_task_id(), "key_a", model, INPUT, callback, time.time())
+        NewTask(new_task_id(), "key_a", "acct_a", model, INPUT, callback, time.time())
     )
     return task.task_id
 
@@ -103,12 +103,12 @@ async def test_progress_only_rises_and_needs_the_lease(store: Store) -> None:
     task_id = await add(store)
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
-    assert await store.report_progress(claim, 40, 30)
-    assert await store.report_progress(claim, 20, 30)
+    assert await store.report_progress(claim, 40, 30) is LeaseState.HELD
+    assert await store.report_progress(claim, 20, 30) is LeaseState.HELD
     task = await store.get_task(task_id)
     assert task is not None and task.progress == 40
     await store.release_task(claim)
-    assert not await store.report_progress(claim, 60, 30)
+    assert await store.report_progress(claim, 60, 30) is LeaseState.LOST
 
 
 async def test_expired_leases_are_requeued_then_failed(store: Store) -> None:
@@ -155,9 +155,10 @@ async def test_callback_attempts_are_recorded(store: Store) -> None:
 
 
 async def test_keys(store: Store) -> None:
-    await store.create_key("key_1", "alice", "h" * 64, "fsk_abcdef")
+    await store.create_key("key_1", "alice", "h" * 64, "fsk_abcdef", "acct_1")
     record = await store.key_for_hash("h" * 64)
     assert record is not None and record.name == "alice" and record.revoked_at is None
+    assert record.account_id == "acct_1"
     assert await store.revoke_key("key_1")
     assert not await store.revoke_key("key_1")
     record = await store.key_for_hash("h" * 64)
@@ -182,7 +183,9 @@ HOOK = "https://example.com/hook"
 
 async def ended(store: Store, events: tuple[str, ...] = ("finished", "failed")) -> Task:
     """A task with a callback, run to `finished` by a claim."""
-    await store.create_task(NewTask(new_task_id(), "key_a", "flux-2-pro", INPUT, HOOK, 0.0, events))
+    await store.create_task(
+        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, HOOK, 0.0, events)
+    )
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and await store.finish_task(claim, outcome())
     task = await store.get_task(claim.task.task_id)
@@ -289,7 +292,15 @@ async def test_concurrent_first_uses_agree_on_one_secret(store: Store) -> None:
 async def test_claims_skip_busy_receivers_and_release_hands_back(store: Store) -> None:
     await ended(store)
     await store.create_task(
-        NewTask(new_task_id(), "key_a", "flux-2-pro", INPUT, "http://Other.example:8080/x", 0.0)
+        NewTask(
+            new_task_id(),
+            "key_a",
+            "acct_a",
+            "flux-2-pro",
+            INPUT,
+            "http://Other.example:8080/x",
+            0.0,
+        )
     )
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and await store.finish_task(claim, outcome())

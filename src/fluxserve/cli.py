@@ -1,4 +1,4 @@
-"""The `fluxserve` command: serve, and manage API keys."""
+"""The `fluxserve` command: serve, and manage accounts, API keys and credits."""
 
 from __future__ import annotations
 
@@ -13,14 +13,20 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from fluxserve.keys import new_key
+from fluxserve import accounts
+from fluxserve.errors import ApiError, NotFound
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
+from fluxserve.store.base import Account, LedgerEntry
 from fluxserve.tasks import MODELS
 
 app = typer.Typer(help="fluxserve: self-hosted FLUX.2 behind the unified task API.")
 keys_app = typer.Typer(help="Create, list and revoke API keys.")
 app.add_typer(keys_app, name="keys")
+accounts_app = typer.Typer(help="Create accounts: keys, tasks and credits belong to one.")
+app.add_typer(accounts_app, name="accounts")
+credits_app = typer.Typer(help="Add credits to an account and show its ledger.")
+app.add_typer(credits_app, name="credits")
 
 T = TypeVar("T")
 
@@ -41,6 +47,8 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `action` on the store; an ApiError (no such account...) exits 1 with its message."""
+
     async def run() -> T:
         store = open_store(settings.resolved_database_url)
         await store.start()
@@ -49,7 +57,11 @@ def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> 
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except ApiError as exc:
+        typer.secho(f"fluxserve: {exc.message}", fg="red", err=True)
+        raise typer.Exit(1) from exc
 
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="SQLite file and results.")]
@@ -147,13 +159,18 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key, e.g. its owner.")],
+    account: Annotated[
+        str | None,
+        typer.Option(help="The account's email; without it, the key gets an account of its own."),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create a key; it is printed once, on the last line, and stored only hashed."""
     settings = _settings(data_dir=data_dir)
-    key = new_key()
-    _with_store(settings, lambda s: s.create_key(key.key_id, name, key.key_hash, key.prefix))
-    typer.echo(f"created key {key.key_id} ({name}); keep it, it is not shown again:")
+    key, owner = _with_store(settings, lambda s: accounts.create_key(s, name, account))
+    typer.echo(
+        f"created key {key.key_id} ({name}) for {owner.email}; keep it, it is not shown again:"
+    )
     typer.echo(key.secret)
 
 
@@ -176,6 +193,63 @@ def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
         typer.echo(f"no active key {key_id}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")
+
+
+@accounts_app.command("create")
+def accounts_create(
+    email: Annotated[str, typer.Option(help="The account's email, its name everywhere.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Create an account with no credits; then `keys create --account EMAIL`."""
+    made = _with_store(_settings(data_dir=data_dir), lambda s: accounts.create_account(s, email))
+    typer.echo(f"created account {made.account_id} ({made.email})")
+
+
+@credits_app.command("add")
+def credits_add(
+    email: str,
+    amount: Annotated[int, typer.Argument(help="Credits to add; negative to take away.")],
+    note: Annotated[str | None, typer.Option(help="Kept in the ledger beside the grant.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Add credits to the account of EMAIL."""
+
+    async def grant(store: Store) -> Account:
+        return await store.grant_credits((await _account(store, email)).account_id, amount, note)
+
+    after = _with_store(_settings(data_dir=data_dir), grant)
+    typer.echo(f"{after.email}: balance {after.balance}, available {after.available}")
+
+
+@credits_app.command("show")
+def credits_show(
+    email: str,
+    limit: Annotated[int, typer.Option(help="Ledger rows to show, newest first.")] = 20,
+    data_dir: DataDir = None,
+) -> None:
+    """The account's balance, what its tasks hold, and its newest ledger rows."""
+
+    async def show(store: Store) -> tuple[Account, list[LedgerEntry]]:
+        account = await _account(store, email)
+        return account, await store.ledger(account.account_id, limit)
+
+    account, entries = _with_store(_settings(data_dir=data_dir), show)
+    typer.echo(
+        f"{account.email}: balance {account.balance}, held {account.held}, "
+        f"available {account.available}"
+    )
+    for entry in entries:
+        typer.echo(
+            f"{_when(entry.created_at)}\t{entry.kind}\t{entry.amount:+d}\t"
+            f"{entry.task_id or ''}\t{entry.note or ''}"
+        )
+
+
+async def _account(store: Store, email: str) -> Account:
+    found = await store.account_by_email(email)
+    if found is None:
+        raise NotFound(f"No account {email}; create it with: fluxserve accounts create")
+    return found
 
 
 def _when(epoch: float) -> str:

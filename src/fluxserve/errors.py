@@ -4,11 +4,15 @@ FluxserveError
 ├── ApiError                  an answer to a client, in the error envelope
 │   ├── InvalidRequest        400 invalid_request_error
 │   ├── Unauthenticated       401 authentication_error
+│   ├── InsufficientCredits   402 insufficient_credits
 │   ├── PermissionDenied      403 permission_error
 │   ├── NotFound              404 not_found_error
-│   └── Conflict              409 conflict_error
+│   ├── Conflict              409 conflict_error
+│   ├── PayloadTooLarge       413 invalid_request_error
+│   └── RateLimited           429 rate_limit_error, with Retry-After
 ├── UnsafeURLError            an outbound URL the net guard refuses
 ├── FetchError                an outbound fetch that failed or returned too much
+│   └── ResponseTooLarge      the response was larger than allowed
 ├── ReferenceImageError       a reference image that is not a usable image
 ├── StoreUnavailable          the database cannot be reached right now
 ├── EngineError               the engine could not produce an image
@@ -17,6 +21,8 @@ FluxserveError
 """
 
 from __future__ import annotations
+
+import math
 
 
 class FluxserveError(Exception):
@@ -45,6 +51,11 @@ class Unauthenticated(ApiError):
     error_type = "authentication_error"
 
 
+class InsufficientCredits(ApiError):
+    status_code = 402
+    error_type = "insufficient_credits"
+
+
 class PermissionDenied(ApiError):
     status_code = 403
     error_type = "permission_error"
@@ -60,12 +71,29 @@ class Conflict(ApiError):
     error_type = "conflict_error"
 
 
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
 class UnsafeURLError(FluxserveError):
     """The net guard refused a URL: bad scheme, or a private/loopback target."""
 
 
 class FetchError(FluxserveError):
     """An outbound fetch failed, timed out, or returned more than allowed."""
+
+
+class ResponseTooLarge(FetchError):
+    """An outbound fetch returned more bytes than allowed."""
 
 
 class ReferenceImageError(FluxserveError):

@@ -26,7 +26,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpcore
 import httpx
 
-from fluxserve.errors import FetchError, UnsafeURLError
+from fluxserve.errors import FetchError, ResponseTooLarge, UnsafeURLError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -524,12 +524,12 @@ async def _read_limited(response: httpx.Response, shown: str, max_bytes: int) ->
     too_big = f"could not fetch {shown}: response is larger than {max_bytes} bytes"
     declared = response.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise FetchError(too_big)
+        raise ResponseTooLarge(too_big)
     body = bytearray()
     async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > max_bytes:
-            raise FetchError(too_big)
+            raise ResponseTooLarge(too_big)
     return Fetched(
         content=bytes(body),
         content_type=response.headers.get("content-type"),

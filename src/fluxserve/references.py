@@ -1,7 +1,8 @@
 """Loading the reference images of an image-editing task.
 
-Every reference arrives as a URL, either `data:image/...;base64,...` or http(s)
-fetched through the net guard. Bytes become an image only after three checks:
+Every reference arrives as a URL: `data:image/...;base64,...`, a URL of fluxserve's
+own storage (an upload or a result, read from storage directly), or any other
+http(s) URL, fetched through the net guard. Bytes become an image only after three checks:
 the content is JPEG, PNG, GIF or WebP by its signature, the size in its header is
 within the pixel limit (checked before any pixel is decoded), and the decoder
 accepts the data.
@@ -29,6 +30,7 @@ from PIL import (
 
 from fluxserve.errors import FetchError, ReferenceImageError, UnsafeURLError
 from fluxserve.netguard import NetPolicy, fetch_bytes
+from fluxserve.storage import Storage
 
 MAX_REFERENCE_IMAGES = 8
 
@@ -169,10 +171,22 @@ async def _load_one(
     max_bytes: int,
     max_pixels: int,
     total_timeout: float | None,
+    storage: Storage | None,
 ) -> Image.Image:
+    key = storage.key_for_url(url) if storage is not None else None
     if url[:5].lower() == "data:":
         data = decode_data_url(url, max_bytes)
         where = "data: URL"
+    elif storage is not None and key is not None:
+        where = _shown(url)
+        stored = await storage.get(key)
+        if stored is None:
+            raise ReferenceImageError(
+                f"{where}: the file is no longer stored (uploads and results expire)"
+            )
+        if len(stored) > max_bytes:
+            raise ReferenceImageError(f"{where}: file is larger than {max_bytes} bytes")
+        data = stored
     else:
         fetched = await fetch_bytes(
             client, url, policy=policy, max_bytes=max_bytes, total_timeout=total_timeout
@@ -195,8 +209,11 @@ async def load_references(
     max_pixels: int,
     total_timeout: float | None = None,
     field: str = "image_urls",
+    storage: Storage | None = None,
 ) -> list[Image.Image]:
     """Fetch and decode reference images concurrently, in the order given.
+
+    URLs of `storage`'s own files are read from it, without a request.
 
     Errors keep their type (UnsafeURLError, FetchError, ReferenceImageError) and
     name the failing entry, e.g. "image_urls[1]: could not fetch ...: HTTP 404".
@@ -214,6 +231,7 @@ async def load_references(
                 max_bytes=max_bytes,
                 max_pixels=max_pixels,
                 total_timeout=total_timeout,
+                storage=storage,
             )
             for url in urls
         ),

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from fluxserve import retention
 from fluxserve.engines import make_engine
 from fluxserve.engines.base import Engine
 from fluxserve.errors import StoreUnavailable
@@ -17,6 +18,7 @@ from fluxserve.service import TaskService
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage, open_storage
 from fluxserve.store import Store, open_store
+from fluxserve.store.base import SubmitLimits
 from fluxserve.tasks import MODELS
 from fluxserve.webhooks import Webhooks
 
@@ -44,7 +46,15 @@ class Runtime:
         self.metrics = Registry()
         self.webhooks = Webhooks(settings, self.store, self.storage, self.metrics)
         self._register_fleet_metrics()
-        self.service = TaskService(self.store, self.policy, callback_policy=self.webhooks.policy)
+        self.service = TaskService(
+            self.store,
+            self.policy,
+            callback_policy=self.webhooks.policy,
+            price=settings.price,
+            limits=_limits(settings),
+            idempotency_ttl=settings.idempotency_ttl,
+            storage=self.storage,
+        )
         self.worker: Worker | None = None
         if run_worker:
             # Imported here: an API-only process never loads the worker's image code.
@@ -94,7 +104,7 @@ class Runtime:
         await self.store.close()
 
     async def _sweep_forever(self) -> None:
-        """Hand back the tasks of lost workers; every process sweeps, one at a time."""
+        """Hand back the tasks of lost workers, one process at a time; delete expired files."""
         while True:
             try:
                 requeued, failed = await self.store.requeue_expired(self.settings.max_attempts)
@@ -103,7 +113,24 @@ class Runtime:
             else:
                 if requeued or failed:
                     logger.warning("lost workers: %d tasks requeued, %d failed", requeued, failed)
+            await self._sweep_files()
             await asyncio.sleep(self.settings.lease_seconds / 2)
+
+    async def _sweep_files(self) -> None:
+        try:
+            swept = await retention.sweep(self.store, self.storage, self.settings)
+        except StoreUnavailable as exc:
+            logger.warning("file retention skipped: %s", exc)
+        except Exception:
+            # A storage outage must not stop the sweeper: the next round retries.
+            logger.exception("file retention failed")
+        else:
+            if swept.uploads or swept.tasks:
+                logger.info(
+                    "retention: removed %d uploads and the files of %d tasks",
+                    swept.uploads,
+                    swept.tasks,
+                )
 
     async def health(self) -> dict[str, Any]:
         """This process's worker, the queue per model and the fleet's live workers."""
@@ -140,3 +167,10 @@ class Runtime:
         self.metrics.gauge(
             "fluxserve_queue_depth", "Queued tasks per model", queue_depth, labelnames=("model",)
         )
+
+
+def _limits(settings: Settings) -> SubmitLimits | None:
+    """The per-key submit limits; None when neither is set, so submits skip the check."""
+    if settings.rate_limit_per_minute is None and settings.max_active_tasks is None:
+        return None
+    return SubmitLimits(settings.rate_limit_per_minute, settings.max_active_tasks)

@@ -5,39 +5,60 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
+from collections.abc import Callable
 
 from fluxserve import reference_shape
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
 from fluxserve.netguard import NetPolicy, check_url
-from fluxserve.store import Store
-from fluxserve.store.base import CallbackEvent
+from fluxserve.storage import Storage
+from fluxserve.store import ApiKeyRecord, Store
+from fluxserve.store.base import CallbackEvent, IdempotencyKey, SubmitLimits, TaskPage
 from fluxserve.tasks import TERMINAL_EVENTS, NewTask, Task, TaskInput, new_task_id
 
 
 class TaskService:
-    """Submit and get, for one store and its outbound-URL policies."""
+    """Submit, get, cancel and list, for one store and its outbound-URL policies."""
 
     def __init__(
-        self, store: Store, policy: NetPolicy, *, callback_policy: NetPolicy | None = None
+        self,
+        store: Store,
+        policy: NetPolicy,
+        *,
+        callback_policy: NetPolicy | None = None,
+        price: Callable[[str, str], int] = lambda _model, _resolution: 0,
+        limits: SubmitLimits | None = None,
+        idempotency_ttl: float = 24 * 3600,
+        storage: Storage | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
+        # Image URLs of its files are read from it directly, never fetched.
+        self.storage = storage
         # Callback URLs may be held to more (https only) than fetched image URLs.
         self.callback_policy = callback_policy or policy
+        self.price = price
+        self.limits = limits
+        self.idempotency_ttl = idempotency_ttl
 
     async def submit(
         self,
-        owner: str,
+        key: ApiKeyRecord,
         model: str,
         task_input: TaskInput,
         callback_url: str | None,
         callback_events: tuple[str, ...] = TERMINAL_EVENTS,
+        *,
+        idempotency: tuple[str, str] | None = None,
     ) -> Task:
-        """Queue a task; it is committed when this returns."""
+        """Queue a task; it is committed when this returns.
+
+        `idempotency` is the request's Idempotency-Key and a hash of its body: a
+        repeat within the TTL answers the first task.
+        """
         if callback_url is not None:
             self._check_outbound("callback_url", callback_url, self.callback_policy)
         for index, url in enumerate(task_input.image_urls):
-            if not url.startswith("data:"):
+            if not url.startswith("data:") and not self._is_stored(url):
                 self._check_outbound(f"input.image_urls[{index}]", url, self.policy)
         reference_shape.check_submitted(task_input.image_urls)
         if task_input.seed is None:
@@ -48,32 +69,66 @@ class TaskService:
         return await self.store.create_task(
             NewTask(
                 task_id=new_task_id(now),
-                owner=owner,
+                owner=key.key_id,
+                account_id=key.account_id,
                 model=model,
                 input=task_input,
                 callback_url=callback_url,
                 created_at=now,
                 callback_events=callback_events,
-            )
+                price=self.price(model, task_input.resolution),
+            ),
+            limits=self.limits,
+            idempotency=None
+            if idempotency is None
+            else IdempotencyKey(*idempotency, ttl=self.idempotency_ttl),
         )
 
-    async def get(self, owner: str, task_id: str) -> Task:
-        """The caller's task; 404 when unknown, 403 when another key's."""
+    async def get(self, key: ApiKeyRecord, task_id: str) -> Task:
+        """The caller's task; 404 when unknown, 403 when another account's."""
         task = await self.store.get_task(task_id)
         if task is None:
             raise NotFound(f"Task {task_id} not found")
-        if task.owner != owner:
+        if not _owns(key, task):
             raise PermissionDenied("Task belongs to another user")
         return task
 
-    async def callbacks(self, owner: str, task_id: str) -> tuple[Task, list[CallbackEvent]]:
+    async def cancel(self, key: ApiKeyRecord, task_id: str) -> Task:
+        """Cancel the caller's queued or running task; 409 once it has ended otherwise."""
+        task = await self.get(key, task_id)
+        if not task.status.terminal:
+            task = await self.store.cancel_task(task_id) or task
+        if task.status.terminal and not task.cancelled:
+            raise Conflict(
+                f"Task {task_id} is {task.status.value}; "
+                "only a queued or running task can be cancelled"
+            )
+        return task
+
+    async def history(
+        self,
+        key: ApiKeyRecord,
+        *,
+        status: str | None,
+        model: str | None,
+        limit: int,
+        before: int | None,
+    ) -> TaskPage:
+        """The caller's account's tasks, newest first."""
+        if key.account_id is None:
+            return TaskPage([], None)
+        return await self.store.list_tasks(
+            key.account_id, status=status, model=model, limit=limit, before=before
+        )
+
+    async def callbacks(self, key: ApiKeyRecord, task_id: str) -> tuple[Task, list[CallbackEvent]]:
         """The caller's task and its callback events, each with every attempt."""
-        task = await self.get(owner, task_id)
+        task = await self.get(key, task_id)
         return task, await self.store.callback_events(task_id)
 
-    async def redeliver(self, owner: str, task_id: str) -> CallbackEvent:
+    async def redeliver(self, key: ApiKeyRecord, task_id: str) -> CallbackEvent:
         """Send the ended task's terminal callback again: the same event, due now."""
-        task = await self.get(owner, task_id)
+        task = await self.get(key, task_id)
         if task.callback_url is None:
             raise Conflict(f"Task {task_id} has no callback_url to deliver to")
         if not task.status.terminal:
@@ -85,8 +140,18 @@ class TaskService:
         events = await self.store.callback_events(task_id)
         return next(event for event in events if event.event_id == event_id)
 
+    def _is_stored(self, url: str) -> bool:
+        return self.storage is not None and self.storage.key_for_url(url) is not None
+
     def _check_outbound(self, field: str, url: str, policy: NetPolicy) -> None:
         try:
             check_url(url, policy)
         except UnsafeURLError as exc:
             raise InvalidRequest(f"{field} is not allowed: {exc}") from exc
+
+
+def _owns(key: ApiKeyRecord, task: Task) -> bool:
+    """Tasks belong to accounts; a task of no account (from before 0004) to its key."""
+    if task.account_id is not None and key.account_id is not None:
+        return task.account_id == key.account_id
+    return task.owner == key.key_id

@@ -83,6 +83,19 @@ class Settings(BaseSettings):
     max_reference_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_reference_pixels: int = Field(default=64 * 1024 * 1024, gt=0)
 
+    # Credits per task, by model and resolution, e.g. {"flux-2-pro": {"1K": 5, "2K": 10}}.
+    # A model or resolution left out is free; with no prices no balance is needed.
+    prices: dict[str, dict[Literal["1K", "2K"], int]] = Field(default_factory=dict)
+    rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, description="Submits per minute per API key; unset = no limit"
+    )
+    max_active_tasks: int | None = Field(
+        default=None, ge=1, description="Tasks queued or running at once per API key"
+    )
+    idempotency_ttl: float = Field(
+        default=24 * 3600, gt=0, description="Seconds an Idempotency-Key answers its first task"
+    )
+
     lease_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     poll_interval: float = Field(default=2.0, gt=0)
@@ -105,6 +118,22 @@ class Settings(BaseSettings):
     )
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
 
+    # Uploads (POST /api/common/upload/...) and how long files are kept.
+    max_base64_upload_bytes: int = Field(
+        default=5 * 1024 * 1024, gt=0, description="Largest decoded image of a base64 upload"
+    )
+    max_stream_upload_bytes: int = Field(
+        default=20 * 1024 * 1024, gt=0, description="Largest image of a stream or url upload"
+    )
+    upload_retention: float = Field(
+        default=3 * 24 * 3600, gt=0, description="Seconds an uploaded file is kept"
+    )
+    result_retention: float | None = Field(
+        default=30 * 24 * 3600,
+        gt=0,
+        description="Seconds a task's result files are kept after it ends; 'forever' keeps them",
+    )
+
     @field_validator("models", mode="before")
     @classmethod
     def _route_every_model(cls, value: object) -> object:
@@ -115,6 +144,28 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}")
         return {**{model: {} for model in MODELS}, **value}
+
+    @field_validator("prices")
+    @classmethod
+    def _price_known_models(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        unknown = sorted(set(value) - set(MODELS))
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}")
+        if any(price < 0 for table in value.values() for price in table.values()):
+            raise ValueError("prices must be >= 0 credits")
+        return value
+
+    def price(self, model: str, resolution: str) -> int:
+        """The credits a task of `model` at `resolution` costs; 0 where none is set."""
+        return self.prices.get(model, {}).get(resolution, 0)  # type: ignore[call-overload]
+
+    @field_validator("result_retention", mode="before")
+    @classmethod
+    def _forever_is_none(cls, value: object) -> object:
+        # Environment variables and TOML have no null: they spell it "forever".
+        if isinstance(value, str) and value.strip().lower() == "forever":
+            return None
+        return value
 
     @field_validator("callback_retry_delays")
     @classmethod

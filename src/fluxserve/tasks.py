@@ -124,12 +124,17 @@ class NewTask:
     """A task about to be stored: what submit decided."""
 
     task_id: str
-    owner: str
+    owner: str  # the submitting key
+    account_id: str | None  # the key's account
     model: str
     input: TaskInput
     callback_url: str | None
     created_at: float
     callback_events: tuple[str, ...] = TERMINAL_EVENTS
+    price: int = 0  # credits held now, charged when it finishes
+
+
+CANCELLED_MESSAGE = "Task was cancelled"
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,20 @@ class Task:
     started_at: float | None = None
     finished_at: float | None = None
     callback_events: tuple[str, ...] = TERMINAL_EVENTS
+    account_id: str | None = None
+    price: int = 0
+    cancelled_at: float | None = None  # when a cancel was asked for
+    files_expired_at: float | None = None  # when retention removed its files
+
+    @property
+    def cancelled(self) -> bool:
+        """Ended by a cancel: failed, with a cancel asked for."""
+        return self.status is TaskStatus.FAILED and self.cancelled_at is not None
+
+    @property
+    def credits_amount(self) -> int:
+        """What the task costs: its price, except that a failed task costs nothing."""
+        return 0 if self.status is TaskStatus.FAILED else self.price
 
     def wants(self, event: str) -> bool:
         """Whether this task's callback_url is to be told about `event`."""

@@ -16,7 +16,7 @@ def ok(data: dict[str, Any]) -> dict[str, Any]:
 def status_data(task: Task, storage: Storage, queue_position: int | None = None) -> dict[str, Any]:
     """The `data` of a status answer, and of a callback body."""
     files = []
-    if task.status is TaskStatus.FINISHED:
+    if task.status is TaskStatus.FINISHED and task.files_expired_at is None:
         files = [
             {
                 "file_url": storage.url(f.key),
@@ -34,7 +34,7 @@ def status_data(task: Task, storage: Storage, queue_position: int | None = None)
         "created_time": format_time(task.created_at),
         "progress": 100 if task.status is TaskStatus.FINISHED else task.progress,
         "error_message": task.error_message,
-        "credits_amount": 0,
+        "credits_amount": task.credits_amount,
         # Extensions beyond the hosted API's shape.
         "model": task.model,
         "engine": task.engine,
@@ -44,6 +44,10 @@ def status_data(task: Task, storage: Storage, queue_position: int | None = None)
         data["width"], data["height"] = task.width, task.height
     if queue_position is not None:
         data["queue_position"] = queue_position
+    if task.cancelled:
+        data["cancelled"] = True
+    if task.files_expired_at is not None:
+        data["files_expired"] = True  # retention removed them: see result_retention
     return data
 
 

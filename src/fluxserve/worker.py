@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
@@ -34,8 +34,8 @@ from fluxserve.settings import Settings
 from fluxserve.sizes import dimensions, size_ratio
 from fluxserve.storage import Storage
 from fluxserve.store import Store
-from fluxserve.store.base import Outcome
-from fluxserve.tasks import MODELS, Claim
+from fluxserve.store.base import LeaseState, Outcome
+from fluxserve.tasks import CANCELLED_MESSAGE, MODELS, Claim
 from fluxserve.webhooks.progress import ProgressEvents, TaskEvents
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,9 @@ class Worker:
         events = self.events.watch(claim.task) if self.events is not None else None
         if events is not None:
             events.running()
-        reporter = _ProgressReporter(self.store, claim, self.settings.lease_seconds, events)
+        reporter = _ProgressReporter(
+            self.store, claim, self.settings.lease_seconds, events, on_cancel=self.cancel
+        )
         heartbeat = asyncio.create_task(reporter.run())
         try:
             outcome = await self._generate(claim, client, reporter)
@@ -209,6 +211,7 @@ class Worker:
             max_bytes=self.settings.max_reference_bytes,
             max_pixels=self.settings.max_reference_pixels,
             total_timeout=self.settings.fetch_timeout,
+            storage=self.storage,
         )
         reference_shape.check_loaded(images)
         reference = images[0].size if images else None
@@ -233,7 +236,7 @@ class Worker:
             if self._stopping.is_set():
                 raise Interrupted("worker is stopping")
             if task.task_id in self._cancelled:
-                raise TaskStopped(f"Task cancelled after {done} of {total} steps")
+                raise TaskStopped(CANCELLED_MESSAGE)
             if deadline is not None and loop.time() > deadline:
                 raise TaskStopped(
                     f"Task timed out: still denoising after {timeout:g} s (step {done} of "
@@ -258,12 +261,19 @@ class _ProgressReporter:
     """Writes the newest progress, and renews the lease at least every third of it."""
 
     def __init__(
-        self, store: Store, claim: Claim, lease_seconds: float, events: TaskEvents | None
+        self,
+        store: Store,
+        claim: Claim,
+        lease_seconds: float,
+        events: TaskEvents | None,
+        *,
+        on_cancel: Callable[[str], object],
     ) -> None:
         self._store = store
         self._claim = claim
         self._lease = lease_seconds
         self._events = events
+        self._on_cancel = on_cancel
         self._latest = 0
         self._changed = asyncio.Event()
 
@@ -279,7 +289,11 @@ class _ProgressReporter:
                 await asyncio.wait_for(self._changed.wait(), self._lease / 3)
             self._changed.clear()
             try:
-                if not await self._store.report_progress(self._claim, self._latest, self._lease):
+                lease = await self._store.report_progress(self._claim, self._latest, self._lease)
+                if lease is LeaseState.LOST:
                     return
+                if lease is LeaseState.CANCEL_REQUESTED:
+                    # Asked through another process: stop at the next step.
+                    self._on_cancel(self._claim.task.task_id)
             except StoreUnavailable as exc:
                 logger.warning("progress of %s not saved: %s", self._claim.task.task_id, exc)

@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from fluxserve import __version__
+from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.routes import router
+from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
 
 
@@ -30,4 +32,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(callback_router)
+    app.include_router(account_router)
+    app.include_router(upload_router)
     return app

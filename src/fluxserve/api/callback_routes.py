@@ -30,7 +30,7 @@ async def rotate_webhook_secret(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
 @router.get("/api/generate/callbacks/{task_id}")
 async def callbacks(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's callback events, each with every attempt."""
-    task, events = await rt.service.callbacks(key.key_id, task_id)
+    task, events = await rt.service.callbacks(key, task_id)
     return ok(
         {
             "task_id": task.task_id,
@@ -44,7 +44,7 @@ async def callbacks(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]
 @router.post("/api/generate/callbacks/{task_id}/redeliver")
 async def redeliver(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Send the ended task's callback again: the same event id, on a fresh schedule."""
-    return ok(_event_data(await rt.service.redeliver(key.key_id, task_id)))
+    return ok(_event_data(await rt.service.redeliver(key, task_id)))
 
 
 def _secret_data(record: WebhookSecret) -> dict[str, Any]:

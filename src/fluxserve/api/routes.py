@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, Response
 
 from fluxserve.api.auth import authenticate
@@ -34,14 +34,21 @@ KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 
 
 @router.post("/api/generate/submit")
-async def submit(body: SubmitBody, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
-    """Queue a task; answered once it is committed."""
+async def submit(
+    body: SubmitBody,
+    key: KeyDep,
+    rt: RuntimeDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> dict[str, Any]:
+    """Queue a task; answered once it is committed. A repeated Idempotency-Key
+    answers its first task again."""
     task = await rt.service.submit(
-        key.key_id,
+        key,
         body.model,
         body.task_input(),
         body.callback_url,
         body.task_callback_events(),
+        idempotency=None if idempotency_key is None else (idempotency_key, body.digest()),
     )
     return ok(
         {
@@ -55,7 +62,7 @@ async def submit(body: SubmitBody, key: KeyDep, rt: RuntimeDep) -> dict[str, Any
 @router.get("/api/generate/status/{task_id}")
 async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's status, progress and, once finished, its files."""
-    task = await rt.service.get(key.key_id, task_id)
+    task = await rt.service.get(key, task_id)
     queued = task.status is TaskStatus.NOT_STARTED
     position = await rt.store.queue_position(task_id) if queued else None
     return status_body(task, rt.storage, position)

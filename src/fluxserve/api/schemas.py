@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
@@ -133,6 +135,11 @@ class SubmitBody(BaseModel):
             raise ValueError(
                 f"input.guidance must be between {GUIDANCE_RANGE[0]} and {GUIDANCE_RANGE[1]}"
             )
+
+    def digest(self) -> str:
+        """A hash of what this body asks for: equal bodies, however spelled, hash equal."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def task_input(self) -> TaskInput:
         i = self.input

@@ -24,6 +24,14 @@ class Storage(Protocol):
         """An absolute URL a user can download the file from."""
         ...
 
+    def key_for_url(self, url: str) -> str | None:
+        """The key behind `url` when it is one of this storage's own URLs, else None.
+
+        Lets fluxserve read its own files directly instead of fetching them over
+        HTTP. The key is unguessable, so knowing the URL is what grants access.
+        """
+        ...
+
 
 def check_key(key: str) -> str:
     """`key` itself, or ValueError when it is not a plain relative path.
@@ -35,3 +43,11 @@ def check_key(key: str) -> str:
     if any(segment in ("", ".", "..") for segment in key.split("/")):
         raise ValueError(f"invalid storage key {key!r}: empty, '.' and '..' segments are refused")
     return key
+
+
+def valid_key(key: str) -> str | None:
+    """`key` itself when `check_key` accepts it, else None."""
+    try:
+        return check_key(key)
+    except ValueError:
+        return None

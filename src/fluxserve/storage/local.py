@@ -7,9 +7,9 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
-from fluxserve.storage.base import check_key
+from fluxserve.storage.base import check_key, valid_key
 
 FILES_ROUTE = "/files"
 
@@ -40,6 +40,21 @@ class LocalStorage:
 
     def url(self, key: str) -> str:
         return f"{self.base_url}{FILES_ROUTE}/{quote(check_key(key))}"
+
+    def key_for_url(self, url: str) -> str | None:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return None
+        base = urlsplit(self.base_url)
+        folder = f"{base.path}{FILES_ROUTE}/"
+        same_origin = (parts.scheme.lower(), parts.netloc.lower()) == (
+            base.scheme.lower(),
+            base.netloc.lower(),
+        )
+        if not same_origin or not parts.path.startswith(folder):
+            return None
+        return valid_key(unquote(parts.path.removeprefix(folder)))
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))

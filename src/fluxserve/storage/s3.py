@@ -7,10 +7,12 @@ boto3 blocks, so every call that talks to the server runs in a thread.
 from __future__ import annotations
 
 import asyncio
+from functools import cached_property
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from fluxserve.errors import ConfigError
-from fluxserve.storage.base import check_key
+from fluxserve.storage.base import check_key, valid_key
 
 try:
     import boto3
@@ -26,6 +28,9 @@ AddressingStyle = Literal["auto", "path", "virtual"]
 
 # The error codes for "no such object"; a missing bucket is a real error.
 _MISSING = frozenset({"NoSuchKey", "404"})
+
+# An object key presigned once to learn how this client spells the bucket's URLs.
+_PROBE_KEY = "fluxserve-url-probe"
 
 
 class S3Storage:
@@ -102,6 +107,38 @@ class S3Storage:
             ExpiresIn=self.url_lifetime,
         )
         return url
+
+    def key_for_url(self, url: str) -> str | None:
+        # Any URL of an object under our prefix, presigned or not, however old:
+        # the signature is not checked, since the key itself is the secret.
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return None
+        origin, folder = self._bucket_root
+        if (parts.scheme.lower(), parts.netloc.lower()) != origin:
+            return None
+        if not parts.path.startswith(folder):
+            return None
+        object_key = unquote(parts.path.removeprefix(folder))
+        if not object_key.startswith(self.prefix):
+            return None
+        return valid_key(object_key.removeprefix(self.prefix))
+
+    @cached_property
+    def _bucket_root(self) -> tuple[tuple[str, str], str]:
+        """(scheme, host) and the path before an object key, as this client's URLs have them.
+
+        Learnt from a presigned URL rather than rebuilt: botocore decides between
+        path-style and virtual-hosted URLs from the endpoint, region and settings.
+        """
+        probe = urlsplit(
+            self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=60
+            )
+        )
+        folder = probe.path.removesuffix(_PROBE_KEY)
+        return (probe.scheme.lower(), probe.netloc.lower()), folder
 
     def _object_key(self, key: str) -> str:
         return self.prefix + check_key(key)

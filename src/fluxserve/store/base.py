@@ -17,6 +17,84 @@ class ApiKeyRecord:
     prefix: str
     created_at: float
     revoked_at: float | None
+    account_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Account:
+    """Who owns keys, tasks and credits."""
+
+    account_id: str
+    email: str
+    created_at: float
+    balance: int  # granted minus charged
+    held: int  # promised to queued and running tasks
+
+    @property
+    def available(self) -> int:
+        """What a new task may spend."""
+        return self.balance - self.held
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One credit movement: a grant, or a task's hold, charge or release."""
+
+    entry_id: int
+    task_id: str | None
+    kind: str
+    amount: int
+    note: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SubmitLimits:
+    """Per-key limits checked in the submit's own transaction; None = no limit."""
+
+    per_minute: int | None = None
+    concurrent: int | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A submit's `Idempotency-Key` header and a hash of what it asked for."""
+
+    key: str
+    request_hash: str
+    ttl: float
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """A page of an account's tasks, newest first, and where the next one starts."""
+
+    tasks: list[Task]
+    next_cursor: int | None
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """An uploaded file: where it is stored, what it is, and when it goes."""
+
+    file_id: str
+    account_id: str
+    key: str
+    file_name: str
+    original_name: str | None
+    file_size: int
+    mime_type: str
+    upload_path: str | None
+    created_at: float
+    expires_at: float
+
+
+class LeaseState(StrEnum):
+    """What a worker learns when it renews a running task's lease."""
+
+    HELD = "held"
+    LOST = "lost"  # another worker has it, or it ended: stop and discard
+    CANCEL_REQUESTED = "cancel_requested"  # still held; stop at the next step
 
 
 class CallbackState(StrEnum):
@@ -117,9 +195,30 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    # Accounts and credits ---------------------------------------------------
+    @abstractmethod
+    async def create_account(self, account_id: str, email: str) -> Account:
+        """A new account with no credits; Conflict if the email has one already."""
+
+    @abstractmethod
+    async def get_account(self, account_id: str) -> Account | None: ...
+
+    @abstractmethod
+    async def account_by_email(self, email: str) -> Account | None: ...
+
+    @abstractmethod
+    async def grant_credits(self, account_id: str, amount: int, note: str | None) -> Account:
+        """Add `amount` (negative to take away) to the balance, with its ledger row."""
+
+    @abstractmethod
+    async def ledger(self, account_id: str, limit: int) -> list[LedgerEntry]:
+        """The account's newest `limit` credit movements, newest first."""
+
     # API keys ---------------------------------------------------------------
     @abstractmethod
-    async def create_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None: ...
+    async def create_key(
+        self, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
+    ) -> None: ...
 
     @abstractmethod
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
@@ -134,8 +233,41 @@ class Store(ABC):
 
     # Tasks ------------------------------------------------------------------
     @abstractmethod
-    async def create_task(self, task: NewTask) -> Task:
-        """Store a queued task (committed before this returns) and wake a worker."""
+    async def create_task(
+        self,
+        task: NewTask,
+        *,
+        limits: SubmitLimits | None = None,
+        idempotency: IdempotencyKey | None = None,
+    ) -> Task:
+        """Store a queued task (committed before this returns) and wake a worker.
+
+        In the same transaction: an earlier task with the same idempotency key is
+        answered instead (Conflict if it asked for something else); the key's
+        limits are checked (RateLimited); the task's price is held from its
+        account's balance (InsufficientCredits); and the task takes its place in
+        the fair queue between accounts.
+        """
+
+    @abstractmethod
+    async def cancel_task(self, task_id: str) -> Task | None:
+        """Cancel: a queued task fails now; a running one is marked for its worker.
+
+        Returns the task as it is afterwards (None if unknown). A task that had
+        already ended is returned unchanged.
+        """
+
+    @abstractmethod
+    async def list_tasks(
+        self,
+        account_id: str,
+        *,
+        status: str | None,
+        model: str | None,
+        limit: int,
+        before: int | None,
+    ) -> TaskPage:
+        """The account's tasks, newest first, starting below cursor `before`."""
 
     @abstractmethod
     async def get_task(self, task_id: str) -> Task | None: ...
@@ -155,8 +287,10 @@ class Store(ABC):
         """Return when a task may have been queued, or after `at_most` seconds."""
 
     @abstractmethod
-    async def report_progress(self, claim: Claim, progress: int, lease_seconds: float) -> bool:
-        """Raise the task's progress and renew its lease; False if the lease was lost."""
+    async def report_progress(
+        self, claim: Claim, progress: int, lease_seconds: float
+    ) -> LeaseState:
+        """Raise the task's progress and renew its lease, if still held."""
 
     @abstractmethod
     async def finish_task(self, claim: Claim, outcome: Outcome) -> bool:
@@ -168,11 +302,14 @@ class Store(ABC):
 
     @abstractmethod
     async def release_task(self, claim: Claim) -> bool:
-        """running -> not_started: a stopping worker hands its task back unspent."""
+        """running -> not_started: a stopping worker hands its task back unspent.
+
+        A task whose cancel was asked for fails as cancelled instead.
+        """
 
     @abstractmethod
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
-        """Hand back tasks whose lease ran out; fail those out of attempts.
+        """Hand back tasks whose lease ran out; fail those out of attempts or cancelled.
 
         Returns (requeued, failed).
         """
@@ -257,3 +394,28 @@ class Store(ABC):
     @abstractmethod
     async def live_workers(self, seen_within: float) -> list[WorkerRecord]:
         """Workers whose last heartbeat is at most `seen_within` seconds old."""
+
+    # Uploads and retention ------------------------------------------------------
+    @abstractmethod
+    async def add_upload(self, upload: UploadRecord) -> None:
+        """Record an uploaded file, before its bytes are stored: a file is never untracked."""
+
+    @abstractmethod
+    async def get_upload(self, file_id: str) -> UploadRecord | None: ...
+
+    @abstractmethod
+    async def expired_uploads(self, now: float, limit: int) -> list[UploadRecord]:
+        """Up to `limit` uploads whose `expires_at` is past at `now`, earliest first."""
+
+    @abstractmethod
+    async def forget_uploads(self, file_ids: Sequence[str]) -> None:
+        """Remove these uploads' records; ids with none are skipped."""
+
+    @abstractmethod
+    async def tasks_with_files(self, ended_before: float, limit: int) -> dict[str, list[str]]:
+        """Up to `limit` finished tasks that ended before `ended_before`, earliest first,
+        whose files are still kept: task id -> the storage keys of its files."""
+
+    @abstractmethod
+    async def mark_files_expired(self, task_ids: Sequence[str], at: float) -> None:
+        """Record that retention removed these tasks' files at `at`; marked ones stay as they are."""

@@ -22,27 +22,41 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from fluxserve.errors import StoreUnavailable
+from fluxserve.errors import Conflict, InsufficientCredits, RateLimited, StoreUnavailable
 from fluxserve.store.base import (
     ApiKeyRecord,
     Attempt,
     CallbackEvent,
     CallbackRecord,
     CallbackState,
+    IdempotencyKey,
+    LeaseState,
     Outcome,
     Store,
+    SubmitLimits,
+    TaskPage,
     WebhookSecret,
     WorkerRecord,
 )
 from fluxserve.store.schema import (
+    accounts,
     api_keys,
     callback_attempts,
     callbacks,
+    idempotency_keys,
     tasks,
     webhook_secrets,
     workers,
 )
+from fluxserve.store.sql_accounts import (
+    AccountQueries,
+    LedgerKind,
+    add_ledger_row,
+    settle_task_credits,
+)
+from fluxserve.store.sql_files import FileQueries
 from fluxserve.tasks import (
+    CANCELLED_MESSAGE,
     TERMINAL_EVENTS,
     Claim,
     NewTask,
@@ -81,6 +95,10 @@ def _row_to_task(row: Any) -> Task:
         started_at=row.started_at,
         finished_at=row.finished_at,
         callback_events=tuple(row.callback_events or TERMINAL_EVENTS),
+        account_id=row.account_id,
+        price=row.price,
+        cancelled_at=row.cancelled_at,
+        files_expired_at=row.files_expired_at,
     )
 
 
@@ -93,7 +111,7 @@ def _held_by(claim: Claim) -> sa.ColumnElement[bool]:
     )
 
 
-class SqlStore(Store):
+class SqlStore(AccountQueries, FileQueries, Store):
     """Everything but the dialect's engine, write turns and wake-ups."""
 
     def __init__(self, url: str) -> None:
@@ -151,7 +169,9 @@ class SqlStore(Store):
         return True
 
     # API keys ---------------------------------------------------------------
-    async def create_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None:
+    async def create_key(
+        self, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
+    ) -> None:
         async with self._write() as conn:
             await conn.execute(
                 api_keys.insert().values(
@@ -160,6 +180,7 @@ class SqlStore(Store):
                     key_hash=key_hash,
                     prefix=prefix,
                     created_at=time.time(),
+                    account_id=account_id,
                 )
             )
 
@@ -185,12 +206,38 @@ class SqlStore(Store):
         return result.rowcount == 1
 
     # Tasks ------------------------------------------------------------------
-    async def create_task(self, task: NewTask) -> Task:
+    async def create_task(
+        self,
+        task: NewTask,
+        *,
+        limits: SubmitLimits | None = None,
+        idempotency: IdempotencyKey | None = None,
+    ) -> Task:
+        try:
+            return await self._create_task(task, limits, idempotency)
+        except sa.exc.IntegrityError:
+            if idempotency is None:
+                raise
+            # A concurrent submit with the same key committed first: answer its task.
+            return await self._create_task(task, limits, idempotency)
+
+    async def _create_task(
+        self, task: NewTask, limits: SubmitLimits | None, idempotency: IdempotencyKey | None
+    ) -> Task:
+        scope = task.account_id or task.owner
         async with self._write(wake=(TASKS,)) as conn:
+            if idempotency is not None:
+                earlier = await _replay(conn, scope, idempotency, task.created_at)
+                if earlier is not None:
+                    return earlier
+            if limits is not None:
+                await _check_limits(conn, task.owner, limits, task.created_at)
+            vtime = await _take_turn(conn, task)
             await conn.execute(
                 tasks.insert().values(
                     task_id=task.task_id,
                     owner=task.owner,
+                    account_id=task.account_id,
                     model=task.model,
                     status=TaskStatus.NOT_STARTED.value,
                     progress=0,
@@ -200,8 +247,24 @@ class SqlStore(Store):
                     attempts=0,
                     created_at=task.created_at,
                     callback_events=list(task.callback_events),
+                    price=task.price,
+                    vtime=vtime,
                 )
             )
+            if task.price > 0 and task.account_id is not None:
+                await add_ledger_row(
+                    conn, task.account_id, task.task_id, LedgerKind.HOLD, task.price
+                )
+            if idempotency is not None:
+                await conn.execute(
+                    idempotency_keys.insert().values(
+                        account_id=scope,
+                        idempotency_key=idempotency.key,
+                        request_hash=idempotency.request_hash,
+                        task_id=task.task_id,
+                        created_at=task.created_at,
+                    )
+                )
         return Task(
             task_id=task.task_id,
             owner=task.owner,
@@ -212,6 +275,8 @@ class SqlStore(Store):
             progress=0,
             created_at=task.created_at,
             callback_events=task.callback_events,
+            account_id=task.account_id,
+            price=task.price,
         )
 
     async def get_task(self, task_id: str) -> Task | None:
@@ -221,16 +286,21 @@ class SqlStore(Store):
 
     async def queue_position(self, task_id: str) -> int | None:
         mine = tasks.alias("mine")
-        own = sa.select(mine.c.model, mine.c.seq).where(
+        own = sa.select(mine.c.model, mine.c.vtime, mine.c.seq).where(
             mine.c.task_id == task_id, mine.c.status == TaskStatus.NOT_STARTED.value
         )
-        # A range count on the (status, model, seq) index, with the task's own
-        # model and seq as one-row subqueries: no self-join, whose plan degrades
-        # badly on a table the planner has no statistics for.
+
+        def own_column(column: str) -> sa.ScalarSelect[Any]:
+            return own.with_only_columns(mine.c[column]).scalar_subquery()
+
+        # A range count on the (status, model, vtime, seq) index, in claim order,
+        # with the task's own place as one-row subqueries: no self-join, whose
+        # plan degrades badly on a table the planner has no statistics for.
         ahead = sa.select(sa.func.count()).where(
             tasks.c.status == TaskStatus.NOT_STARTED.value,
-            tasks.c.model == own.with_only_columns(mine.c.model).scalar_subquery(),
-            tasks.c.seq <= own.with_only_columns(mine.c.seq).scalar_subquery(),
+            tasks.c.model == own_column("model"),
+            sa.tuple_(tasks.c.vtime, tasks.c.seq)
+            <= sa.tuple_(own_column("vtime"), own_column("seq")),
         )
         async with self._read() as conn:
             position = await conn.scalar(ahead)
@@ -244,7 +314,7 @@ class SqlStore(Store):
         oldest = (
             sa.select(tasks.c.seq)
             .where(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model.in_(models))
-            .order_by(tasks.c.seq)
+            .order_by(tasks.c.vtime, tasks.c.seq)
             .limit(1)
             .with_for_update(skip_locked=True)
             .scalar_subquery()
@@ -272,19 +342,26 @@ class SqlStore(Store):
     async def wait_for_task(self, at_most: float) -> None:
         await _wait(self._events[TASKS], at_most)
 
-    async def report_progress(self, claim: Claim, progress: int, lease_seconds: float) -> bool:
+    async def report_progress(
+        self, claim: Claim, progress: int, lease_seconds: float
+    ) -> LeaseState:
         async with self._write() as conn:
-            result = await conn.execute(
-                tasks.update()
-                .where(_held_by(claim))
-                .values(
-                    progress=sa.case(
-                        (tasks.c.progress < progress, progress), else_=tasks.c.progress
-                    ),
-                    lease_expires_at=time.time() + lease_seconds,
+            row = (
+                await conn.execute(
+                    tasks.update()
+                    .where(_held_by(claim))
+                    .values(
+                        progress=sa.case(
+                            (tasks.c.progress < progress, progress), else_=tasks.c.progress
+                        ),
+                        lease_expires_at=time.time() + lease_seconds,
+                    )
+                    .returning(tasks.c.cancelled_at)
                 )
-            )
-        return result.rowcount == 1
+            ).first()
+        if row is None:
+            return LeaseState.LOST
+        return LeaseState.HELD if row.cancelled_at is None else LeaseState.CANCEL_REQUESTED
 
     async def finish_task(self, claim: Claim, outcome: Outcome) -> bool:
         return await self._end(
@@ -311,9 +388,76 @@ class SqlStore(Store):
             )
             if result.rowcount != 1:
                 return False
-            if claim.task.wants(status.value):
-                await self._queue_callback(conn, claim.task, status.value, now)
+            await self._on_end(conn, claim.task, status, now)
         return True
+
+    async def _on_end(
+        self, conn: AsyncConnection, task: Task, status: TaskStatus, now: float
+    ) -> None:
+        """What every ending writes with its status: the callback, the credits."""
+        if task.wants(status.value):
+            await self._queue_callback(conn, task, status.value, now)
+        finished = status is TaskStatus.FINISHED
+        await settle_task_credits(conn, task.account_id, task.task_id, task.price, finished)
+
+    async def cancel_task(self, task_id: str) -> Task | None:
+        now = time.time()
+        async with self._write(wake=(CALLBACKS,)) as conn:
+            queued = (
+                await conn.execute(
+                    tasks.update()
+                    .where(
+                        tasks.c.task_id == task_id,
+                        tasks.c.status == TaskStatus.NOT_STARTED.value,
+                    )
+                    .values(
+                        status=TaskStatus.FAILED.value,
+                        error_message=CANCELLED_MESSAGE,
+                        cancelled_at=now,
+                        finished_at=now,
+                    )
+                    .returning(*tasks.c)
+                )
+            ).first()
+            if queued is not None:
+                task = _row_to_task(queued)
+                await self._on_end(conn, task, TaskStatus.FAILED, now)
+                return task
+            # Running: its worker sees the mark when it next reports progress.
+            await conn.execute(
+                tasks.update()
+                .where(
+                    tasks.c.task_id == task_id,
+                    tasks.c.status == TaskStatus.RUNNING.value,
+                    tasks.c.cancelled_at.is_(None),
+                )
+                .values(cancelled_at=now)
+            )
+            row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
+        return None if row is None else _row_to_task(row)
+
+    async def list_tasks(
+        self,
+        account_id: str,
+        *,
+        status: str | None,
+        model: str | None,
+        limit: int,
+        before: int | None,
+    ) -> TaskPage:
+        statement = tasks.select().where(tasks.c.account_id == account_id)
+        if status is not None:
+            statement = statement.where(tasks.c.status == status)
+        if model is not None:
+            statement = statement.where(tasks.c.model == model)
+        if before is not None:
+            statement = statement.where(tasks.c.seq < before)
+        statement = statement.order_by(tasks.c.seq.desc()).limit(limit + 1)
+        async with self._read() as conn:
+            rows = (await conn.execute(statement)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return TaskPage([_row_to_task(r) for r in rows], rows[-1].seq if more else None)
 
     async def _queue_callback(
         self, conn: AsyncConnection, task: Task, event_type: str, now: float
@@ -336,7 +480,19 @@ class SqlStore(Store):
         return event_id
 
     async def release_task(self, claim: Claim) -> bool:
-        async with self._write(wake=(TASKS,)) as conn:
+        now = time.time()
+        async with self._write(wake=(TASKS, CALLBACKS)) as conn:
+            cancelled = (
+                await conn.execute(
+                    tasks.update()
+                    .where(_held_by(claim), tasks.c.cancelled_at.is_not(None))
+                    .values(_failed(CANCELLED_MESSAGE, now))
+                    .returning(*tasks.c)
+                )
+            ).first()
+            if cancelled is not None:
+                await self._on_end(conn, _row_to_task(cancelled), TaskStatus.FAILED, now)
+                return True
             result = await conn.execute(
                 tasks.update()
                 .where(_held_by(claim))
@@ -359,23 +515,24 @@ class SqlStore(Store):
         async with self._write(wake=(TASKS, CALLBACKS)) as conn:
             if not await self._take_sweep_turn(conn):
                 return 0, 0
+            # A cancelled task whose worker was lost ends now, as cancelled.
+            message = sa.case(
+                (tasks.c.cancelled_at.is_not(None), CANCELLED_MESSAGE),
+                else_=LOST_WORKER_MESSAGE.format(attempts=max_attempts),
+            )
             gone = (
                 await conn.execute(
                     tasks.update()
-                    .where(expired, tasks.c.attempts >= max_attempts)
-                    .values(
-                        status=TaskStatus.FAILED.value,
-                        finished_at=now,
-                        lease_expires_at=None,
-                        error_message=LOST_WORKER_MESSAGE.format(attempts=max_attempts),
+                    .where(
+                        expired,
+                        sa.or_(tasks.c.attempts >= max_attempts, tasks.c.cancelled_at.is_not(None)),
                     )
+                    .values(_failed(message, now))
                     .returning(*tasks.c)
                 )
             ).all()
             for row in gone:
-                task = _row_to_task(row)
-                if task.wants(TaskStatus.FAILED.value):
-                    await self._queue_callback(conn, task, TaskStatus.FAILED.value, now)
+                await self._on_end(conn, _row_to_task(row), TaskStatus.FAILED, now)
             requeued = await conn.execute(
                 tasks.update()
                 .where(expired)
@@ -702,7 +859,120 @@ def _unavailable_on_connection_errors() -> Iterator[None]:
 
 
 def _key_record(row: Any) -> ApiKeyRecord:
-    return ApiKeyRecord(row.key_id, row.name, row.prefix, row.created_at, row.revoked_at)
+    return ApiKeyRecord(
+        row.key_id, row.name, row.prefix, row.created_at, row.revoked_at, row.account_id
+    )
+
+
+def _failed(message: str | sa.ColumnElement[str], now: float) -> dict[str, Any]:
+    """The values of a running task's move to failed outside its worker's hands."""
+    return {
+        "status": TaskStatus.FAILED.value,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "error_message": message,
+    }
+
+
+async def _replay(
+    conn: AsyncConnection, scope: str, idempotency: IdempotencyKey, now: float
+) -> Task | None:
+    """The task an earlier submit with this Idempotency-Key made, if it is still fresh."""
+    key = sa.and_(
+        idempotency_keys.c.account_id == scope,
+        idempotency_keys.c.idempotency_key == idempotency.key,
+    )
+    row = (await conn.execute(idempotency_keys.select().where(key))).first()
+    if row is None:
+        return None
+    if row.created_at <= now - idempotency.ttl:
+        await conn.execute(idempotency_keys.delete().where(key))
+        return None
+    if row.request_hash != idempotency.request_hash:
+        raise Conflict(
+            "Idempotency-Key was already used with a different request; "
+            "use a new key for a new task"
+        )
+    earlier = (await conn.execute(tasks.select().where(tasks.c.task_id == row.task_id))).first()
+    return None if earlier is None else _row_to_task(earlier)
+
+
+async def _check_limits(
+    conn: AsyncConnection, owner: str, limits: SubmitLimits, now: float
+) -> None:
+    """RateLimited when the key is past a limit; its submits take turns meanwhile."""
+    # Lock the key's row (PostgreSQL; SQLite writers take turns anyway) so two
+    # concurrent submits cannot both pass the counts below.
+    await conn.execute(
+        sa.select(api_keys.c.key_id).where(api_keys.c.key_id == owner).with_for_update()
+    )
+    mine = tasks.c.owner == owner
+    if limits.per_minute is not None:
+        window = now - 60
+        count, oldest = (
+            await conn.execute(
+                sa.select(sa.func.count(), sa.func.min(tasks.c.created_at)).where(
+                    mine, tasks.c.created_at > window
+                )
+            )
+        ).one()
+        if count >= limits.per_minute:
+            raise RateLimited(
+                f"Rate limit reached: {limits.per_minute} submits per minute per API key",
+                retry_after=oldest - window,
+            )
+    if limits.concurrent is not None:
+        active = await conn.scalar(
+            sa.select(sa.func.count()).where(
+                mine,
+                tasks.c.status.in_([TaskStatus.NOT_STARTED.value, TaskStatus.RUNNING.value]),
+            )
+        )
+        if (active or 0) >= limits.concurrent:
+            raise RateLimited(
+                f"Too many tasks at once: at most {limits.concurrent} queued or running "
+                "per API key; retry when one ends",
+                retry_after=1,
+            )
+
+
+async def _take_turn(conn: AsyncConnection, task: NewTask) -> int:
+    """The task's vtime: its place in the fair queue; holds its price from the account.
+
+    Claims go in (vtime, seq) order. Each account's tasks take successive
+    vtimes, and an account arriving at a busy queue starts just ahead of the
+    queue's head: so it waits behind at most the running tasks, and then the
+    accounts with queued work take turns, whatever their backlogs.
+    """
+    queued = sa.and_(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == task.model)
+    head = await conn.scalar(sa.select(sa.func.min(tasks.c.vtime)).where(queued))
+    if task.account_id is not None:
+        start: sa.ColumnElement[int] = accounts.c.next_vtime
+        if head is not None:
+            start = sa.case((accounts.c.next_vtime >= head, accounts.c.next_vtime), else_=head - 1)
+        turn = (
+            accounts.update()
+            .where(accounts.c.account_id == task.account_id)
+            .values(next_vtime=start + 1, held=accounts.c.held + task.price)
+            .returning(accounts.c.next_vtime)
+        )
+        if task.price > 0:
+            turn = turn.where(accounts.c.balance - accounts.c.held >= task.price)
+        row = (await conn.execute(turn)).first()
+        if row is not None:
+            return int(row.next_vtime) - 1
+        if task.price > 0:
+            available = await conn.scalar(
+                sa.select(accounts.c.balance - accounts.c.held).where(
+                    accounts.c.account_id == task.account_id
+                )
+            )
+            raise InsufficientCredits(
+                f"This task costs {task.price} credits; the account has {available or 0} available"
+            )
+    # A task of no known account queues at the back, in submit order.
+    tail = await conn.scalar(sa.select(sa.func.max(tasks.c.vtime)).where(queued))
+    return int(tail or 0)
 
 
 async def _wait(event: asyncio.Event, at_most: float) -> None:

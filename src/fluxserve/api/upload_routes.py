@@ -1,0 +1,206 @@
+"""POST /api/common/upload/{stream,base64,url}: store an image, answer where it is.
+
+Request bodies are read in chunks and refused with a 413 as soon as they grow
+past what the limit allows, so no upload holds more than that in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from fluxserve.api.routes import KeyDep, RuntimeDep
+from fluxserve.api.schemas import describe_validation_error
+from fluxserve.errors import InvalidRequest, PayloadTooLarge
+from fluxserve.storage import Storage
+from fluxserve.store import ApiKeyRecord
+from fluxserve.store.base import UploadRecord
+from fluxserve.tasks import format_time
+from fluxserve.uploads import Uploads, decode_base64, destination, url_file_name
+from fluxserve.wire import ok
+
+router = APIRouter(prefix="/api/common/upload")
+
+# Room for what surrounds the image in a body: multipart framing and text fields,
+# or a JSON object's other fields.
+BODY_OVERHEAD = 64 * 1024
+MAX_TEXT_FIELDS, MAX_TEXT_FIELD = 8, 4 * 1024  # well within BODY_OVERHEAD
+MAX_URL_LENGTH = 2048
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "upload_path": {"type": "string"},
+        "file_name": {"type": "string"},
+    },
+}
+
+
+class Base64Upload(BaseModel):
+    """The body of POST /api/common/upload/base64."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    base64_data: str
+    upload_path: str | None = None
+    file_name: str | None = None
+
+
+class UrlUpload(BaseModel):
+    """The body of POST /api/common/upload/url."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    file_url: str = Field(max_length=MAX_URL_LENGTH)
+    upload_path: str | None = None
+    file_name: str | None = None
+
+
+def uploads(rt: RuntimeDep) -> Uploads:
+    return Uploads(rt.store, rt.storage, rt.settings, rt.policy)
+
+
+UploadsDep = Annotated[Uploads, Depends(uploads)]
+
+
+@router.post(
+    "/stream",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": _MULTIPART_SCHEMA}},
+        }
+    },
+)
+async def upload_stream(request: Request, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
+    """Store the image sent as the multipart part `file`."""
+    limit = up.settings.max_stream_upload_bytes
+    form = await _read_form(request, limit)
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise InvalidRequest("file is required: send the image as the multipart part 'file'")
+        if file.size is not None and file.size > limit:
+            raise PayloadTooLarge(f"file is larger than {limit} bytes, the most allowed")
+        where = destination(_text(form, "upload_path"), _text(form, "file_name"))
+        data = await file.read()
+    finally:
+        await form.close()
+    upload = await up.save(_account(key), data, where, field="file", original_name=file.filename)
+    return ok(upload_data(upload, up.storage))
+
+
+@router.post(
+    "/base64",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": Base64Upload.model_json_schema()}},
+        }
+    },
+)
+async def upload_base64(request: Request, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
+    """Store the image sent as `base64_data`: plain base64 or a data:image URL."""
+    limit = up.settings.max_base64_upload_bytes
+    # base64 takes 4 characters per 3 bytes; a tenth more for line breaks.
+    cap = limit * 4 // 3 * 11 // 10 + BODY_OVERHEAD
+    body = await _read_body(
+        request, cap, f"Request body is larger than {cap} bytes: base64_data too large"
+    )
+    try:
+        payload = Base64Upload.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(list(exc.errors()))) from exc
+    where = destination(payload.upload_path, payload.file_name)
+    data = decode_base64(payload.base64_data, limit)
+    upload = await up.save(
+        _account(key), data, where, field="base64_data", original_name=payload.file_name
+    )
+    return ok(upload_data(upload, up.storage))
+
+
+@router.post("/url")
+async def upload_url(body: UrlUpload, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
+    """Fetch the image at `file_url` (through the net guard) and store it."""
+    where = destination(body.upload_path, body.file_name)
+    data = await up.fetch(body.file_url)
+    upload = await up.save(
+        _account(key), data, where, field="file_url", original_name=url_file_name(body.file_url)
+    )
+    return ok(upload_data(upload, up.storage))
+
+
+def upload_data(upload: UploadRecord, storage: Storage) -> dict[str, Any]:
+    """The `data` of an upload's answer."""
+    url = storage.url(upload.key)
+    return {
+        "file_id": upload.file_id,
+        "file_name": upload.file_name,
+        "original_name": upload.original_name,
+        "file_size": upload.file_size,
+        "mime_type": upload.mime_type,
+        "upload_path": upload.upload_path,
+        "file_url": url,
+        "download_url": url,
+        "upload_time": format_time(upload.created_at),
+        "expires_at": format_time(upload.expires_at),
+    }
+
+
+def _account(key: ApiKeyRecord) -> str:
+    # Keys made before accounts existed were given one by migration 0004.
+    return key.account_id or key.key_id
+
+
+def _text(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if isinstance(value, UploadFile):
+        raise InvalidRequest(f"{name} must be a text field, not a file")
+    return value
+
+
+async def _read_form(request: Request, limit: int) -> FormData:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise InvalidRequest(
+            "Request body must be multipart/form-data, with the image in the part 'file'"
+        )
+    too_large = f"file is larger than {limit} bytes, the most allowed"
+    parser = MultiPartParser(
+        request.headers,
+        _bounded(request, limit + BODY_OVERHEAD, too_large),
+        max_files=1,
+        max_fields=MAX_TEXT_FIELDS,
+        max_part_size=MAX_TEXT_FIELD,
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"Request body is not valid multipart/form-data: {exc.message}") from exc
+
+
+async def _read_body(request: Request, cap: int, too_large: str) -> bytes:
+    body = bytearray()
+    async for chunk in _bounded(request, cap, too_large):
+        body += chunk
+    return bytes(body)
+
+
+async def _bounded(request: Request, cap: int, too_large: str) -> AsyncGenerator[bytes, None]:
+    """The request body's chunks; a 413 saying `too_large` once they pass `cap` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise PayloadTooLarge(too_large)  # refused before reading any of it
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > cap:
+            raise PayloadTooLarge(too_large)
+        yield chunk

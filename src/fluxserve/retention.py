@@ -1,0 +1,65 @@
+"""Deleting files whose time is up: uploads past `expires_at`, and the result files of
+tasks that ended more than `result_retention` seconds ago.
+
+Runs in every process's sweeper, in batches. Files go first and records after, so a
+sweep cut short leaves records whose files the next sweep deletes again (a missing
+file is no error), never files that no record points to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from fluxserve.settings import Settings
+from fluxserve.storage import Storage
+from fluxserve.store import Store
+
+BATCH = 100
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What one sweep removed."""
+
+    uploads: int
+    tasks: int
+
+
+async def sweep(
+    store: Store, storage: Storage, settings: Settings, now: float | None = None
+) -> Swept:
+    """Delete every file that has expired at `now` (default: the current time)."""
+    now = time.time() if now is None else now
+    uploads = await remove_expired_uploads(store, storage, now)
+    tasks = 0
+    if settings.result_retention is not None:
+        tasks = await remove_old_results(store, storage, now - settings.result_retention, now)
+    return Swept(uploads=uploads, tasks=tasks)
+
+
+async def remove_expired_uploads(store: Store, storage: Storage, now: float) -> int:
+    """Delete uploads whose `expires_at` has passed; how many."""
+    removed = 0
+    while True:
+        batch = await store.expired_uploads(now, BATCH)
+        await asyncio.gather(*(storage.delete(upload.key) for upload in batch))
+        await store.forget_uploads([upload.file_id for upload in batch])
+        removed += len(batch)
+        if len(batch) < BATCH:
+            return removed
+
+
+async def remove_old_results(
+    store: Store, storage: Storage, ended_before: float, now: float
+) -> int:
+    """Delete the files of tasks that finished before `ended_before`; how many tasks."""
+    removed = 0
+    while True:
+        batch = await store.tasks_with_files(ended_before, BATCH)
+        await asyncio.gather(*(storage.delete(key) for keys in batch.values() for key in keys))
+        await store.mark_files_expired(list(batch), now)
+        removed += len(batch)
+        if len(batch) < BATCH:
+            return removed
