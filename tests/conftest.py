@@ -7,7 +7,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from fluxserve.api.app import create_app
 from fluxserve.engines.base import Engine
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
+from fluxserve.store import Store, open_store
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import MODELS, ResultFile
 
@@ -254,3 +255,17 @@ async def settled_log(
             if until(log) if until else events and ended:
                 return log
             await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A started store on each backend: the store contract runs on both."""
+    async with AsyncExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / 'store.db'}"
+        else:
+            url = await stack.enter_async_context(fresh_postgres_database())
+        backend = open_store(url)
+        await backend.start()
+        stack.push_async_callback(backend.close)
+        yield backend

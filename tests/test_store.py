@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from pathlib import Path
 
 import pytest
 
-from fluxserve.store import Store, open_store
+from fluxserve.store import Store
 from fluxserve.store.base import Attempt, CallbackState, LeaseState, Outcome
 from fluxserve.tasks import NewTask, ResultFile, Task, TaskInput, TaskStatus, new_task_id
 
-from conftest import fresh_postgres_database
-
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    async with AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'store.db'}"
-        else:
-            url = await stack.enter_async_context(fresh_postgres_database())
-        backend = open_store(url)
-        await backend.start()
-        stack.push_async_callback(backend.close)
-        yield backend
 
 
 async def add(store: Store, model: str = "flux-2-pro", callback: str | None = None) -> str:
