@@ -97,12 +97,14 @@ class Service:
         key, _ = await create_key(self.runtime.store, name, account)
         return key.secret
 
-    async def wait(self, task_id: str, within: float = 60) -> dict[str, Any]:
+    async def wait(
+        self, task_id: str, within: float = 60, key: str | None = None
+    ) -> dict[str, Any]:
         """Poll until the task ends; returns its status data."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while loop.time() < deadline:
-            data = (await self.status(task_id)).json()["data"]
+            data = (await self.status(task_id, key)).json()["data"]
             if data["status"] in ("finished", "failed"):
                 return data
             await asyncio.sleep(0.05)
