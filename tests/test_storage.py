@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import boto3
 import httpx
@@ -352,3 +352,73 @@ async def test_open_storage_builds_s3_from_settings(
 def test_settings_refuse_a_url_lifetime_past_7_days(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="s3_url_lifetime"):
         make_settings(tmp_path, s3_url_lifetime=7 * 24 * 3600 + 1)
+
+
+# A storage's own URLs back to their keys ---------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["results/t1/image.png", "uploads/a b/0f3c/photo ü+1%.png"])
+async def test_own_urls_map_back_to_their_keys(storage: Storage, key: str) -> None:
+    assert storage.key_for_url(storage.url(key)) == key
+
+
+async def test_other_urls_map_to_no_key(storage: Storage) -> None:
+    url = storage.url("uploads/a.png")
+    for other in [
+        "https://example.com/files/uploads/a.png",
+        url.replace("127.0.0.1", "localhost", 1),  # the same server, by another name
+        url.replace("http://", "https://", 1),
+        url.replace("uploads/a.png", "uploads/../secret.png", 1),
+        url.replace("uploads/a.png", "uploads//a.png", 1),
+        "data:image/png;base64,iVBORw0KGgo=",
+        "http://[::1/files/a.png",  # not parseable
+        "not a url",
+        "",
+    ]:
+        assert storage.key_for_url(other) is None, other
+
+
+def test_local_urls_under_a_public_url_with_a_path(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path, "https://img.example.com/flux/")
+    url = storage.url("uploads/a.png")
+    assert url == "https://img.example.com/flux/files/uploads/a.png"
+    assert storage.key_for_url(url) == "uploads/a.png"
+    assert storage.key_for_url("HTTPS://IMG.Example.com/flux/files/uploads/a.png") == (
+        "uploads/a.png"
+    )
+    assert storage.key_for_url(url + "?download=1") == "uploads/a.png"
+    assert storage.key_for_url("https://img.example.com/files/uploads/a.png") is None
+    assert storage.key_for_url("https://img.example.com/flux/other/uploads/a.png") is None
+
+
+async def test_s3_urls_map_back_only_within_the_bucket_and_prefix(
+    s3_endpoint: str, bucket: str
+) -> None:
+    storage = s3_storage(s3_endpoint, bucket, prefix="fluxserve/prod")
+    url = storage.url("uploads/a.png")
+    assert storage.key_for_url(url) == "uploads/a.png"
+    # The key is the secret, as with local files: an unsigned or old URL maps too.
+    assert storage.key_for_url(url.split("?")[0]) == "uploads/a.png"
+    other_prefix = s3_storage(s3_endpoint, bucket, prefix="fluxserve/staging")
+    assert storage.key_for_url(other_prefix.url("uploads/a.png")) is None
+    other_bucket = s3_storage(s3_endpoint, f"{bucket}-other", prefix="fluxserve/prod")
+    assert storage.key_for_url(other_bucket.url("uploads/a.png")) is None
+
+
+@pytest.mark.parametrize("style", ["virtual", "path"])
+def test_s3_urls_map_back_on_aws_in_either_addressing_style(style: str) -> None:
+    storage = S3Storage(
+        "fluxserve-images",
+        region="eu-west-1",
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        addressing_style=style,
+    )
+    url = storage.url("results/t1/image.png")
+    host = urlsplit(url).netloc
+    if style == "virtual":
+        assert host.startswith("fluxserve-images.s3.")
+    else:
+        assert urlsplit(url).path.startswith("/fluxserve-images/")
+    assert storage.key_for_url(url) == "results/t1/image.png"
+    assert storage.key_for_url(url.replace("fluxserve-images", "someone-else", 1)) is None

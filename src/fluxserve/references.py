@@ -163,6 +163,17 @@ def _shown(url: str, limit: int = 120) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
+async def _read_stored(storage: Storage, key: str, where: str, max_bytes: int) -> bytes:
+    data = await storage.get(key)
+    if data is None:
+        raise ReferenceImageError(
+            f"{where}: the file is no longer stored (uploads and results expire)"
+        )
+    if len(data) > max_bytes:
+        raise ReferenceImageError(f"{where}: file is larger than {max_bytes} bytes")
+    return data
+
+
 async def _load_one(
     url: str,
     *,
@@ -173,20 +184,12 @@ async def _load_one(
     total_timeout: float | None,
     storage: Storage | None,
 ) -> Image.Image:
-    key = storage.key_for_url(url) if storage is not None else None
     if url[:5].lower() == "data:":
         data = decode_data_url(url, max_bytes)
         where = "data: URL"
-    elif storage is not None and key is not None:
+    elif storage is not None and (key := storage.key_for_url(url)) is not None:
         where = _shown(url)
-        stored = await storage.get(key)
-        if stored is None:
-            raise ReferenceImageError(
-                f"{where}: the file is no longer stored (uploads and results expire)"
-            )
-        if len(stored) > max_bytes:
-            raise ReferenceImageError(f"{where}: file is larger than {max_bytes} bytes")
-        data = stored
+        data = await _read_stored(storage, key, where, max_bytes)
     else:
         fetched = await fetch_bytes(
             client, url, policy=policy, max_bytes=max_bytes, total_timeout=total_timeout

@@ -183,7 +183,9 @@ async def _read_form(request: Request, limit: int) -> FormData:
     try:
         return await parser.parse()
     except MultiPartException as exc:
-        raise InvalidRequest(f"Request body is not valid multipart/form-data: {exc.message}") from exc
+        raise InvalidRequest(
+            f"Request body is not valid multipart/form-data: {exc.message}"
+        ) from exc
 
 
 async def _read_body(request: Request, cap: int, too_large: str) -> bytes:
