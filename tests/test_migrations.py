@@ -14,10 +14,12 @@ from alembic.config import Config
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fluxserve.store import open_store
-from fluxserve.store.schema import callbacks, tasks
-from fluxserve.tasks import TERMINAL_EVENTS, TaskInput
+from fluxserve.store.schema import api_keys, callbacks, tasks
+from fluxserve.tasks import TERMINAL_EVENTS, NewTask, TaskInput
 
 from conftest import fresh_postgres_database
+
+INPUT = TaskInput(prompt="a new task", size="1:1", resolution="1K")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -92,3 +94,45 @@ async def test_callbacks_from_before_0002_keep_their_task_status_as_event_type(
         ("evt_task-a", "finished"),
         ("evt_task-b", "failed"),
     ]
+
+
+async def test_keys_and_tasks_from_before_0004_get_accounts_and_keep_their_order(
+    database_url: str,
+) -> None:
+    driver = "sqlite+aiosqlite" if database_url.startswith("sqlite") else "postgresql+asyncpg"
+    engine = create_async_engine(driver + database_url[database_url.index(":") :])
+    async with engine.begin() as conn:
+        await conn.run_sync(upgrade_to("0003"))
+        await conn.execute(
+            api_keys.insert().values(
+                key_id="key_0a1b2c", name="old", key_hash="h" * 64, prefix="fsk_old", created_at=1.0
+            )
+        )
+        for task_id, status in (("task-a", "finished"), ("task-b", "not_started")):
+            await conn.execute(
+                tasks.insert().values({**task_row(task_id, status), "owner": "key_0a1b2c"})
+            )
+    await engine.dispose()
+
+    store = open_store(database_url)
+    await store.start()
+    try:
+        key = await store.key_for_hash("h" * 64)
+        assert key is not None and key.account_id is not None
+        account = await store.get_account(key.account_id)
+        queued = await store.queue_position("task-b")
+        # A new account's task queues behind the old one.
+        later = await store.create_task(
+            NewTask("task-c", "key_new", "acct_new", "flux-2-pro", INPUT, None, 2.0)
+        )
+        claims = [await store.claim_task(["flux-2-pro"], "w", 30) for _ in range(2)]
+        page = await store.list_tasks(
+            key.account_id, status=None, model=None, limit=10, before=None
+        )
+    finally:
+        await store.close()
+    assert account is not None and account.email == "key_0a1b2c@localhost"
+    assert account.balance == account.held == 0
+    assert queued == 1
+    assert [c.task.task_id for c in claims if c] == ["task-b", later.task_id]
+    assert [t.task_id for t in page.tasks] == ["task-b", "task-a"]
