@@ -9,9 +9,11 @@ way, so the text encoder's work is the same.
 
 Then, at 1K and 2K: (a) N images from a plain `pipeline(...)` loop, (b) N tasks
 submitted to fluxserve (SQLite store, worker, the diffusers engine holding the
-same pipeline, PNG results stored), timed from first submit to last finished.
-Prints images/s, s/image and the ratio plain_s_per_image / fluxserve_s_per_image
-(>= 1.0: fluxserve at least matches the loop).
+same pipeline, PNG results stored), timed from first submit to last finished,
+once with the prompt-embedding cache off and once on. Every image has the same
+prompt (a new seed each), so with the cache on only the first task runs the
+text encoder. Prints images/s, s/image and the ratio plain_s_per_image /
+fluxserve_s_per_image for each (>= 1.0: fluxserve at least matches the loop).
 
     python bench/gpu.py                 # on a CUDA card, bf16
     python bench/gpu.py --compile       # with compile_transformer = true
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.accounts import create_key
 from fluxserve.checkpoints import EnginePlan, ModelRoute
 from fluxserve.engines.diffusers import DiffusersEngine
 from fluxserve.runtime import Runtime
@@ -38,6 +41,7 @@ from fluxserve.worker import WorkerState
 
 PROMPT = "a lighthouse on a cliff at dusk, waves below, warm light in the windows"
 RESOLUTIONS = {"1K": 1024, "2K": 2048}
+PROMPT_CACHE_SIZE = Settings.model_fields["prompt_cache_size"].default
 
 
 def build_klein_4b(device: torch.device, dtype: torch.dtype) -> Any:
@@ -124,11 +128,14 @@ async def through_fluxserve(
             if worker.state is WorkerState.READY:
                 break
             await asyncio.sleep(0.01)
+        new_key, _ = await create_key(runtime.store, "bench")
+        key = await runtime.store.key_for_hash(new_key.key_hash)
+        assert key is not None
         start = time.perf_counter()
         ids = []
         for seed in range(count):
             task = await runtime.service.submit(
-                "bench",
+                key,
                 "flux-2-pro",
                 TaskInput(prompt=PROMPT, size="1:1", resolution=resolution, seed=seed),
                 None,
@@ -137,16 +144,26 @@ async def through_fluxserve(
         pending = set(ids)
         while pending:
             for task_id in list(pending):
-                task = await runtime.store.get_task(task_id)
-                assert task is not None
-                if task.status.terminal:
-                    if task.error_message:
-                        raise RuntimeError(f"{task_id} failed: {task.error_message}")
+                found = await runtime.store.get_task(task_id)
+                assert found is not None
+                if found.status.terminal:
+                    if found.error_message:
+                        raise RuntimeError(f"{task_id} failed: {found.error_message}")
                     pending.discard(task_id)
             await asyncio.sleep(0.01)
         return time.perf_counter() - start
     finally:
         await runtime.stop()
+
+
+def served_by(pipeline: Any, plan: EnginePlan, *, compile: bool, prompt_cache_size: int) -> Any:
+    """A diffusers engine holding the already built `pipeline`, its prompt cache empty."""
+    engine = DiffusersEngine(
+        [plan], compile_transformer=compile, prompt_cache_size=prompt_cache_size
+    )
+    # Handed over as if loaded from disk.
+    engine._loaded[plan.route.pipeline_key()] = pipeline
+    return engine
 
 
 def main() -> None:
@@ -172,28 +189,30 @@ def main() -> None:
         label = f"FLUX.2 [klein] 4B (random weights), {torch.cuda.get_device_name()}, bf16"
     route = ModelRoute(checkpoint="bench:in-memory", steps=args.steps)
     plan = EnginePlan("flux-2-pro", route, "diffusers", "built in memory", Path("."))
-    engine = DiffusersEngine([plan], compile_transformer=args.compile)
-    # The pipeline is already built: hand it to the engine as if loaded from disk.
-    engine._loaded[route.pipeline_key()] = pipeline
     if args.compile:
         pipeline.transformer.compile()
 
     print(f"# {label}; {args.steps} steps, {args.count} images per row")
     print("| resolution | path | images/s | s/image |")
     print("|---|---|---|---|")
-    ratios = {}
+    ratios = []
     for resolution in args.resolutions.split(","):
         size = RESOLUTIONS[resolution]
         plain_loop(pipeline, size, 1, args.steps)  # warm-up (and compile)
         plain = plain_loop(pipeline, size, args.count, args.steps) / args.count
-        with tempfile.TemporaryDirectory() as folder:
-            served = asyncio.run(through_fluxserve(engine, resolution, args.count, Path(folder)))
-        served /= args.count
-        for name, seconds in (("plain diffusers loop", plain), ("fluxserve worker", served)):
-            print(f"| {resolution} | {name} | {1 / seconds:.3f} | {seconds:.3f} |")
-        ratios[resolution] = plain / served
-    for resolution, ratio in ratios.items():
-        print(f"ratio plain/fluxserve s/image at {resolution}: {ratio:.2f}")
+        print(f"| {resolution} | plain diffusers loop | {1 / plain:.3f} | {plain:.3f} |")
+        for cache, cache_size in (("off", 0), ("on", PROMPT_CACHE_SIZE)):
+            engine = served_by(pipeline, plan, compile=args.compile, prompt_cache_size=cache_size)
+            with tempfile.TemporaryDirectory() as folder:
+                served = asyncio.run(
+                    through_fluxserve(engine, resolution, args.count, Path(folder))
+                )
+            served /= args.count
+            name = f"fluxserve worker, prompt cache {cache}"
+            print(f"| {resolution} | {name} | {1 / served:.3f} | {served:.3f} |")
+            ratios.append((resolution, cache, plain / served))
+    for resolution, cache, ratio in ratios:
+        print(f"ratio plain/fluxserve s/image at {resolution}, prompt cache {cache}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

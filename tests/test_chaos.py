@@ -178,7 +178,8 @@ async def test_killed_workers_lose_and_double_nothing(fleet: Fleet, tmp_path: Pa
         # What a user sees: every task finished, through either API.
         for index, task_id in enumerate(ids):
             response = await client.get(f"{apis[index % 2]}/api/generate/status/{task_id}")
-            assert response.json()["data"]["status"] == "finished"
+            data = response.json()["data"]
+            assert data["status"] == "finished", data
 
     assert counts == Counter({"finished": TASKS}), counts
     files = sorted((tmp_path / "data" / "files" / "results").glob("*/*"))

@@ -44,6 +44,7 @@ def make_engine(settings: Settings, models: Sequence[str] = MODELS) -> Engine:
         max_loaded=settings.max_loaded_pipelines,
         allow_downloads=settings.allow_downloads,
         compile_transformer=settings.compile_transformer,
+        prompt_cache_size=settings.prompt_cache_size,
     )
     tiny = _tiny(settings) if len(real) < len(plans) else diffusers_engine
     from fluxserve.engines.routed import RoutedEngine
@@ -60,4 +61,4 @@ def _tiny(settings: Settings) -> Engine:
         raise EngineUnavailable(
             f"the tiny engine needs torch and diffusers ({exc.name} is missing): {LOCAL_EXTRA_HINT}"
         ) from exc
-    return TinyEngine(steps=settings.tiny_steps)
+    return TinyEngine(steps=settings.tiny_steps, prompt_cache_size=settings.prompt_cache_size)

@@ -2,11 +2,12 @@
 
 [klein] 4B/9B load as `Flux2KleinPipeline`, [dev] as `Flux2Pipeline`. Each
 distinct checkpoint (with its dtype and memory mode) is one pipeline, loaded once
-and kept warm; when more are routed than `max_loaded` allows, the least recently
-used one is unloaded. Memory modes: "gpu" (all on the card), "model_cpu_offload",
-"group_offload", "4bit" and "8bit" (bitsandbytes). An out-of-memory error fails
-the task with a message naming `memory_mode`, and the device cache is emptied so
-the next task runs.
+and kept warm, with the embeddings of its recent prompts (`prompt_cache_size`);
+when more are routed than `max_loaded` allows, the least recently used one is
+unloaded, its embeddings with it. Memory modes: "gpu" (all on the card),
+"model_cpu_offload", "group_offload", "4bit" and "8bit" (bitsandbytes). An
+out-of-memory error fails the task with a message naming `memory_mode`, and the
+device cache (and the prompt embeddings) are emptied so the next task runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 from fluxserve.checkpoints import EnginePlan, ModelRoute, pull_hint
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
 from fluxserve.engines.flux2 import run_pipeline
+from fluxserve.engines.prompts import PromptCache
 from fluxserve.errors import EngineError, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -90,12 +92,16 @@ def quantization_config(route: ModelRoute, dtype: torch.dtype) -> Any:
     )
 
 
-def oom_message(model: str | None, route: ModelRoute, width: int, height: int) -> str:
+def oom_message(
+    model: str | None, route: ModelRoute, width: int, height: int, batch: int = 1
+) -> str:
     table = f'models."{model}"' if model else "models"
+    drawing = f"{width}x{height}" if batch == 1 else f"a batch of {batch} at {width}x{height}"
+    lower = "max_loaded_pipelines" if batch == 1 else "max_batch_size or max_loaded_pipelines"
     return (
-        f"Out of GPU memory drawing {width}x{height} with {route.checkpoint} "
+        f"Out of GPU memory drawing {drawing} with {route.checkpoint} "
         f"(memory_mode {route.memory_mode!r}). Set {table}.memory_mode to "
-        "'model_cpu_offload', 'group_offload' or '4bit', lower max_loaded_pipelines, "
+        f"'model_cpu_offload', 'group_offload' or '4bit', lower {lower}, "
         "or ask for a smaller resolution."
     )
 
@@ -112,13 +118,16 @@ class DiffusersEngine:
         max_loaded: int = 1,
         allow_downloads: bool = False,
         compile_transformer: bool = False,
+        prompt_cache_size: int = 0,
     ) -> None:
         self.plans = {plan.model: plan for plan in plans}
         self.max_loaded = max_loaded
         self.allow_downloads = allow_downloads
         self.compile_transformer = compile_transformer
+        self.prompt_cache_size = prompt_cache_size
         self.device = device()
         self._loaded: OrderedDict[PipelineKey, Any] = OrderedDict()
+        self._prompts: dict[PipelineKey, PromptCache] = {}
         self._lock = threading.RLock()
 
     def load(self) -> None:
@@ -170,25 +179,39 @@ class DiffusersEngine:
         self, request: GenerationRequest, on_progress: ProgressCallback
     ) -> list[Image.Image]:
         """Run the model's pipeline; `on_progress` exceptions propagate unchanged."""
-        plan = self._plan(request.model)
+        return self.generate_batch([request], on_progress)[0]
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback
+    ) -> list[list[Image.Image]]:
+        """Draw `requests` (one model and shape, see `BatchEngine`) in one pipeline call."""
+        first = requests[0]
+        plan = self._plan(first.model)
         route = plan.route
-        pipeline = self.pipeline_for(request.model)
-        steps = request.steps or route.steps
-        guidance = request.guidance if request.guidance is not None else route.guidance
+        with self._lock:  # the pipeline and its cache, as one: neither unloads between
+            pipeline = self.pipeline_for(first.model)
+            prompts = self._prompts.setdefault(
+                route.pipeline_key(), PromptCache(self.prompt_cache_size)
+            )
+        steps = first.steps or route.steps
+        guidance = first.guidance if first.guidance is not None else route.guidance
         try:
             return run_pipeline(
                 pipeline,
-                request,
+                requests,
                 on_progress,
                 steps=steps,
                 guidance=guidance,
                 lock=self._lock,
+                prompts=prompts,
                 failure=f"FLUX.2 ({route.checkpoint}) failed",
             )
         except torch.OutOfMemoryError as exc:
+            with self._lock:
+                prompts.clear()
             empty_device_cache()
             raise EngineError(
-                oom_message(request.model, route, request.width, request.height)
+                oom_message(first.model, route, first.width, first.height, len(requests))
             ) from exc
 
     def _plan(self, model: str | None) -> EnginePlan:
@@ -267,6 +290,7 @@ class DiffusersEngine:
 
     def _unload_oldest(self) -> None:
         key, _ = self._loaded.popitem(last=False)
+        self._prompts.pop(key, None)
         logger.info("unloading %s (least recently used)", key[0])
         empty_device_cache()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -9,26 +10,38 @@ import torch
 from PIL import Image
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
+from fluxserve.engines.prompts import PromptCache
 from fluxserve.errors import EngineError
 
 
 def run_pipeline(
     pipeline: Any,
-    request: GenerationRequest,
+    requests: Sequence[GenerationRequest],
     on_progress: ProgressCallback,
     *,
     steps: int,
     guidance: float | None,
     lock: AbstractContextManager[Any],
+    prompts: PromptCache,
     failure: str,
-) -> list[Image.Image]:
-    """Draw `request` with `pipeline`, reporting every step to `on_progress`.
+) -> list[list[Image.Image]]:
+    """Draw `requests` in one call of `pipeline`, reporting every step to `on_progress`.
+
+    Several requests must share their size and have no references (see
+    `BatchEngine`); each gets its own prompt and seed, and its own list of
+    images back, in order.
 
     An exception from `on_progress` stops the denoising loop at that step and
     propagates unchanged; so does an out-of-memory error, for the caller to
     explain. Any other failure becomes `EngineError("<failure>: ...")`. Unset,
-    `guidance` leaves the pipeline's own default.
+    `guidance` leaves the pipeline's own default. A prompt in `prompts` is not
+    encoded again; `lock` guards `prompts` too.
     """
+    first = requests[0]
+    if len(requests) > 1 and any(
+        (r.width, r.height) != (first.width, first.height) or r.images for r in requests
+    ):
+        raise ValueError("a batch shares one size and has no reference images")
     # on_progress's own exception, kept to tell it apart from pipeline failures.
     raised: list[BaseException] = []
 
@@ -47,14 +60,14 @@ def run_pipeline(
         # The scheduler keeps per-call state (timesteps, step index): one at a time.
         with lock:
             output = pipeline(
-                prompt=request.prompt,
-                image=list(request.images) or None,
-                width=request.width,
-                height=request.height,
+                **prompts.text_inputs(pipeline, [r.prompt for r in requests]),
+                image=list(first.images) or None,
+                width=first.width,
+                height=first.height,
                 num_inference_steps=steps,
-                # A CPU generator draws the same noise on every device: seeds
-                # reproduce across cards and offload modes.
-                generator=torch.Generator("cpu").manual_seed(request.seed),
+                # A CPU generator per image draws the same noise on every device
+                # and in any batch: seeds reproduce across cards and offload modes.
+                generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
                 callback_on_step_end=step_end,
                 **options,
             )
@@ -64,4 +77,4 @@ def run_pipeline(
         if raised and exc is raised[0]:
             raise
         raise EngineError(f"{failure}: {exc}") from exc
-    return list(output.images)
+    return [[image] for image in output.images]

@@ -36,6 +36,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
 from fluxserve.engines.flux2 import run_pipeline
+from fluxserve.engines.prompts import PromptCache
 
 PipelineT = TypeVar("PipelineT", Flux2KleinPipeline, Flux2Pipeline)
 
@@ -190,9 +191,10 @@ class TinyEngine:
 
     name = "tiny"
 
-    def __init__(self, steps: int = 4) -> None:
+    def __init__(self, steps: int = 4, prompt_cache_size: int = 0) -> None:
         self.steps = steps
         self._pipeline: Flux2KleinPipeline | None = None
+        self._prompts = PromptCache(prompt_cache_size)
         self._load_lock = threading.Lock()
         # The scheduler keeps per-call state (timesteps, step index): one at a time.
         self._generate_lock = threading.Lock()
@@ -215,14 +217,22 @@ class TinyEngine:
         An exception from `on_progress` stops generation and propagates unchanged;
         any other failure becomes `EngineError`.
         """
+        return self.generate_batch([request], on_progress)[0]
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback
+    ) -> list[list[Image.Image]]:
+        """Draw `requests` (one shape, see `BatchEngine`) in one pipeline call."""
+        first = requests[0]
         # Unset, guidance is the pipeline's own default: 4.0, classifier-free
         # guidance (a second transformer pass per step), as on the undistilled base.
         return run_pipeline(
             self._loaded(),
-            request,
+            requests,
             on_progress,
-            steps=request.steps or self.steps,
-            guidance=request.guidance,
+            steps=first.steps or self.steps,
+            guidance=first.guidance,
             lock=self._generate_lock,
+            prompts=self._prompts,
             failure="The tiny engine failed",
         )
