@@ -54,10 +54,25 @@ class Settings(BaseSettings):
     compile_transformer: bool = Field(
         default=False, description="torch.compile the diffusers transformer (slow first task)"
     )
+    prompt_cache_size: int = Field(
+        default=32,
+        ge=0,
+        description="Recent prompts whose embeddings each pipeline keeps on its device; 0: none",
+    )
     task_timeout: float | None = Field(
         default=None, gt=0, description="Seconds a task may denoise before it fails"
     )
+    max_batch_size: int = Field(
+        default=1,
+        ge=1,
+        description="Queued tasks of one shape a worker draws in one pipeline call; 1: none",
+    )
     allow_private_networks: bool = False
+    api_key_cache_ttl: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds an API key, once looked up, is reused; a revoke takes this long",
+    )
 
     callback_timeout: float = Field(default=10.0, gt=0)
     # 1, 2 and 4 s as the hosted API retries, then minutes, then hours: about a
