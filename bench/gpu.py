@@ -10,10 +10,13 @@ way, so the text encoder's work is the same.
 Then, at 1K and 2K: (a) N images from a plain `pipeline(...)` loop, (b) N tasks
 submitted to fluxserve (SQLite store, worker, the diffusers engine holding the
 same pipeline, PNG results stored), timed from first submit to last finished,
-once with the prompt-embedding cache off and once on. Every image has the same
-prompt (a new seed each), so with the cache on only the first task runs the
-text encoder. Prints images/s, s/image and the ratio plain_s_per_image /
-fluxserve_s_per_image for each (>= 1.0: fluxserve at least matches the loop).
+once with the prompt-embedding cache off, once on, and once on with
+`max_batch_size` (`--batch`): the tasks that queue while the worker draws (all
+of one shape here) are then drawn together, up to that many per pipeline call.
+Every image has the same prompt (a new seed each), so with the cache on only the
+first task runs the text encoder. Prints images/s, s/image and the ratio
+plain_s_per_image / fluxserve_s_per_image for each (>= 1.0: fluxserve at least
+matches the loop).
 
     python bench/gpu.py                 # on a CUDA card, bf16
     python bench/gpu.py --compile       # with compile_transformer = true
@@ -115,10 +118,12 @@ def sync() -> None:
 
 
 async def through_fluxserve(
-    engine: DiffusersEngine, resolution: str, count: int, data_dir: Path
+    engine: DiffusersEngine, resolution: str, count: int, data_dir: Path, max_batch_size: int
 ) -> float:
     """Seconds from the first submit of `count` tasks to the last one finished."""
-    settings = Settings(data_dir=data_dir, poll_interval=0.05, engine="diffusers")
+    settings = Settings(
+        data_dir=data_dir, poll_interval=0.05, engine="diffusers", max_batch_size=max_batch_size
+    )
     runtime = Runtime(settings, run_worker=True, models=["flux-2-pro"], engine=engine)
     await runtime.start()
     try:
@@ -173,6 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     parser.add_argument("--resolutions", default="1K,2K")
+    parser.add_argument("--batch", type=int, default=4, help="max_batch_size of the batched row")
     args = parser.parse_args()
 
     if args.cpu_smoke:
@@ -201,18 +207,22 @@ def main() -> None:
         plain_loop(pipeline, size, 1, args.steps)  # warm-up (and compile)
         plain = plain_loop(pipeline, size, args.count, args.steps) / args.count
         print(f"| {resolution} | plain diffusers loop | {1 / plain:.3f} | {plain:.3f} |")
-        for cache, cache_size in (("off", 0), ("on", PROMPT_CACHE_SIZE)):
+        served_rows = (
+            ("prompt cache off", 0, 1),
+            ("prompt cache on", PROMPT_CACHE_SIZE, 1),
+            (f"prompt cache on, batches of {args.batch}", PROMPT_CACHE_SIZE, args.batch),
+        )
+        for row, cache_size, batch in served_rows:
             engine = served_by(pipeline, plan, compile=args.compile, prompt_cache_size=cache_size)
             with tempfile.TemporaryDirectory() as folder:
                 served = asyncio.run(
-                    through_fluxserve(engine, resolution, args.count, Path(folder))
+                    through_fluxserve(engine, resolution, args.count, Path(folder), batch)
                 )
             served /= args.count
-            name = f"fluxserve worker, prompt cache {cache}"
-            print(f"| {resolution} | {name} | {1 / served:.3f} | {served:.3f} |")
-            ratios.append((resolution, cache, plain / served))
-    for resolution, cache, ratio in ratios:
-        print(f"ratio plain/fluxserve s/image at {resolution}, prompt cache {cache}: {ratio:.2f}")
+            print(f"| {resolution} | fluxserve worker, {row} | {1 / served:.3f} | {served:.3f} |")
+            ratios.append((resolution, row, plain / served))
+    for resolution, row, ratio in ratios:
+        print(f"ratio plain/fluxserve s/image at {resolution}, {row}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

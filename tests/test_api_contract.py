@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -208,13 +209,17 @@ async def test_missing_or_unknown_key_is_401(service: Service, header: str | Non
         assert response.json()["error"]["type"] == "authentication_error"
 
 
-async def test_a_revoked_key_is_401(service: Service) -> None:
-    secret = await service.new_key("soon revoked")
-    assert (await service.submit(BODY, key=secret)).status_code == 200
-    keys = await service.runtime.store.list_keys()
-    revoked = next(k for k in keys if k.name == "soon revoked")
-    assert await service.runtime.store.revoke_key(revoked.key_id)
-    response = await service.submit(BODY, key=secret)
+async def test_a_revoked_key_is_401_once_the_key_cache_ttl_has_passed(tmp_path: Any) -> None:
+    settings = make_settings(tmp_path / "data", api_key_cache_ttl=0.2)
+    async with run_service(settings, run_worker=False) as service:
+        secret = await service.new_key("soon revoked")
+        assert (await service.submit(BODY, key=secret)).status_code == 200
+        keys = await service.runtime.store.list_keys()
+        revoked = next(k for k in keys if k.name == "soon revoked")
+        # As `fluxserve keys revoke` does, from outside this process's cache.
+        assert await service.runtime.store.revoke_key(revoked.key_id)
+        await asyncio.sleep(0.25)
+        response = await service.submit(BODY, key=secret)
     assert response.status_code == 401
     assert response.json()["error"]["message"] == "API key has been revoked"
 

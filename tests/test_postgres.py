@@ -86,6 +86,26 @@ async def test_both_stores_survive_the_database_dropping_every_connection(
     assert await api_side.get_task(second) is not None
 
 
+async def test_a_read_right_after_every_connection_dropped_is_answered(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, _ = two_stores
+    task_id = await add(store)
+    for _ in range(5):
+        assert await store.get_task(task_id) is not None  # the read pool's connections
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        try:
+            await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                store.engine.url.database,
+            )
+        finally:
+            await admin.close()
+        found = await store.get_task_and_position(task_id)
+        assert found is not None and found[1] == 1
+
+
 async def test_claims_from_two_processes_never_share_a_task(
     two_stores: tuple[Store, Store],
 ) -> None:

@@ -86,12 +86,13 @@ class TaskService:
 
     async def get(self, key: ApiKeyRecord, task_id: str) -> Task:
         """The caller's task; 404 when unknown, 403 when another account's."""
-        task = await self.store.get_task(task_id)
-        if task is None:
-            raise NotFound(f"Task {task_id} not found")
-        if not _owns(key, task):
-            raise PermissionDenied("Task belongs to another user")
-        return task
+        return _readable(key, task_id, await self.store.get_task(task_id))
+
+    async def get_with_position(self, key: ApiKeyRecord, task_id: str) -> tuple[Task, int | None]:
+        """The caller's task and, while it is queued, its queue position; errors as `get`."""
+        found = await self.store.get_task_and_position(task_id)
+        task, position = (None, None) if found is None else found
+        return _readable(key, task_id, task), position
 
     async def cancel(self, key: ApiKeyRecord, task_id: str) -> Task:
         """Cancel the caller's queued or running task; 409 once it has ended otherwise."""
@@ -148,6 +149,15 @@ class TaskService:
             check_url(url, policy)
         except UnsafeURLError as exc:
             raise InvalidRequest(f"{field} is not allowed: {exc}") from exc
+
+
+def _readable(key: ApiKeyRecord, task_id: str, task: Task | None) -> Task:
+    """`task` if the caller may read it; 404 when there is none, 403 when another's."""
+    if task is None:
+        raise NotFound(f"Task {task_id} not found")
+    if not _owns(key, task):
+        raise PermissionDenied("Task belongs to another user")
+    return task
 
 
 def _owns(key: ApiKeyRecord, task: Task) -> bool:

@@ -80,6 +80,17 @@ class TaskInput:
     steps: int | None = None
     guidance: float | None = None
 
+    @property
+    def batch_shape(self) -> tuple[str, str, int | None, float | None] | None:
+        """What tasks must share to be drawn in one pipeline call; None: never batched.
+
+        Edits are not batched: their references differ per task, and so may
+        their pixel size (`size: auto` follows the first reference).
+        """
+        if self.image_urls:
+            return None
+        return (self.size, self.resolution, self.steps, self.guidance)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "prompt": self.prompt,

@@ -1,7 +1,10 @@
-"""The worker: claim a task, run the engine off the event loop, hand back the result.
+"""The worker: claim tasks, run the engine off the event loop, hand back the results.
 
 States: NEW -> STARTING (engine loading) -> READY -> STOPPED, or DEFUNCT when the
-engine cannot load. One task at a time: a worker is one GPU's (or CPU's) engine.
+engine cannot load. One engine call at a time: a worker is one GPU's (or CPU's)
+engine. With `max_batch_size` above 1, and an engine that batches, that call
+draws up to that many queued tasks of one shape together; each task still has
+its own lease, progress, seed, files and ending.
 """
 
 from __future__ import annotations
@@ -15,12 +18,20 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from enum import StrEnum
 
 import httpx
+from PIL import Image
 
 from fluxserve import reference_shape, results
-from fluxserve.engines.base import Engine, GenerationRequest, engine_label
+from fluxserve.engines.base import (
+    Engine,
+    GenerationRequest,
+    batches,
+    engine_label,
+    generate_batch,
+)
 from fluxserve.errors import (
     EngineError,
     FetchError,
@@ -43,6 +54,8 @@ logger = logging.getLogger(__name__)
 # Denoising fills progress up to here; storing the file takes it to 100.
 DENOISE_SHARE = 95
 USER_ERRORS = (ReferenceImageError, FetchError, UnsafeURLError, EngineError)
+# A batch's companions come from this many times its size of the queue's front.
+BATCH_LOOKAHEAD = 4
 
 
 class WorkerState(StrEnum):
@@ -54,15 +67,42 @@ class WorkerState(StrEnum):
 
 
 class Interrupted(Exception):
-    """Raised on the engine thread at the next step when the worker must stop."""
+    """Raised on the engine thread at the next step when the worker must stop.
+
+    Every task of the batch goes back to the queue.
+    """
 
 
 class TaskStopped(Exception):
-    """Raised on the engine thread at the next step of a cancelled or timed-out task.
+    """Raised on the engine thread at the next step of a timed-out batch.
 
-    Unlike `Interrupted`, the task does not go back to the queue: it fails with
+    Unlike `Interrupted`, its tasks do not go back to the queue: they fail with
     this message.
     """
+
+
+class Cancelled(Exception):
+    """Raised on the engine thread at the next step once tasks of the batch are cancelled.
+
+    Those fail as cancelled; the others go back to the queue, to run again.
+    """
+
+    def __init__(self, task_ids: frozenset[str]) -> None:
+        super().__init__(CANCELLED_MESSAGE)
+        self.task_ids = task_ids
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A claimed task, what it asks the engine for, and where its progress goes."""
+
+    claim: Claim
+    request: GenerationRequest
+    reporter: _ProgressReporter
+
+    @property
+    def task_id(self) -> str:
+        return self.claim.task.task_id
 
 
 class Worker:
@@ -86,6 +126,8 @@ class Worker:
         self.policy = policy
         self.models = tuple(models)
         self.events = events
+        # Engines that cannot batch get one task per call.
+        self.batch_size = settings.max_batch_size if batches(engine) else 1
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.state = WorkerState.NEW
         self.error: str | None = None
@@ -94,7 +136,7 @@ class Worker:
         self._stopping = threading.Event()
         # Task ids to stop at their next step; read on the engine thread.
         self._cancelled: set[str] = set()
-        self._running: str | None = None
+        self._running: frozenset[str] = frozenset()
 
     async def run(self) -> None:
         """Load the engine, then claim and run tasks until cancelled."""
@@ -116,13 +158,17 @@ class Worker:
             async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
                 while True:
                     try:
-                        claim = await self.store.claim_task(
-                            self.models, self.worker_id, self.settings.lease_seconds
+                        claims = await self.store.claim_batch(
+                            self.models,
+                            self.worker_id,
+                            self.settings.lease_seconds,
+                            limit=self.batch_size,
+                            window=BATCH_LOOKAHEAD * self.batch_size,
                         )
-                        if claim is None:
+                        if not claims:
                             await self.store.wait_for_task(self.settings.poll_interval)
                             continue
-                        await self._run_task(claim, client)
+                        await self._run_batch(claims, client)
                     except StoreUnavailable as exc:
                         # The lease covers a running task meanwhile; retry once it's back.
                         logger.warning("worker %s: %s; retrying", self.worker_id, exc)
@@ -148,15 +194,16 @@ class Worker:
             await asyncio.sleep(self.settings.lease_seconds / 3)
 
     def stop_engine(self) -> None:
-        """Make the engine give up at its next step; the task goes back to the queue."""
+        """Make the engine give up at its next step; its tasks go back to the queue."""
         self._stopping.set()
 
     def cancel(self, task_id: str) -> bool:
         """Stop `task_id` at its next denoising step; it fails as cancelled.
 
-        Returns whether the task is running on this worker now.
+        The rest of its batch goes back to the queue. Returns whether the task is
+        running on this worker now.
         """
-        if self._running != task_id:
+        if task_id not in self._running:
             return False
         self._cancelled.add(task_id)
         return True
@@ -164,44 +211,74 @@ class Worker:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _run_task(self, claim: Claim, client: httpx.AsyncClient) -> None:
+    async def _run_batch(self, claims: Sequence[Claim], client: httpx.AsyncClient) -> None:
+        """Run `claims` in one engine call; each then ends on its own."""
+        reporters = [self._reporter(claim) for claim in claims]
+        heartbeats = [asyncio.create_task(reporter.run()) for reporter in reporters]
+        try:
+            jobs = []
+            for claim, reporter in zip(claims, reporters, strict=True):
+                request = await self._prepare(claim, client)
+                if request is not None:
+                    jobs.append(_Job(claim, request, reporter))
+            if jobs:
+                await self._run_jobs(jobs)
+        except asyncio.CancelledError:
+            for claim in claims:  # those that ended already stay as they are
+                await self.store.release_task(claim)
+            raise
+        finally:
+            for heartbeat in heartbeats:
+                heartbeat.cancel()
+            self._running = frozenset()
+            self._cancelled.difference_update(claim.task.task_id for claim in claims)
+
+    def _reporter(self, claim: Claim) -> _ProgressReporter:
         events = self.events.watch(claim.task) if self.events is not None else None
         if events is not None:
             events.running()
-        reporter = _ProgressReporter(
+        return _ProgressReporter(
             self.store, claim, self.settings.lease_seconds, events, on_cancel=self.cancel
         )
-        heartbeat = asyncio.create_task(reporter.run())
+
+    async def _prepare(self, claim: Claim, client: httpx.AsyncClient) -> GenerationRequest | None:
+        """The engine request for `claim`; None when it failed the task instead."""
         try:
-            outcome = await self._generate(claim, client, reporter)
-        except asyncio.CancelledError:
-            await self.store.release_task(claim)
-            raise
-        except Interrupted:
-            await self.store.release_task(claim)
-            return
-        except TaskStopped as exc:
-            await self.store.fail_task(claim, str(exc))
-            return
+            return await self._request(claim, client)
         except USER_ERRORS as exc:
             await self.store.fail_task(claim, str(exc))
-            return
         except Exception as exc:
             logger.exception("task %s failed", claim.task.task_id)
-            await self.store.fail_task(claim, f"Internal error: {type(exc).__name__}: {exc}")
-            return
-        finally:
-            heartbeat.cancel()
-            self._running = None
-            self._cancelled.discard(claim.task.task_id)
-        if not await self.store.finish_task(claim, outcome):
-            logger.warning(
-                "task %s: lease lost before finishing; result discarded", claim.task.task_id
-            )
+            await self.store.fail_task(claim, _internal_error(exc))
+        return None
 
-    async def _generate(
-        self, claim: Claim, client: httpx.AsyncClient, reporter: _ProgressReporter
-    ) -> Outcome:
+    async def _run_jobs(self, jobs: Sequence[_Job]) -> None:
+        try:
+            outputs = await self._generate(jobs)
+        except Interrupted:
+            for job in jobs:
+                await self.store.release_task(job.claim)
+            return
+        except Cancelled as exc:
+            for job in jobs:
+                if job.task_id in exc.task_ids:
+                    await self.store.fail_task(job.claim, str(exc))
+                else:
+                    await self.store.release_task(job.claim)
+            return
+        except (TaskStopped, *USER_ERRORS) as exc:
+            for job in jobs:
+                await self.store.fail_task(job.claim, str(exc))
+            return
+        except Exception as exc:
+            logger.exception("tasks %s failed", ", ".join(job.task_id for job in jobs))
+            for job in jobs:
+                await self.store.fail_task(job.claim, _internal_error(exc))
+            return
+        for job, images in zip(jobs, outputs, strict=True):
+            await self._finish(job, images)
+
+    async def _request(self, claim: Claim, client: httpx.AsyncClient) -> GenerationRequest:
         task = claim.task
         spec = task.input
         images = await load_references(
@@ -216,45 +293,73 @@ class Worker:
         reference_shape.check_loaded(images)
         reference = images[0].size if images else None
         width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)
-        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
-        request = GenerationRequest(
+        return GenerationRequest(
             prompt=spec.prompt,
             width=width,
             height=height,
-            seed=seed,
+            seed=spec.seed if spec.seed is not None else secrets.randbelow(2**32),
             steps=spec.steps,
             guidance=spec.guidance,
             images=tuple(images),
             model=task.model,
         )
+
+    async def _generate(self, jobs: Sequence[_Job]) -> list[list[Image.Image]]:
+        """The engine's images for each job, in one call; stops at the next step when asked."""
         loop = asyncio.get_running_loop()
         timeout = self.settings.task_timeout
         deadline = None if timeout is None else loop.time() + timeout
-        self._running = task.task_id
+        running = frozenset(job.task_id for job in jobs)
+        self._running = running
 
         def on_progress(done: int, total: int) -> None:
             if self._stopping.is_set():
                 raise Interrupted("worker is stopping")
-            if task.task_id in self._cancelled:
-                raise TaskStopped(CANCELLED_MESSAGE)
+            # Membership tests only: the event loop may add to the set meanwhile.
+            cancelled = frozenset(task_id for task_id in running if task_id in self._cancelled)
+            if cancelled:
+                raise Cancelled(cancelled)
             if deadline is not None and loop.time() > deadline:
                 raise TaskStopped(
                     f"Task timed out: still denoising after {timeout:g} s (step {done} of "
                     f"{total}); the limit is the task_timeout setting"
                 )
-            loop.call_soon_threadsafe(reporter.update, done * DENOISE_SHARE // max(total, 1))
+            progress = done * DENOISE_SHARE // max(total, 1)
+            for job in jobs:
+                loop.call_soon_threadsafe(job.reporter.update, progress)
 
-        outputs = await loop.run_in_executor(
-            self._executor, self.engine.generate, request, on_progress
+        requests = [job.request for job in jobs]
+        return await loop.run_in_executor(
+            self._executor, generate_batch, self.engine, requests, on_progress
         )
-        files = []
-        for index, image in enumerate(outputs):
-            data = await asyncio.to_thread(results.encode, image, spec.output_format)
-            record = results.result_file(task.task_id, index, data, spec.output_format)
-            await self.storage.put(record.key, data, record.content_type)
-            files.append(record)
-        engine = engine_label(self.engine, task.model)
-        return Outcome(engine=engine, seed=seed, width=width, height=height, files=files)
+
+    async def _finish(self, job: _Job, images: Sequence[Image.Image]) -> None:
+        """Store `job`'s images and finish its task."""
+        task, request = job.claim.task, job.request
+        try:
+            files = []
+            for index, image in enumerate(images):
+                data = await asyncio.to_thread(results.encode, image, task.input.output_format)
+                record = results.result_file(task.task_id, index, data, task.input.output_format)
+                await self.storage.put(record.key, data, record.content_type)
+                files.append(record)
+        except Exception as exc:
+            logger.exception("task %s failed", task.task_id)
+            await self.store.fail_task(job.claim, _internal_error(exc))
+            return
+        outcome = Outcome(
+            engine=engine_label(self.engine, task.model),
+            seed=request.seed,
+            width=request.width,
+            height=request.height,
+            files=files,
+        )
+        if not await self.store.finish_task(job.claim, outcome):
+            logger.warning("task %s: lease lost before finishing; result discarded", task.task_id)
+
+
+def _internal_error(exc: Exception) -> str:
+    return f"Internal error: {type(exc).__name__}: {exc}"
 
 
 class _ProgressReporter:

@@ -11,6 +11,7 @@ from fluxserve import __version__
 from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
+from fluxserve.api.keycache import KeyCache
 from fluxserve.api.routes import router
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
@@ -29,6 +30,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(callback_router)

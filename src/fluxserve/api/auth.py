@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from fluxserve.api.keycache import KeyCache
 from fluxserve.errors import Unauthenticated
 from fluxserve.keys import hash_key
-from fluxserve.store import ApiKeyRecord, Store
+from fluxserve.store import ApiKeyRecord
 
 
-async def authenticate(store: Store, request: Request) -> ApiKeyRecord:
+async def authenticate(keys: KeyCache, request: Request) -> ApiKeyRecord:
     """The key behind the request's bearer token; 401 if missing, unknown or revoked."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("Missing API key: send the header 'Authorization: Bearer <key>'")
-    record = await store.key_for_hash(hash_key(token))
+    record = await keys.lookup(hash_key(token))
     if record is None:
         raise Unauthenticated("Invalid API key")
     if record.revoked_at is not None:

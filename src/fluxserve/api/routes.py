@@ -8,25 +8,29 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, Response
 
 from fluxserve.api.auth import authenticate
+from fluxserve.api.keycache import KeyCache
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
 from fluxserve.metrics import CONTENT_TYPE
 from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
-from fluxserve.tasks import TaskStatus, format_time
+from fluxserve.tasks import format_time
 from fluxserve.wire import ok, status_body
 
 router = APIRouter()
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, a hand-off
+    # that costs more than the rest of a status read.
     rt: Runtime = request.app.state.runtime
     return rt
 
 
 async def api_key(request: Request) -> ApiKeyRecord:
-    return await authenticate(runtime(request).store, request)
+    keys: KeyCache = request.app.state.keys
+    return await authenticate(keys, request)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
@@ -62,9 +66,7 @@ async def submit(
 @router.get("/api/generate/status/{task_id}")
 async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's status, progress and, once finished, its files."""
-    task = await rt.service.get(key, task_id)
-    queued = task.status is TaskStatus.NOT_STARTED
-    position = await rt.store.queue_position(task_id) if queued else None
+    task, position = await rt.service.get_with_position(key, task_id)
     return status_body(task, rt.storage, position)
 
 

@@ -63,7 +63,7 @@ class UrlUpload(BaseModel):
     file_name: str | None = None
 
 
-def uploads(rt: RuntimeDep) -> Uploads:
+async def uploads(rt: RuntimeDep) -> Uploads:
     return Uploads(rt.store, rt.storage, rt.settings, rt.policy)
 
 

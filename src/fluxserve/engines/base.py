@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -45,6 +45,48 @@ class Engine(Protocol):
     ) -> list[Image.Image]:
         """Draw the images for `request`, reporting each step to `on_progress`."""
         ...
+
+
+@runtime_checkable
+class BatchEngine(Engine, Protocol):
+    """An engine that can also draw several requests in one pipeline call."""
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback
+    ) -> list[list[Image.Image]]:
+        """Draw `requests` together: one list of images per request, in order.
+
+        The requests share model, size, steps and guidance, and have no
+        references; each keeps its own prompt and seed. `on_progress` counts the
+        batch's steps.
+        """
+        ...
+
+
+def batches(engine: Engine) -> bool:
+    """Whether `engine` draws several requests in one call."""
+    return isinstance(engine, BatchEngine)
+
+
+def generate_batch(
+    engine: Engine, requests: Sequence[GenerationRequest], on_progress: ProgressCallback
+) -> list[list[Image.Image]]:
+    """`requests` drawn by `engine`: in one call where it batches, else one at a time.
+
+    A single request always goes to `generate`.
+    """
+    if len(requests) == 1:
+        return [engine.generate(requests[0], on_progress)]
+    if isinstance(engine, BatchEngine):
+        return engine.generate_batch(requests, on_progress)
+    images = []
+    for index, request in enumerate(requests):
+
+        def counted(done: int, total: int, before: int = index) -> None:
+            on_progress(before * total + done, len(requests) * total)
+
+        images.append(engine.generate(request, counted))
+    return images
 
 
 def engine_label(engine: Engine, model: str) -> str:

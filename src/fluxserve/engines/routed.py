@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback, generate_batch
 from fluxserve.errors import EngineError
 
 
@@ -32,7 +32,16 @@ class RoutedEngine:
     def generate(
         self, request: GenerationRequest, on_progress: ProgressCallback
     ) -> list[Image.Image]:
-        engine = self.engines.get(request.model or "")
+        return self._engine(request.model).generate(request, on_progress)
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback
+    ) -> list[list[Image.Image]]:
+        """A batch of one model, to its engine: in one call where that engine batches."""
+        return generate_batch(self._engine(requests[0].model), requests, on_progress)
+
+    def _engine(self, model: str | None) -> Engine:
+        engine = self.engines.get(model or "")
         if engine is None:
-            raise EngineError(f"this worker does not serve model {request.model!r}")
-        return engine.generate(request, on_progress)
+            raise EngineError(f"this worker does not serve model {model!r}")
+        return engine

@@ -273,6 +273,10 @@ class Store(ABC):
     async def get_task(self, task_id: str) -> Task | None: ...
 
     @abstractmethod
+    async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
+        """The task and, while it is queued, its `queue_position`, in one round trip."""
+
+    @abstractmethod
     async def queue_position(self, task_id: str) -> int | None:
         """1 for the next queued task of its model, 2 for the one after...; None unless queued."""
 
@@ -281,6 +285,25 @@ class Store(ABC):
         self, models: Sequence[str], worker_id: str, lease_seconds: float
     ) -> Claim | None:
         """Move the oldest queued task of `models` to running, leased to `worker_id`."""
+
+    @abstractmethod
+    async def claim_batch(
+        self,
+        models: Sequence[str],
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        limit: int,
+        window: int,
+    ) -> list[Claim]:
+        """Claim the oldest queued task as `claim_task` does, and in the same
+        transaction up to `limit - 1` more for one pipeline call with it.
+
+        Those are taken from the next `window` queued tasks of its model, in queue
+        order, where their `batch_shape` equals its own (never for an edit), so
+        the queue's front is served first. Each claim has its own lease. Empty
+        when nothing is queued.
+        """
 
     @abstractmethod
     async def wait_for_task(self, at_most: float) -> None:
@@ -418,4 +441,4 @@ class Store(ABC):
 
     @abstractmethod
     async def mark_files_expired(self, task_ids: Sequence[str], at: float) -> None:
-        """Record that retention removed these tasks' files at `at`; marked ones stay as they are."""
+        """Record that retention removed these tasks' files at `at`; marked ones keep theirs."""

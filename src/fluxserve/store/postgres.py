@@ -4,7 +4,9 @@ Claims use `FOR UPDATE SKIP LOCKED` (in the shared SQL), so workers on many
 machines never take the same task. Each write that makes work NOTIFYs inside its
 transaction; a dedicated LISTEN connection wakes this process's idle workers and
 dispatchers at once, and reconnects when the database restarts (polling covers
-the gap). One sweeper at a time: an advisory lock held for the transaction.
+the gap). One sweeper at a time: an advisory lock held for the transaction. Hot
+reads (a key, a task by its id) skip SQLAlchemy: one prepared statement on a
+plain asyncpg pool, one round trip.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from fluxserve.errors import ConfigError
+from fluxserve.errors import ConfigError, StoreUnavailable
+from fluxserve.store.direct import CompiledRead
 from fluxserve.store.sql import CALLBACKS, TASKS, SqlStore
 
 try:
@@ -32,10 +35,24 @@ logger = logging.getLogger(__name__)
 SWEEP_LOCK = 0x464C5558_01
 MIGRATE_LOCK = 0x464C5558_02
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+READ_POOL_SIZE = 10
+# What a read on a connection the server dropped (a restart, pg_terminate_backend)
+# raises, depending on how far the news of it got; or one that cannot reach it.
+CONNECTION_LOST = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 def _setter(event: asyncio.Event) -> Any:
     return lambda _connection: event.set()
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """Read connections run single SELECTs, so there is nothing to reset on release."""
 
 
 class PostgresStore(SqlStore):
@@ -48,6 +65,7 @@ class PostgresStore(SqlStore):
         )
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._listener: asyncio.Task[None] | None = None
+        self._reads: asyncpg.Pool | None = None
 
     def _create_engine(self) -> AsyncEngine:
         # pre_ping replaces connections that died with a database restart.
@@ -55,6 +73,9 @@ class PostgresStore(SqlStore):
 
     async def start(self) -> None:
         await super().start()
+        self._reads = await asyncpg.create_pool(
+            self._dsn, min_size=0, max_size=READ_POOL_SIZE, reset=_keep_session
+        )
         self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
 
     async def close(self) -> None:
@@ -62,7 +83,34 @@ class PostgresStore(SqlStore):
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
+        if self._reads is not None:
+            await self._reads.close()
+            self._reads = None
         await super().close()
+
+    async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
+        read = self._compiled(statement)
+        try:
+            return await self._fetch_on_pool(read, params)
+        except CONNECTION_LOST:
+            # After a restart every pooled connection is dead: all are replaced,
+            # and a read is safe to run again.
+            await self._read_pool.expire_connections()
+        try:
+            return await self._fetch_on_pool(read, params)
+        except CONNECTION_LOST as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+    async def _fetch_on_pool(self, read: CompiledRead, params: dict[str, Any]) -> Any | None:
+        async with self._read_pool.acquire() as connection:
+            values = await connection.fetchrow(read.sql, *read.arguments(params))
+        return None if values is None else read.shape(values)
+
+    @property
+    def _read_pool(self) -> asyncpg.Pool:
+        if self._reads is None:
+            raise RuntimeError("store not started")
+        return self._reads
 
     async def _before_migrations(self, conn: AsyncConnection) -> None:
         # Several processes starting at once would race to create the tables.

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ from fluxserve.store.base import (
     WebhookSecret,
     WorkerRecord,
 )
+from fluxserve.store.direct import CompiledRead
 from fluxserve.store.schema import (
     accounts,
     api_keys,
@@ -102,6 +104,34 @@ def _row_to_task(row: Any) -> Task:
     )
 
 
+_KEY_BY_HASH = api_keys.select().where(api_keys.c.key_hash == sa.bindparam("key_hash"))
+_TASK_BY_ID = tasks.select().where(tasks.c.task_id == sa.bindparam("task_id"))
+
+
+def _queued_up_to(mine: Any) -> sa.ColumnElement[bool]:
+    """Queued tasks of `mine`'s model claimed no later than it: (vtime, seq) order."""
+    return sa.and_(
+        tasks.c.status == TaskStatus.NOT_STARTED.value,
+        tasks.c.model == mine.c.model,
+        sa.tuple_(tasks.c.vtime, tasks.c.seq) <= sa.tuple_(mine.c.vtime, mine.c.seq),
+    )
+
+
+# The task by its id and, only while it is queued, a range count on the
+# (status, model, vtime, seq) index correlated to that one row: no self-join,
+# whose plan degrades badly on a table the planner has no statistics for.
+_mine = tasks.alias("mine")
+_TASK_AND_POSITION = sa.select(
+    _mine,
+    sa.case(
+        (
+            _mine.c.status == TaskStatus.NOT_STARTED.value,
+            sa.select(sa.func.count()).where(_queued_up_to(_mine)).scalar_subquery(),
+        )
+    ).label("queue_position"),
+).where(_mine.c.task_id == sa.bindparam("task_id"))
+
+
 def _held_by(claim: Claim) -> sa.ColumnElement[bool]:
     """The row is still this claim's: running, and leased with the claim's token."""
     return sa.and_(
@@ -111,6 +141,54 @@ def _held_by(claim: Claim) -> sa.ColumnElement[bool]:
     )
 
 
+@dataclass(frozen=True)
+class _Lease:
+    """The lease a claim gives the tasks it takes: one worker, one token, one expiry."""
+
+    worker_id: str
+    token: str
+    expires_at: float
+
+    def claim(self, which: sa.ColumnElement[bool]) -> sa.Update:
+        """Queued tasks matching `which` -> running under this lease; returns their rows."""
+        now = time.time()
+        return (
+            tasks.update()
+            .where(which, tasks.c.status == TaskStatus.NOT_STARTED.value)
+            .values(
+                status=TaskStatus.RUNNING.value,
+                progress=0,
+                worker_id=self.worker_id,
+                lease_token=self.token,
+                lease_expires_at=self.expires_at,
+                attempts=tasks.c.attempts + 1,
+                started_at=sa.func.coalesce(tasks.c.started_at, now),
+            )
+            .returning(*tasks.c)
+        )
+
+
+async def _claim_companions(
+    conn: AsyncConnection, head: Any, lease: _Lease, limit: int, window: int
+) -> list[Any]:
+    """Up to `limit` of the next `window` queued tasks of `head`'s model that share its
+    batch shape, claimed under `lease`."""
+    shape = TaskInput.from_json(head.input).batch_shape
+    if shape is None or window < 1:
+        return []
+    nearest = await conn.execute(
+        sa.select(tasks.c.seq, tasks.c.input)
+        .where(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == head.model)
+        .order_by(tasks.c.vtime, tasks.c.seq)
+        .limit(window)
+        .with_for_update(skip_locked=True)
+    )
+    alike = [row.seq for row in nearest if TaskInput.from_json(row.input).batch_shape == shape]
+    if not alike:
+        return []
+    return list((await conn.execute(lease.claim(tasks.c.seq.in_(alike[:limit])))).all())
+
+
 class SqlStore(AccountQueries, FileQueries, Store):
     """Everything but the dialect's engine, write turns and wake-ups."""
 
@@ -118,6 +196,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
         self._url = url
         self._engine: AsyncEngine | None = None
         self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
+        self._compiled_reads: dict[sa.Select[Any], CompiledRead] = {}
 
     def _create_engine(self) -> AsyncEngine:
         raise NotImplementedError
@@ -147,6 +226,19 @@ class SqlStore(AccountQueries, FileQueries, Store):
         with _unavailable_on_connection_errors():
             async with self.engine.connect() as conn:
                 yield conn
+
+    async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
+        """The first row of a hot read; the dialects run it on their driver directly."""
+        async with self._read() as conn:
+            return (await conn.execute(statement, params)).first()
+
+    def _compiled(self, statement: sa.Select[Any]) -> CompiledRead:
+        """`statement` compiled for this store's dialect, once."""
+        compiled = self._compiled_reads.get(statement)
+        if compiled is None:
+            compiled = CompiledRead.of(statement, self.engine.dialect)
+            self._compiled_reads[statement] = compiled
+        return compiled
 
     @asynccontextmanager
     async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
@@ -185,10 +277,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
             )
 
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
-        async with self._read() as conn:
-            row = (
-                await conn.execute(api_keys.select().where(api_keys.c.key_hash == key_hash))
-            ).first()
+        row = await self._fetch_one(_KEY_BY_HASH, key_hash=key_hash)
         return None if row is None else _key_record(row)
 
     async def list_keys(self) -> list[ApiKeyRecord]:
@@ -280,37 +369,34 @@ class SqlStore(AccountQueries, FileQueries, Store):
         )
 
     async def get_task(self, task_id: str) -> Task | None:
-        async with self._read() as conn:
-            row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
+        row = await self._fetch_one(_TASK_BY_ID, task_id=task_id)
         return None if row is None else _row_to_task(row)
 
+    async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
+        row = await self._fetch_one(_TASK_AND_POSITION, task_id=task_id)
+        return None if row is None else (_row_to_task(row), row.queue_position or None)
+
     async def queue_position(self, task_id: str) -> int | None:
-        mine = tasks.alias("mine")
-        own = sa.select(mine.c.model, mine.c.vtime, mine.c.seq).where(
-            mine.c.task_id == task_id, mine.c.status == TaskStatus.NOT_STARTED.value
-        )
-
-        def own_column(column: str) -> sa.ScalarSelect[Any]:
-            return own.with_only_columns(mine.c[column]).scalar_subquery()
-
-        # A range count on the (status, model, vtime, seq) index, in claim order,
-        # with the task's own place as one-row subqueries: no self-join, whose
-        # plan degrades badly on a table the planner has no statistics for.
-        ahead = sa.select(sa.func.count()).where(
-            tasks.c.status == TaskStatus.NOT_STARTED.value,
-            tasks.c.model == own_column("model"),
-            sa.tuple_(tasks.c.vtime, tasks.c.seq)
-            <= sa.tuple_(own_column("vtime"), own_column("seq")),
-        )
-        async with self._read() as conn:
-            position = await conn.scalar(ahead)
-        return position or None
+        found = await self.get_task_and_position(task_id)
+        return None if found is None else found[1]
 
     async def claim_task(
         self, models: Sequence[str], worker_id: str, lease_seconds: float
     ) -> Claim | None:
-        now = time.time()
-        token = secrets.token_hex(8)
+        claims = await self.claim_batch(models, worker_id, lease_seconds, limit=1, window=0)
+        return claims[0] if claims else None
+
+    async def claim_batch(
+        self,
+        models: Sequence[str],
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        limit: int,
+        window: int,
+    ) -> list[Claim]:
+        # One token for the batch: a lease is still per row, checked with the task id.
+        lease = _Lease(worker_id, secrets.token_hex(8), time.time() + lease_seconds)
         oldest = (
             sa.select(tasks.c.seq)
             .where(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model.in_(models))
@@ -319,25 +405,17 @@ class SqlStore(AccountQueries, FileQueries, Store):
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        statement = (
-            tasks.update()
-            .where(tasks.c.seq == oldest, tasks.c.status == TaskStatus.NOT_STARTED.value)
-            .values(
-                status=TaskStatus.RUNNING.value,
-                progress=0,
-                worker_id=worker_id,
-                lease_token=token,
-                lease_expires_at=now + lease_seconds,
-                attempts=tasks.c.attempts + 1,
-                started_at=sa.func.coalesce(tasks.c.started_at, now),
-            )
-            .returning(*tasks.c)
-        )
         async with self._write() as conn:
-            row = (await conn.execute(statement)).first()
-        if row is None:
-            return None
-        return Claim(task=_row_to_task(row), worker_id=worker_id, lease_token=token)
+            head = (await conn.execute(lease.claim(tasks.c.seq == oldest))).first()
+            if head is None:
+                return []
+            rows = [head]
+            if limit > 1:
+                rows += await _claim_companions(conn, head, lease, limit - 1, window)
+        # In queue order: a task skipped while another claim had it locked for a
+        # look may come back as a companion of a later head.
+        rows.sort(key=lambda row: (row.vtime, row.seq))
+        return [Claim(_row_to_task(row), worker_id, lease.token) for row in rows]
 
     async def wait_for_task(self, at_most: float) -> None:
         await _wait(self._events[TASKS], at_most)

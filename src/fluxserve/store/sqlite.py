@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from fluxserve.store.sql import SqlStore
+from fluxserve.store.sql import TASKS, SqlStore
+
+COMMIT_POLL = 0.005
+"""Seconds between looks for another process's commit while a worker waits for a task."""
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -24,15 +28,29 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _open_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection for the event loop: autocommit, and never waits for a lock."""
+    reader = sqlite3.connect(path, timeout=0, isolation_level=None)
+    reader.execute("PRAGMA query_only=ON")
+    return reader
+
+
 class SqliteStore(SqlStore):
-    """SQLite through aiosqlite. Writes in one process take turns on a lock, so
-    they never wait on SQLite's sleeping busy handler. Other processes on the same
-    file are woken by polling (`poll_interval`)."""
+    """SQLite through aiosqlite, with hot reads on sqlite3 in the event loop.
+
+    Writes in one process take turns on a lock, so they never wait on SQLite's
+    sleeping busy handler. A hot read (a key or a task by its id) is an indexed
+    lookup that takes microseconds on WAL, less than one hand-off to a thread; one
+    that would wait for a lock goes to a thread instead. A worker waiting for a
+    task sees another process's commits by watching `PRAGMA data_version`.
+    """
 
     def __init__(self, database_url: str) -> None:
         self._path = Path(database_url.removeprefix("sqlite:///"))
         super().__init__(f"sqlite+aiosqlite:///{self._path}")
         self._write_lock = asyncio.Lock()
+        self._reader: sqlite3.Connection | None = None
+        self._seen_version = 0
 
     def _create_engine(self) -> AsyncEngine:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +58,60 @@ class SqliteStore(SqlStore):
         sa.event.listen(engine.sync_engine, "connect", _on_connect)
         return engine
 
+    async def start(self) -> None:
+        await super().start()
+        self._reader = _open_reader(self._path)
+        self._seen_version = self._data_version()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        await super().close()
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise RuntimeError("store not started")
+        return self._reader
+
     @asynccontextmanager
     async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
         async with self._write_lock, super()._write(wake) as conn:
             yield conn
+
+    async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
+        read = self._compiled(statement)
+        try:
+            # Closing the cursor ends the read at once: an open one would pin the
+            # snapshot, hiding later commits and holding back checkpoints.
+            with closing(self.reader.execute(read.sql, read.arguments(params))) as cursor:
+                values = cursor.fetchone()
+        except sqlite3.OperationalError:
+            # Locked (another process recovering the WAL, say): wait on a thread instead.
+            return await super()._fetch_one(statement, **params)
+        return None if values is None else read.shape(values)
+
+    async def wait_for_task(self, at_most: float) -> None:
+        # A submit in another process wakes no one here: watch for its commit.
+        watcher = asyncio.create_task(self._wake_on_commit())
+        try:
+            await super().wait_for_task(at_most)
+        finally:
+            watcher.cancel()
+            # Commits from here on are ones the caller's next claim may not see.
+            self._seen_version = self._data_version()
+
+    async def _wake_on_commit(self) -> None:
+        """Wake the task waiters once another connection commits (this process's own too)."""
+        while True:
+            if self._data_version() != self._seen_version:
+                self._wake_local(TASKS)
+                return
+            await asyncio.sleep(COMMIT_POLL)
+
+    def _data_version(self) -> int:
+        """Changes whenever another connection commits to the database."""
+        with closing(self.reader.execute("PRAGMA data_version")) as cursor:
+            version: int = cursor.fetchone()[0]
+        return version

@@ -1,0 +1,99 @@
+"""What only SQLite does: wake-ups across processes by watching commits, reads on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fluxserve.store.sqlite import SqliteStore
+from fluxserve.tasks import NewTask, TaskInput, TaskStatus, new_task_id
+
+INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
+
+
+@pytest.fixture
+async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
+    """Two stores on one file: as an `api` and a `worker` process hold it."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first, second = SqliteStore(url), SqliteStore(url)
+    await first.start()
+    await second.start()
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def add(store: SqliteStore) -> str:
+    task = await store.create_task(
+        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, None, time.time())
+    )
+    return task.task_id
+
+
+async def test_a_submit_in_one_process_wakes_a_worker_in_another(
+    two_stores: tuple[SqliteStore, SqliteStore],
+) -> None:
+    worker_side, api_side = two_stores
+    # The poll fallback is 60 s here: only the commit watcher can end this wait in time.
+    waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    task_id = await add(api_side)
+    await asyncio.wait_for(waiting, 5)
+    claim = await worker_side.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None and claim.task.task_id == task_id
+
+
+async def test_a_commit_between_a_claim_and_the_wait_is_not_missed(
+    two_stores: tuple[SqliteStore, SqliteStore],
+) -> None:
+    worker_side, api_side = two_stores
+    await add(api_side)
+    await asyncio.wait_for(worker_side.wait_for_task(at_most=60), 5)
+    assert await worker_side.claim_task(["flux-2-flex"], "w1", 30) is None
+    await add(api_side)  # lands after the empty claim, before the worker waits again
+    await asyncio.wait_for(worker_side.wait_for_task(at_most=60), 5)
+
+
+async def test_reads_see_each_commit_of_another_process_at_once(
+    two_stores: tuple[SqliteStore, SqliteStore],
+) -> None:
+    reader, writer = two_stores
+    first = await add(writer)
+    found = await reader.get_task_and_position(first)
+    assert found is not None and found[1] == 1
+    second = await add(writer)
+    assert await reader.queue_position(second) == 2
+    claim = await writer.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None
+    task = await reader.get_task(first)
+    assert task is not None and task.status is TaskStatus.RUNNING
+    assert await reader.queue_position(second) == 1
+
+
+class LockedConnection:
+    """A reader that finds the database locked, as while another process recovers it."""
+
+    def execute(self, *_: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+
+async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
+    two_stores: tuple[SqliteStore, SqliteStore],
+) -> None:
+    store, _ = two_stores
+    task_id = await add(store)
+    reader, store._reader = store._reader, LockedConnection()  # type: ignore[assignment]
+    try:
+        task = await store.get_task(task_id)
+    finally:
+        store._reader = reader
+    assert task is not None and task.task_id == task_id
