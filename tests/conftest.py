@@ -271,3 +271,23 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await backend.start()
         stack.push_async_callback(backend.close)
         yield backend
+
+
+@pytest.fixture(scope="session")
+def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.2 [klein] pipeline saved with `save_pretrained`, as a checkpoint is."""
+    from fluxserve.engines.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("klein")
+    build_tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.2 [dev] pipeline saved with `save_pretrained`."""
+    from fluxserve.engines.tiny_dev import build_tiny_dev_pipeline
+
+    folder = tmp_path_factory.mktemp("dev")
+    build_tiny_dev_pipeline().save_pretrained(folder)
+    return folder

@@ -27,8 +27,7 @@ from fluxserve.engines import make_engine
 from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.engines.diffusers import DiffusersEngine
 from fluxserve.engines.routed import RoutedEngine
-from fluxserve.engines.tiny import TinyEngine, build_tiny_pipeline
-from fluxserve.engines.tiny_dev import build_tiny_dev_pipeline
+from fluxserve.engines.tiny import TinyEngine
 from fluxserve.errors import EngineError, EngineUnavailable
 from fluxserve.settings import Settings
 from fluxserve.tasks import MODELS
@@ -36,20 +35,6 @@ from fluxserve.tasks import MODELS
 from conftest import make_settings, run_service
 
 SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("klein")
-    build_tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("dev")
-    build_tiny_dev_pipeline().save_pretrained(folder)
-    return folder
 
 
 def klein_routes(folder: Path, **options: Any) -> dict[str, Any]:

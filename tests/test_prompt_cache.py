@@ -24,7 +24,6 @@ from fluxserve.engines.diffusers import DiffusersEngine
 from fluxserve.engines.prompts import PromptCache
 from fluxserve.engines.routed import RoutedEngine
 from fluxserve.engines.tiny import TinyEngine, build_tiny_pipeline
-from fluxserve.engines.tiny_dev import build_tiny_dev_pipeline
 
 from conftest import make_settings
 
@@ -52,20 +51,6 @@ def draw(engine: Engine, prompt: str = "a lighthouse at dusk", **fields: Any) ->
 @pytest.fixture(scope="module")
 def klein_pipeline() -> Flux2KleinPipeline:
     return build_tiny_pipeline()
-
-
-@pytest.fixture(scope="module")
-def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("klein")
-    build_tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("dev")
-    build_tiny_dev_pipeline().save_pretrained(folder)
-    return folder
 
 
 def diffusers_engine(tmp_path: Path, models: dict[str, Any], **settings: Any) -> RoutedEngine:
