@@ -9,6 +9,11 @@ and prints both medians, the overhead per task, their ratio, and the time from
 submit to `running` on an idle worker (server timestamps, from the database).
 
     .venv/bin/python bench/overhead.py [--tasks 10] [--size 1:1] [--resolution 1K]
+                                       [--prompt-cache-size 0]
+
+Every task has the same prompt, so the service's prompt cache (on by default)
+skips the text encoder the raw loop runs each time; `--prompt-cache-size 0`
+measures the service's own overhead alone.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def raw_call(pipe: Any, width: int, height: int, seed: int) -> float:
 class Service:
     """A `fluxserve serve` child process and a callback receiver in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_cache_size: int | None) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
         self.port = free_port()
         self.hook_port = free_port()
@@ -75,6 +80,8 @@ class Service:
             "FLUXSERVE_ALLOW_PRIVATE_NETWORKS": "true",
             "FLUXSERVE_TINY_STEPS": str(STEPS),
         }
+        if prompt_cache_size is not None:
+            self.env["FLUXSERVE_PROMPT_CACHE_SIZE"] = str(prompt_cache_size)
         self.arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def start(self) -> None:
@@ -138,10 +145,12 @@ class Service:
             return [(row[0], row[1]) for row in rows]
 
 
-async def run(size: str, resolution: str, tasks: int) -> dict[str, list[float]]:
+async def run(
+    size: str, resolution: str, tasks: int, prompt_cache_size: int | None
+) -> dict[str, list[float]]:
     width, height = dimensions(size_ratio(size), resolution)
     pipe = build_tiny_pipeline()
-    service = Service()
+    service = Service(prompt_cache_size)
     await service.start()
     raw, served = [], []
     try:
@@ -163,15 +172,20 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--size", default="1:1")
     parser.add_argument("--resolution", default="1K")
+    parser.add_argument(
+        "--prompt-cache-size", type=int, default=None, help="the service's; default its own"
+    )
     args = parser.parse_args()
     width, height = dimensions(size_ratio(args.size), args.resolution)
-    times = asyncio.run(run(args.size, args.resolution, args.tasks))
+    cache = args.prompt_cache_size
+    times = asyncio.run(run(args.size, args.resolution, args.tasks, cache))
     raw, service = statistics.median(times["raw"]), statistics.median(times["service"])
     to_running = statistics.median(times["to_running"])
     running = statistics.median(times["running"])
     print(
         f"tiny FLUX.2 [klein] pipeline, {width}x{height}, {STEPS} steps, "
-        f"{args.tasks} of each, alternating; torch threads {torch.get_num_threads()}"
+        f"{args.tasks} of each, alternating; torch threads {torch.get_num_threads()}; "
+        f"service prompt cache {'default' if cache is None else cache}"
     )
     rows = [
         ("raw pipeline, s/image", f"{raw:.3f}"),
