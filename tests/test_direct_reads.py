@@ -6,7 +6,8 @@ import time
 
 from fluxserve.store import Store
 from fluxserve.store.base import Outcome
-from fluxserve.store.sql import _KEY_BY_HASH, _TASK_BY_ID, SqlStore, _key_record, _row_to_task
+from fluxserve.store.rows import key_from_row, task_from_row
+from fluxserve.store.sql import _KEY_BY_HASH, _TASK_BY_ID, SqlStore
 from fluxserve.tasks import NewTask, ResultFile, TaskInput, TaskStatus, new_task_id
 
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K", seed=7)
@@ -46,7 +47,7 @@ async def test_rows_read_on_the_driver_equal_those_read_through_sqlalchemy(store
 
     task_row = await SqlStore._fetch_one(store, _TASK_BY_ID, task_id=task_id)
     key_row = await SqlStore._fetch_one(store, _KEY_BY_HASH, key_hash="hash_1")
-    assert await store.get_task(task_id) == _row_to_task(task_row)
-    assert await store.key_for_hash("hash_1") == _key_record(key_row)
+    assert await store.get_task(task_id) == task_from_row(task_row)
+    assert await store.key_for_hash("hash_1") == key_from_row(key_row)
     found = await store.get_task_and_position(task_id)
-    assert found == (_row_to_task(task_row), None)
+    assert found == (task_from_row(task_row), None)

@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from fluxserve.errors import ConfigError, StoreUnavailable
 from fluxserve.store.direct import CompiledRead
-from fluxserve.store.sql import CALLBACKS, TASKS, SqlStore
+from fluxserve.store.sql import SqlStore
+from fluxserve.store.wakeups import CALLBACKS, TASKS
 
 try:
     import asyncpg

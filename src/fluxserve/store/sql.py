@@ -1,8 +1,11 @@
 """The store on SQLAlchemy Core (async), shared by the SQLite and PostgreSQL backends.
 
-The dialects differ only in how an engine is made, how writers take turns, and
-how a write wakes the waiting workers and dispatchers: see `sqlite.py` and
-`postgres.py`.
+This module holds the connection handling, API keys, the task queue and the
+fleet; accounts (`sql_accounts.py`), the callback outbox (`sql_callbacks.py`) and
+files (`sql_files.py`) are mixed in, and a submit's checks are in `admission.py`.
+The dialects differ only in how an engine is made, how writers take turns, how
+a write wakes the waiting workers and dispatchers, and how hot reads reach the
+driver: see `sqlite.py` and `postgres.py`.
 """
 
 from __future__ import annotations
@@ -11,43 +14,35 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from fluxserve.errors import Conflict, InsufficientCredits, RateLimited, StoreUnavailable
+from fluxserve.errors import StoreUnavailable
+from fluxserve.store.admission import check_limits, replay, take_turn
 from fluxserve.store.base import (
     ApiKeyRecord,
-    Attempt,
-    CallbackEvent,
-    CallbackRecord,
-    CallbackState,
     IdempotencyKey,
     LeaseState,
     Outcome,
     Store,
     SubmitLimits,
     TaskPage,
-    WebhookSecret,
     WorkerRecord,
 )
 from fluxserve.store.direct import CompiledRead
+from fluxserve.store.rows import key_from_row, task_from_row
 from fluxserve.store.schema import (
-    accounts,
     api_keys,
-    callback_attempts,
-    callbacks,
     idempotency_keys,
     tasks,
-    webhook_secrets,
     workers,
 )
 from fluxserve.store.sql_accounts import (
@@ -56,52 +51,19 @@ from fluxserve.store.sql_accounts import (
     add_ledger_row,
     settle_task_credits,
 )
+from fluxserve.store.sql_callbacks import CallbackQueries
 from fluxserve.store.sql_files import FileQueries
+from fluxserve.store.wakeups import CALLBACKS, TASKS, wait
 from fluxserve.tasks import (
     CANCELLED_MESSAGE,
-    TERMINAL_EVENTS,
     Claim,
     NewTask,
-    ResultFile,
     Task,
     TaskInput,
     TaskStatus,
-    new_event_id,
 )
 
 LOST_WORKER_MESSAGE = "The worker running this task was lost {attempts} times; giving up"
-
-
-TASKS = "fluxserve_tasks"
-CALLBACKS = "fluxserve_callbacks"
-"""Wake-up channels: a task became claimable; a callback became due."""
-
-
-def _row_to_task(row: Any) -> Task:
-    return Task(
-        task_id=row.task_id,
-        owner=row.owner,
-        model=row.model,
-        input=TaskInput.from_json(row.input),
-        callback_url=row.callback_url,
-        status=TaskStatus(row.status),
-        progress=row.progress,
-        created_at=row.created_at,
-        engine=row.engine,
-        seed=row.seed,
-        width=row.width,
-        height=row.height,
-        error_message=row.error_message,
-        files=tuple(ResultFile.from_json(f) for f in row.files),
-        attempts=row.attempts,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        callback_events=tuple(row.callback_events or TERMINAL_EVENTS),
-        account_id=row.account_id,
-        price=row.price,
-        cancelled_at=row.cancelled_at,
-        files_expired_at=row.files_expired_at,
-    )
 
 
 _KEY_BY_HASH = api_keys.select().where(api_keys.c.key_hash == sa.bindparam("key_hash"))
@@ -189,7 +151,7 @@ async def _claim_companions(
     return list((await conn.execute(lease.claim(tasks.c.seq.in_(alike[:limit])))).all())
 
 
-class SqlStore(AccountQueries, FileQueries, Store):
+class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
     """Everything but the dialect's engine, write turns and wake-ups."""
 
     def __init__(self, url: str) -> None:
@@ -278,12 +240,12 @@ class SqlStore(AccountQueries, FileQueries, Store):
 
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
         row = await self._fetch_one(_KEY_BY_HASH, key_hash=key_hash)
-        return None if row is None else _key_record(row)
+        return None if row is None else key_from_row(row)
 
     async def list_keys(self) -> list[ApiKeyRecord]:
         async with self._read() as conn:
             rows = await conn.execute(api_keys.select().order_by(api_keys.c.created_at))
-            return [_key_record(row) for row in rows]
+            return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str) -> bool:
         async with self._write() as conn:
@@ -316,12 +278,12 @@ class SqlStore(AccountQueries, FileQueries, Store):
         scope = task.account_id or task.owner
         async with self._write(wake=(TASKS,)) as conn:
             if idempotency is not None:
-                earlier = await _replay(conn, scope, idempotency, task.created_at)
+                earlier = await replay(conn, scope, idempotency, task.created_at)
                 if earlier is not None:
                     return earlier
             if limits is not None:
-                await _check_limits(conn, task.owner, limits, task.created_at)
-            vtime = await _take_turn(conn, task)
+                await check_limits(conn, task.owner, limits, task.created_at)
+            vtime = await take_turn(conn, task)
             await conn.execute(
                 tasks.insert().values(
                     task_id=task.task_id,
@@ -370,11 +332,11 @@ class SqlStore(AccountQueries, FileQueries, Store):
 
     async def get_task(self, task_id: str) -> Task | None:
         row = await self._fetch_one(_TASK_BY_ID, task_id=task_id)
-        return None if row is None else _row_to_task(row)
+        return None if row is None else task_from_row(row)
 
     async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
         row = await self._fetch_one(_TASK_AND_POSITION, task_id=task_id)
-        return None if row is None else (_row_to_task(row), row.queue_position or None)
+        return None if row is None else (task_from_row(row), row.queue_position or None)
 
     async def queue_position(self, task_id: str) -> int | None:
         found = await self.get_task_and_position(task_id)
@@ -415,10 +377,10 @@ class SqlStore(AccountQueries, FileQueries, Store):
         # In queue order: a task skipped while another claim had it locked for a
         # look may come back as a companion of a later head.
         rows.sort(key=lambda row: (row.vtime, row.seq))
-        return [Claim(_row_to_task(row), worker_id, lease.token) for row in rows]
+        return [Claim(task_from_row(row), worker_id, lease.token) for row in rows]
 
     async def wait_for_task(self, at_most: float) -> None:
-        await _wait(self._events[TASKS], at_most)
+        await wait(self._events[TASKS], at_most)
 
     async def report_progress(
         self, claim: Claim, progress: int, lease_seconds: float
@@ -498,7 +460,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
                 )
             ).first()
             if queued is not None:
-                task = _row_to_task(queued)
+                task = task_from_row(queued)
                 await self._on_end(conn, task, TaskStatus.FAILED, now)
                 return task
             # Running: its worker sees the mark when it next reports progress.
@@ -512,7 +474,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
                 .values(cancelled_at=now)
             )
             row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
-        return None if row is None else _row_to_task(row)
+        return None if row is None else task_from_row(row)
 
     async def list_tasks(
         self,
@@ -535,27 +497,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
             rows = (await conn.execute(statement)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        return TaskPage([_row_to_task(r) for r in rows], rows[-1].seq if more else None)
-
-    async def _queue_callback(
-        self, conn: AsyncConnection, task: Task, event_type: str, now: float
-    ) -> str:
-        assert task.callback_url is not None
-        event_id = new_event_id()
-        await conn.execute(
-            callbacks.insert().values(
-                event_id=event_id,
-                task_id=task.task_id,
-                url=task.callback_url,
-                origin=callback_origin(task.callback_url),
-                event_type=event_type,
-                state=CallbackState.PENDING.value,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
-        return event_id
+        return TaskPage([task_from_row(r) for r in rows], rows[-1].seq if more else None)
 
     async def release_task(self, claim: Claim) -> bool:
         now = time.time()
@@ -569,7 +511,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
                 )
             ).first()
             if cancelled is not None:
-                await self._on_end(conn, _row_to_task(cancelled), TaskStatus.FAILED, now)
+                await self._on_end(conn, task_from_row(cancelled), TaskStatus.FAILED, now)
                 return True
             result = await conn.execute(
                 tasks.update()
@@ -610,7 +552,7 @@ class SqlStore(AccountQueries, FileQueries, Store):
                 )
             ).all()
             for row in gone:
-                await self._on_end(conn, _row_to_task(row), TaskStatus.FAILED, now)
+                await self._on_end(conn, task_from_row(row), TaskStatus.FAILED, now)
             requeued = await conn.execute(
                 tasks.update()
                 .where(expired)
@@ -623,235 +565,6 @@ class SqlStore(AccountQueries, FileQueries, Store):
                 )
             )
         return requeued.rowcount, len(gone)
-
-    # Callback outbox --------------------------------------------------------
-    async def claim_callbacks(
-        self, limit: int, hold_seconds: float, skip_origins: Collection[str] = ()
-    ) -> list[CallbackRecord]:
-        now = time.time()
-        due = (
-            sa.select(callbacks.c.callback_id)
-            .where(
-                callbacks.c.state.in_(_OUTBOX),
-                callbacks.c.next_attempt_at <= now,
-                callbacks.c.origin.not_in(list(skip_origins)),
-            )
-            .order_by(callbacks.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        async with self._write() as conn:
-            rows = await conn.execute(
-                callbacks.update()
-                .where(callbacks.c.callback_id.in_(due.scalar_subquery()))
-                .values(state=CallbackState.SENDING.value, next_attempt_at=now + hold_seconds)
-                .returning(
-                    callbacks.c.callback_id,
-                    callbacks.c.event_id,
-                    callbacks.c.task_id,
-                    callbacks.c.url,
-                    callbacks.c.attempts,
-                    callbacks.c.event_type,
-                    callbacks.c.origin,
-                )
-            )
-            return [
-                CallbackRecord(
-                    r.callback_id, r.event_id, r.task_id, r.url, r.attempts, r.event_type, r.origin
-                )
-                for r in rows
-            ]
-
-    async def release_callbacks(self, callback_ids: Sequence[int]) -> None:
-        async with self._write() as conn:
-            await conn.execute(
-                callbacks.update()
-                .where(
-                    callbacks.c.callback_id.in_(list(callback_ids)),
-                    callbacks.c.state == CallbackState.SENDING.value,
-                )
-                .values(state=CallbackState.PENDING.value, next_attempt_at=time.time())
-            )
-
-    async def next_callback_at(self, skip_origins: Collection[str] = ()) -> float | None:
-        async with self._read() as conn:
-            return await conn.scalar(
-                sa.select(sa.func.min(callbacks.c.next_attempt_at)).where(
-                    callbacks.c.state.in_(_OUTBOX),
-                    callbacks.c.origin.not_in(list(skip_origins)),
-                )
-            )
-
-    async def wait_for_callback(self, at_most: float) -> None:
-        await _wait(self._events[CALLBACKS], at_most)
-
-    async def record_attempt(
-        self, callback_id: int, attempt: Attempt, *, retry_at: float | None
-    ) -> None:
-        values: dict[str, Any] = {"attempts": callbacks.c.attempts + 1, "last_error": attempt.error}
-        if attempt.delivered:
-            values.update(state=CallbackState.DELIVERED.value, delivered_at=_ended(attempt))
-        elif retry_at is not None:
-            values.update(state=CallbackState.PENDING.value, next_attempt_at=retry_at)
-        else:
-            values.update(state=CallbackState.FAILED.value)
-        # A retry only needs this process's dispatcher to recompute its wait.
-        async with self._write(wake=(CALLBACKS,) if retry_at is not None else ()) as conn:
-            await conn.execute(
-                callbacks.update().where(callbacks.c.callback_id == callback_id).values(**values)
-            )
-            await conn.execute(_attempt_row(callback_id, attempt))
-
-    async def record_event(
-        self, task_id: str, event_id: str, event_type: str, url: str, attempt: Attempt
-    ) -> None:
-        state = CallbackState.DELIVERED if attempt.delivered else CallbackState.FAILED
-        async with self._write() as conn:
-            callback_id = await conn.scalar(
-                callbacks.insert()
-                .values(
-                    event_id=event_id,
-                    task_id=task_id,
-                    url=url,
-                    origin=callback_origin(url),
-                    event_type=event_type,
-                    state=state.value,
-                    attempts=1,
-                    next_attempt_at=attempt.attempted_at,
-                    last_error=attempt.error,
-                    created_at=attempt.attempted_at,
-                    delivered_at=_ended(attempt) if attempt.delivered else None,
-                )
-                .returning(callbacks.c.callback_id)
-            )
-            await conn.execute(_attempt_row(callback_id, attempt))
-
-    async def callback_events(self, task_id: str) -> list[CallbackEvent]:
-        async with self._read() as conn:
-            rows = (
-                await conn.execute(
-                    callbacks.select()
-                    .where(callbacks.c.task_id == task_id)
-                    .order_by(callbacks.c.callback_id)
-                )
-            ).all()
-            logged = await conn.execute(
-                callback_attempts.select()
-                .where(callback_attempts.c.callback_id.in_([row.callback_id for row in rows]))
-                .order_by(callback_attempts.c.attempt_id)
-            )
-            attempts: dict[int, list[Attempt]] = {}
-            for a in logged:
-                attempts.setdefault(a.callback_id, []).append(
-                    Attempt(a.attempted_at, a.duration, a.status_code, a.error)
-                )
-        return [
-            CallbackEvent(
-                event_id=row.event_id,
-                event_type=row.event_type,
-                url=row.url,
-                state=CallbackState(row.state),
-                created_at=row.created_at,
-                next_attempt_at=row.next_attempt_at if row.state in _OUTBOX else None,
-                delivered_at=row.delivered_at,
-                attempts=tuple(attempts.get(row.callback_id, ())),
-            )
-            for row in rows
-        ]
-
-    async def redeliver_callback(self, task: Task) -> str:
-        assert task.status.terminal and task.callback_url is not None
-        now = time.time()
-        async with self._write(wake=(CALLBACKS,)) as conn:
-            row = (
-                await conn.execute(
-                    sa.select(callbacks.c.callback_id, callbacks.c.event_id).where(
-                        callbacks.c.task_id == task.task_id,
-                        callbacks.c.event_type.in_(TERMINAL_EVENTS),
-                    )
-                )
-            ).first()
-            if row is None:
-                return await self._queue_callback(conn, task, task.status.value, now)
-            # Not while `sending`: a second dispatcher would send it twice at once.
-            await conn.execute(
-                callbacks.update()
-                .where(
-                    callbacks.c.callback_id == row.callback_id,
-                    callbacks.c.state != CallbackState.SENDING.value,
-                )
-                .values(state=CallbackState.PENDING.value, attempts=0, next_attempt_at=now)
-            )
-            return str(row.event_id)
-
-    async def pending_callbacks(self) -> int:
-        async with self._read() as conn:
-            count = await conn.scalar(
-                sa.select(sa.func.count()).where(callbacks.c.state.in_(_OUTBOX))
-            )
-        return int(count or 0)
-
-    # Webhook signing secrets --------------------------------------------------
-    async def webhook_secret(self, key_id: str, candidate: str) -> WebhookSecret:
-        found = await self._webhook_secret(key_id)
-        if found is not None:
-            return found
-        try:
-            async with self._write() as conn:
-                await conn.execute(
-                    webhook_secrets.insert().values(
-                        key_id=key_id, secret=candidate, created_at=time.time()
-                    )
-                )
-        except sa.exc.IntegrityError:
-            pass  # another process made the key's secret first; that one holds
-        made = await self._webhook_secret(key_id)
-        assert made is not None
-        return made
-
-    async def rotate_webhook_secret(
-        self, key_id: str, new_secret: str, previous_expires_at: float
-    ) -> WebhookSecret:
-        now = time.time()
-        # SET's right-hand sides read the row as it was: the old secret moves over.
-        rotate = (
-            webhook_secrets.update()
-            .where(webhook_secrets.c.key_id == key_id)
-            .values(
-                previous_secret=webhook_secrets.c.secret,
-                previous_expires_at=previous_expires_at,
-                secret=new_secret,
-                created_at=now,
-            )
-        )
-        try:
-            async with self._write() as conn:
-                if (await conn.execute(rotate)).rowcount == 0:
-                    await conn.execute(
-                        webhook_secrets.insert().values(
-                            key_id=key_id, secret=new_secret, created_at=now
-                        )
-                    )
-        except sa.exc.IntegrityError:
-            # Another process made the key's first secret meanwhile: rotate that one.
-            async with self._write() as conn:
-                await conn.execute(rotate)
-        rotated = await self._webhook_secret(key_id)
-        assert rotated is not None
-        return rotated
-
-    async def _webhook_secret(self, key_id: str) -> WebhookSecret | None:
-        async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    webhook_secrets.select().where(webhook_secrets.c.key_id == key_id)
-                )
-            ).first()
-        if row is None:
-            return None
-        return WebhookSecret(
-            row.key_id, row.secret, row.created_at, row.previous_secret, row.previous_expires_at
-        )
 
     # The fleet --------------------------------------------------------------
     async def queue_depths(self) -> dict[str, int]:
@@ -897,32 +610,6 @@ class SqlStore(AccountQueries, FileQueries, Store):
             ]
 
 
-# The states the outbox dispatcher looks at: due, or held by a dispatcher that
-# may have died (claimed again once its hold runs out).
-_OUTBOX = (CallbackState.PENDING.value, CallbackState.SENDING.value)
-
-
-def callback_origin(url: str) -> str:
-    """`scheme://host:port` of a callback URL, the default port spelled out."""
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
-    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
-
-
-def _ended(attempt: Attempt) -> float:
-    return attempt.attempted_at + attempt.duration
-
-
-def _attempt_row(callback_id: int, attempt: Attempt) -> sa.Insert:
-    return callback_attempts.insert().values(
-        callback_id=callback_id,
-        attempted_at=attempt.attempted_at,
-        duration=attempt.duration,
-        status_code=attempt.status_code,
-        error=attempt.error,
-    )
-
-
 @contextlib.contextmanager
 def _unavailable_on_connection_errors() -> Iterator[None]:
     """Connection-level failures become StoreUnavailable: callers retry or answer 503."""
@@ -936,12 +623,6 @@ def _unavailable_on_connection_errors() -> Iterator[None]:
         raise
 
 
-def _key_record(row: Any) -> ApiKeyRecord:
-    return ApiKeyRecord(
-        row.key_id, row.name, row.prefix, row.created_at, row.revoked_at, row.account_id
-    )
-
-
 def _failed(message: str | sa.ColumnElement[str], now: float) -> dict[str, Any]:
     """The values of a running task's move to failed outside its worker's hands."""
     return {
@@ -950,115 +631,6 @@ def _failed(message: str | sa.ColumnElement[str], now: float) -> dict[str, Any]:
         "lease_expires_at": None,
         "error_message": message,
     }
-
-
-async def _replay(
-    conn: AsyncConnection, scope: str, idempotency: IdempotencyKey, now: float
-) -> Task | None:
-    """The task an earlier submit with this Idempotency-Key made, if it is still fresh."""
-    key = sa.and_(
-        idempotency_keys.c.account_id == scope,
-        idempotency_keys.c.idempotency_key == idempotency.key,
-    )
-    row = (await conn.execute(idempotency_keys.select().where(key))).first()
-    if row is None:
-        return None
-    if row.created_at <= now - idempotency.ttl:
-        await conn.execute(idempotency_keys.delete().where(key))
-        return None
-    if row.request_hash != idempotency.request_hash:
-        raise Conflict(
-            "Idempotency-Key was already used with a different request; "
-            "use a new key for a new task"
-        )
-    earlier = (await conn.execute(tasks.select().where(tasks.c.task_id == row.task_id))).first()
-    return None if earlier is None else _row_to_task(earlier)
-
-
-async def _check_limits(
-    conn: AsyncConnection, owner: str, limits: SubmitLimits, now: float
-) -> None:
-    """RateLimited when the key is past a limit; its submits take turns meanwhile."""
-    # Lock the key's row (PostgreSQL; SQLite writers take turns anyway) so two
-    # concurrent submits cannot both pass the counts below.
-    await conn.execute(
-        sa.select(api_keys.c.key_id).where(api_keys.c.key_id == owner).with_for_update()
-    )
-    mine = tasks.c.owner == owner
-    if limits.per_minute is not None:
-        window = now - 60
-        count, oldest = (
-            await conn.execute(
-                sa.select(sa.func.count(), sa.func.min(tasks.c.created_at)).where(
-                    mine, tasks.c.created_at > window
-                )
-            )
-        ).one()
-        if count >= limits.per_minute:
-            raise RateLimited(
-                f"Rate limit reached: {limits.per_minute} submits per minute per API key",
-                retry_after=oldest - window,
-            )
-    if limits.concurrent is not None:
-        active = await conn.scalar(
-            sa.select(sa.func.count()).where(
-                mine,
-                tasks.c.status.in_([TaskStatus.NOT_STARTED.value, TaskStatus.RUNNING.value]),
-            )
-        )
-        if (active or 0) >= limits.concurrent:
-            raise RateLimited(
-                f"Too many tasks at once: at most {limits.concurrent} queued or running "
-                "per API key; retry when one ends",
-                retry_after=1,
-            )
-
-
-async def _take_turn(conn: AsyncConnection, task: NewTask) -> int:
-    """The task's vtime: its place in the fair queue; holds its price from the account.
-
-    Claims go in (vtime, seq) order. Each account's tasks take successive
-    vtimes, and an account arriving at a busy queue starts just ahead of the
-    queue's head: so it waits behind at most the running tasks, and then the
-    accounts with queued work take turns, whatever their backlogs.
-    """
-    queued = sa.and_(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == task.model)
-    head = await conn.scalar(sa.select(sa.func.min(tasks.c.vtime)).where(queued))
-    if task.account_id is not None:
-        start: sa.ColumnElement[int] = accounts.c.next_vtime
-        if head is not None:
-            start = sa.case((accounts.c.next_vtime >= head, accounts.c.next_vtime), else_=head - 1)
-        turn = (
-            accounts.update()
-            .where(accounts.c.account_id == task.account_id)
-            .values(next_vtime=start + 1, held=accounts.c.held + task.price)
-            .returning(accounts.c.next_vtime)
-        )
-        if task.price > 0:
-            turn = turn.where(accounts.c.balance - accounts.c.held >= task.price)
-        row = (await conn.execute(turn)).first()
-        if row is not None:
-            return int(row.next_vtime) - 1
-        if task.price > 0:
-            available = await conn.scalar(
-                sa.select(accounts.c.balance - accounts.c.held).where(
-                    accounts.c.account_id == task.account_id
-                )
-            )
-            raise InsufficientCredits(
-                f"This task costs {task.price} credits; the account has {available or 0} available"
-            )
-    # A task of no known account queues at the back, in submit order.
-    tail = await conn.scalar(sa.select(sa.func.max(tasks.c.vtime)).where(queued))
-    return int(tail or 0)
-
-
-async def _wait(event: asyncio.Event, at_most: float) -> None:
-    # Clearing after the wake-up (not before) keeps a set() that lands between
-    # a caller's empty poll and this wait from being lost.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), at_most)
-    event.clear()
 
 
 def _upgrade(connection: sa.Connection) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from fluxserve.store.sql import TASKS, SqlStore
+from fluxserve.store.sql import SqlStore
+from fluxserve.store.wakeups import TASKS
 
 COMMIT_POLL = 0.005
 """Seconds between looks for another process's commit while a worker waits for a task."""
