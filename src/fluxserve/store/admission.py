@@ -83,11 +83,14 @@ async def take_turn(conn: AsyncConnection, task: NewTask) -> int:
     accounts with queued work take turns, whatever their backlogs.
     """
     queued = sa.and_(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == task.model)
-    head = await conn.scalar(sa.select(sa.func.min(tasks.c.vtime)).where(queued))
     if task.account_id is not None:
-        start: sa.ColumnElement[int] = accounts.c.next_vtime
-        if head is not None:
-            start = sa.case((accounts.c.next_vtime >= head, accounts.c.next_vtime), else_=head - 1)
+        # One statement: the queue's head is a subquery (the account's own clock
+        # when the queue is empty), so a submit makes no separate read for it.
+        head = sa.func.coalesce(
+            sa.select(sa.func.min(tasks.c.vtime)).where(queued).scalar_subquery(),
+            accounts.c.next_vtime,
+        )
+        start = sa.case((accounts.c.next_vtime >= head, accounts.c.next_vtime), else_=head - 1)
         turn = (
             accounts.update()
             .where(accounts.c.account_id == task.account_id)
