@@ -145,17 +145,32 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
         )
     if "base64" not in params[1:]:
         raise ReferenceImageError("data: URL must be base64-encoded (';base64,')")
-    # Line breaks and spaces are common in pasted base64; they carry no data.
-    compact = "".join(payload.split())
-    if len(compact) // 4 * 3 - 2 > max_bytes:  # refuse before decoding anything
-        raise ReferenceImageError(f"data: URL holds more than {max_bytes} bytes")
-    compact += "=" * (-len(compact) % 4)  # some encoders drop the padding
     try:
-        data = base64.b64decode(compact, validate=True)
+        return decode_base64_payload(payload, max_bytes)
+    except Base64TooLarge as exc:
+        raise ReferenceImageError(f"data: URL holds more than {max_bytes} bytes") from exc
     except (binascii.Error, ValueError) as exc:
         raise ReferenceImageError(f"data: URL is not valid base64: {exc}") from exc
+
+
+class Base64TooLarge(Exception):
+    """Base64 that holds more bytes than allowed."""
+
+
+def decode_base64_payload(payload: str, max_bytes: int) -> bytes:
+    """The bytes of base64 text, spaces and line breaks ignored, padding optional.
+
+    Base64TooLarge past `max_bytes`, refused from its length before anything is
+    decoded; binascii.Error when it is not base64.
+    """
+    # Line breaks and spaces are common in pasted base64; they carry no data.
+    compact = "".join(payload.split())
+    if len(compact) // 4 * 3 - 2 > max_bytes:
+        raise Base64TooLarge
+    compact += "=" * (-len(compact) % 4)  # some encoders drop the padding
+    data = base64.b64decode(compact, validate=True)
     if len(data) > max_bytes:
-        raise ReferenceImageError(f"data: URL holds more than {max_bytes} bytes")
+        raise Base64TooLarge
     return data
 
 
@@ -254,6 +269,8 @@ async def load_references(
 
 __all__ = [
     "MAX_REFERENCE_IMAGES",
+    "Base64TooLarge",
+    "decode_base64_payload",
     "decode_data_url",
     "decode_image",
     "load_references",

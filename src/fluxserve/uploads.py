@@ -9,7 +9,6 @@ real format, whatever the client called it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import secrets
 import time
@@ -26,7 +25,12 @@ from fluxserve.errors import (
     UnsafeURLError,
 )
 from fluxserve.netguard import NetPolicy, fetch_bytes, guarded_client
-from fluxserve.references import decode_image, sniff_format
+from fluxserve.references import (
+    Base64TooLarge,
+    decode_base64_payload,
+    decode_image,
+    sniff_format,
+)
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage, check_key
 from fluxserve.store import Store
@@ -128,21 +132,16 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
             raise InvalidRequest(
                 "base64_data must be plain base64 or a 'data:image/...;base64,' URL"
             )
-    # Line breaks and spaces are common in pasted base64; they carry no data.
-    compact = "".join(payload.split())
-    if not compact:
+    if not payload.strip():
         raise InvalidRequest("base64_data holds no data")
-    too_large = PayloadTooLarge(f"base64_data holds more than {max_bytes} bytes, the most allowed")
-    if len(compact) // 4 * 3 - 2 > max_bytes:  # refused before decoding anything
-        raise too_large
-    compact += "=" * (-len(compact) % 4)  # some encoders drop the padding
     try:
-        data = base64.b64decode(compact, validate=True)
+        return decode_base64_payload(payload, max_bytes)
+    except Base64TooLarge as exc:
+        raise PayloadTooLarge(
+            f"base64_data holds more than {max_bytes} bytes, the most allowed"
+        ) from exc
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequest(f"base64_data is not valid base64: {exc}") from exc
-    if len(data) > max_bytes:
-        raise too_large
-    return data
 
 
 def image_format(data: bytes, *, max_pixels: int, field: str) -> str:
