@@ -1,8 +1,9 @@
 """The store on SQLAlchemy Core (async), shared by the SQLite and PostgreSQL backends.
 
-This module holds the connection handling, API keys, the task queue and the
-fleet; accounts (`sql_accounts.py`), the callback outbox (`sql_callbacks.py`) and
-files (`sql_files.py`) are mixed in, and a submit's checks are in `admission.py`.
+This module holds API keys, the task queue and the fleet; accounts
+(`sql_accounts.py`), the callback outbox (`sql_callbacks.py`) and files
+(`sql_files.py`) are mixed in, each on the connection handling of `sql_base.py`,
+and a submit's checks are in `admission.py`.
 The dialects differ only in how an engine is made, how writers take turns, how
 a write wakes the waiting workers and dispatchers, and how hot reads reach the
 driver: see `sqlite.py` and `postgres.py`.
@@ -10,22 +11,15 @@ driver: see `sqlite.py` and `postgres.py`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fluxserve.errors import StoreUnavailable
 from fluxserve.store.admission import check_limits, replay, take_turn
 from fluxserve.store.base import (
     ApiKeyRecord,
@@ -37,7 +31,6 @@ from fluxserve.store.base import (
     TaskPage,
     WorkerRecord,
 )
-from fluxserve.store.direct import CompiledRead
 from fluxserve.store.rows import key_from_row, task_from_row
 from fluxserve.store.schema import (
     api_keys,
@@ -153,74 +146,6 @@ async def _claim_companions(
 
 class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
     """Everything but the dialect's engine, write turns and wake-ups."""
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._engine: AsyncEngine | None = None
-        self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
-        self._compiled_reads: dict[sa.Select[Any], CompiledRead] = {}
-
-    def _create_engine(self) -> AsyncEngine:
-        raise NotImplementedError
-
-    async def start(self) -> None:
-        self._engine = self._create_engine()
-        async with self._write() as conn:
-            await self._before_migrations(conn)
-            await conn.run_sync(_upgrade)
-
-    async def _before_migrations(self, conn: AsyncConnection) -> None:
-        """Make concurrent starts take turns at migrating, where the dialect needs it."""
-
-    async def close(self) -> None:
-        if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
-
-    @property
-    def engine(self) -> AsyncEngine:
-        if self._engine is None:
-            raise RuntimeError("store not started")
-        return self._engine
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        with _unavailable_on_connection_errors():
-            async with self.engine.connect() as conn:
-                yield conn
-
-    async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
-        """The first row of a hot read; the dialects run it on their driver directly."""
-        async with self._read() as conn:
-            return (await conn.execute(statement, params)).first()
-
-    def _compiled(self, statement: sa.Select[Any]) -> CompiledRead:
-        """`statement` compiled for this store's dialect, once."""
-        compiled = self._compiled_reads.get(statement)
-        if compiled is None:
-            compiled = CompiledRead.of(statement, self.engine.dialect)
-            self._compiled_reads[statement] = compiled
-        return compiled
-
-    @asynccontextmanager
-    async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
-        """A transaction; when it commits, wake whoever waits on the `wake` channels."""
-        with _unavailable_on_connection_errors():
-            async with self.engine.begin() as conn:
-                yield conn
-                await self._notify(conn, wake)
-        for channel in wake:
-            self._events[channel].set()
-
-    async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
-        """Tell other processes, inside the transaction; in-process waiters need nothing."""
-
-    def _wake_local(self, channel: str) -> None:
-        self._events[channel].set()
-
-    async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
-        """Whether this transaction may sweep now; one sweeper at a time."""
-        return True
 
     # API keys ---------------------------------------------------------------
     async def create_key(
@@ -610,19 +535,6 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             ]
 
 
-@contextlib.contextmanager
-def _unavailable_on_connection_errors() -> Iterator[None]:
-    """Connection-level failures become StoreUnavailable: callers retry or answer 503."""
-    try:
-        yield
-    except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError) as exc:
-        raise StoreUnavailable(f"database unavailable: {exc}") from exc
-    except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise StoreUnavailable(f"database connection lost: {exc}") from exc
-        raise
-
-
 def _failed(message: str | sa.ColumnElement[str], now: float) -> dict[str, Any]:
     """The values of a running task's move to failed outside its worker's hands."""
     return {
@@ -631,12 +543,3 @@ def _failed(message: str | sa.ColumnElement[str], now: float) -> dict[str, Any]:
         "lease_expires_at": None,
         "error_message": message,
     }
-
-
-def _upgrade(connection: sa.Connection) -> None:
-    config = Config()
-    config.set_main_option(
-        "script_location", str(resources.files("fluxserve.store") / "migrations")
-    )
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")

@@ -8,7 +8,6 @@ status they follow; this module holds the account itself and its grants.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fluxserve.errors import Conflict, NotFound
 from fluxserve.store.base import Account, LedgerEntry
 from fluxserve.store.schema import accounts, credit_ledger
+from fluxserve.store.sql_base import SqlBase
 
 
 class LedgerKind:
@@ -28,14 +28,8 @@ class LedgerKind:
     RELEASE = "release"  # the hold given back, when the task fails or is cancelled
 
 
-class AccountQueries:
+class AccountQueries(SqlBase):
     """Accounts, grants and the ledger; mixed into SqlStore."""
-
-    def _read(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        raise NotImplementedError
-
-    def _write(self, wake: tuple[str, ...] = ()) -> AbstractAsyncContextManager[AsyncConnection]:
-        raise NotImplementedError
 
     async def create_account(self, account_id: str, email: str) -> Account:
         try:

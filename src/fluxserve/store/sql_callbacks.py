@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Collection, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,20 +18,13 @@ from fluxserve.store.base import (
     WebhookSecret,
 )
 from fluxserve.store.schema import callback_attempts, callbacks, webhook_secrets
+from fluxserve.store.sql_base import SqlBase
 from fluxserve.store.wakeups import CALLBACKS, wait
 from fluxserve.tasks import TERMINAL_EVENTS, Task, new_event_id
 
 
-class CallbackQueries:
+class CallbackQueries(SqlBase):
     """Callback events, their attempts, and signing secrets; mixed into SqlStore."""
-
-    _events: dict[str, asyncio.Event]
-
-    def _read(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        raise NotImplementedError
-
-    def _write(self, wake: tuple[str, ...] = ()) -> AbstractAsyncContextManager[AsyncConnection]:
-        raise NotImplementedError
 
     async def _queue_callback(
         self, conn: AsyncConnection, task: Task, event_type: str, now: float

@@ -8,14 +8,13 @@ succeeds, and each write here is safe to repeat.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fluxserve.store.base import UploadRecord
 from fluxserve.store.schema import tasks, uploads
+from fluxserve.store.sql_base import SqlBase
 from fluxserve.tasks import TaskStatus
 
 
@@ -34,14 +33,8 @@ def _upload(row: Any) -> UploadRecord:
     )
 
 
-class FileQueries:
+class FileQueries(SqlBase):
     """Uploads and the retention of uploaded and result files; mixed into SqlStore."""
-
-    def _read(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        raise NotImplementedError
-
-    def _write(self, wake: tuple[str, ...] = ()) -> AbstractAsyncContextManager[AsyncConnection]:
-        raise NotImplementedError
 
     async def add_upload(self, upload: UploadRecord) -> None:
         async with self._write() as conn:
