@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import importlib
+import os
 import sys
 import threading
 import uuid
@@ -254,6 +255,25 @@ def test_local_paths_stay_under_root(tmp_path: Path) -> None:
     assert storage.path_for("results/t1/image.png") == tmp_path / "results" / "t1" / "image.png"
     assert all(storage.path_for(key) is None for key in TRAVERSALS)
     assert storage.url("results/t1/a b.png") == "https://img.example.com/files/results/t1/a%20b.png"
+
+
+async def test_a_writer_killed_midway_leaves_nothing_among_the_files(tmp_path: Path) -> None:
+    root = tmp_path / "files"
+    storage = LocalStorage(root, "https://img.example.com/")
+    await storage.put("results/t1/image.png", b"\x89PNG bytes", "image/png")
+    assert [p.relative_to(root).as_posix() for p in root.rglob("*")] == [
+        "results",
+        "results/t1",
+        "results/t1/image.png",
+    ]
+    assert list(storage.partials.iterdir()) == []
+    # What a killed writer leaves: a partial file, beside the served tree.
+    stale, fresh = storage.partials / "tmpstale", storage.partials / "tmpfresh"
+    stale.write_bytes(b"half a file")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (1_000.0, 1_000.0))
+    assert await storage.remove_stale_partials(started_before=2_000.0) == 1
+    assert list(storage.partials.iterdir()) == [fresh]
 
 
 async def test_s3_keys_go_under_the_prefix(s3_endpoint: str, s3_admin: Any, bucket: str) -> None:

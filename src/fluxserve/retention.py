@@ -1,7 +1,8 @@
 """Deleting files whose time is up: uploads past `expires_at`, and the result files of
 tasks that ended more than `result_retention` seconds ago.
 
-Runs in every process's sweeper, in batches. Files go first and records after, so a
+Local storage's partial files left by killed writers go too, an hour after they
+were begun. Runs in every process's sweeper, in batches. Files go first and records after, so a
 sweep cut short leaves records whose files the next sweep deletes again (a missing
 file is no error), never files that no record points to.
 """
@@ -14,9 +15,12 @@ from dataclasses import dataclass
 
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage
+from fluxserve.storage.local import LocalStorage
 from fluxserve.store import Store
 
 BATCH = 100
+PARTIAL_FILE_AGE = 3600.0
+"""Seconds after which a partial file's writer is surely gone (a write takes milliseconds)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class Swept:
 
     uploads: int
     tasks: int
+    partials: int
 
 
 async def sweep(
@@ -36,7 +41,10 @@ async def sweep(
     tasks = 0
     if settings.result_retention is not None:
         tasks = await remove_old_results(store, storage, now - settings.result_retention, now)
-    return Swept(uploads=uploads, tasks=tasks)
+    partials = 0
+    if isinstance(storage, LocalStorage):
+        partials = await storage.remove_stale_partials(now - PARTIAL_FILE_AGE)
+    return Swept(uploads=uploads, tasks=tasks, partials=partials)
 
 
 async def remove_expired_uploads(store: Store, storage: Storage, now: float) -> int:

@@ -125,11 +125,12 @@ class Runtime:
             # A storage outage must not stop the sweeper: the next round retries.
             logger.exception("file retention failed")
         else:
-            if swept.uploads or swept.tasks:
+            if swept.uploads or swept.tasks or swept.partials:
                 logger.info(
-                    "retention: removed %d uploads and the files of %d tasks",
+                    "retention: removed %d uploads, the files of %d tasks and %d partial files",
                     swept.uploads,
                     swept.tasks,
+                    swept.partials,
                 )
 
     async def health(self) -> dict[str, Any]:

@@ -15,10 +15,16 @@ FILES_ROUTE = "/files"
 
 
 class LocalStorage:
-    """Files under `root`; their URLs start with `base_url` + `/files/`."""
+    """Files under `root`; their URLs start with `base_url` + `/files/`.
+
+    A file is written in full beside `root`, in `<root>.partial/`, then moved
+    into place: a writer killed midway leaves its partial file there, never
+    among the files served, and `remove_stale_partials` clears it later.
+    """
 
     def __init__(self, root: Path, base_url: str) -> None:
         self.root = root
+        self.partials = root.with_name(root.name + ".partial")
         self.base_url = base_url.rstrip("/")
 
     def path_for(self, key: str) -> Path | None:
@@ -30,7 +36,7 @@ class LocalStorage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         # The content type is not kept: the /files route derives it from the name.
-        await asyncio.to_thread(_write_atomically, self._path(key), data)
+        await asyncio.to_thread(_write_atomically, self._path(key), data, self.partials)
 
     async def get(self, key: str) -> bytes | None:
         return await asyncio.to_thread(_read_or_none, self._path(key))
@@ -56,13 +62,19 @@ class LocalStorage:
             return None
         return valid_key(unquote(parts.path.removeprefix(folder)))
 
+    async def remove_stale_partials(self, started_before: float) -> int:
+        """Delete partial files begun before `started_before` (epoch seconds): their
+        writers are gone, as a write takes milliseconds. Returns how many."""
+        return await asyncio.to_thread(_remove_older, self.partials, started_before)
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, partials: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    partials.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=partials)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -87,3 +99,14 @@ def _read_or_none(path: Path) -> bytes | None:
 def _unlink_if_file(path: Path) -> None:
     with contextlib.suppress(*_NO_FILE):
         path.unlink()
+
+
+def _remove_older(folder: Path, before: float) -> int:
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file() and entry.stat().st_mtime < before:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
