@@ -291,3 +291,9 @@ def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("dev")
     build_tiny_dev_pipeline().save_pretrained(folder)
     return folder
+
+
+async def queue_position(store: Store, task_id: str) -> int | None:
+    """The task's `queue_position`, as its status read gives it."""
+    found = await store.get_task_and_position(task_id)
+    return None if found is None else found[1]

@@ -17,7 +17,7 @@ from fluxserve.store import open_store
 from fluxserve.store.schema import api_keys, callbacks, tasks
 from fluxserve.tasks import TERMINAL_EVENTS, NewTask, TaskInput
 
-from conftest import fresh_postgres_database
+from conftest import fresh_postgres_database, queue_position
 
 INPUT = TaskInput(prompt="a new task", size="1:1", resolution="1K")
 
@@ -120,7 +120,7 @@ async def test_keys_and_tasks_from_before_0004_get_accounts_and_keep_their_order
         key = await store.key_for_hash("h" * 64)
         assert key is not None and key.account_id is not None
         account = await store.get_account(key.account_id)
-        queued = await store.queue_position("task-b")
+        queued = await queue_position(store, "task-b")
         # A new account's task queues behind the old one.
         later = await store.create_task(
             NewTask("task-c", "key_new", "acct_new", "flux-2-pro", INPUT, None, 2.0)

@@ -14,6 +14,8 @@ import pytest
 from fluxserve.store.sqlite import SqliteStore
 from fluxserve.tasks import NewTask, TaskInput, TaskStatus, new_task_id
 
+from conftest import queue_position
+
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
 
 
@@ -71,12 +73,12 @@ async def test_reads_see_each_commit_of_another_process_at_once(
     found = await reader.get_task_and_position(first)
     assert found is not None and found[1] == 1
     second = await add(writer)
-    assert await reader.queue_position(second) == 2
+    assert await queue_position(reader, second) == 2
     claim = await writer.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
     task = await reader.get_task(first)
     assert task is not None and task.status is TaskStatus.RUNNING
-    assert await reader.queue_position(second) == 1
+    assert await queue_position(reader, second) == 1
 
 
 class LockedConnection:

@@ -11,6 +11,8 @@ from fluxserve.store import Store
 from fluxserve.store.base import Attempt, CallbackState, LeaseState, Outcome
 from fluxserve.tasks import NewTask, ResultFile, Task, TaskInput, TaskStatus, new_task_id
 
+from conftest import queue_position
+
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
 
 
@@ -152,12 +154,12 @@ async def test_queue_position_counts_the_queued_tasks_of_the_model_ahead(store: 
     first = await add(store)
     await add(store, "flux-2-flex")
     third = await add(store)
-    assert await store.queue_position(first) == 1
-    assert await store.queue_position(third) == 2
+    assert await queue_position(store, first) == 1
+    assert await queue_position(store, third) == 2
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and claim.task.task_id == first
-    assert await store.queue_position(first) is None
-    assert await store.queue_position(third) == 1
+    assert await queue_position(store, first) is None
+    assert await queue_position(store, third) == 1
 
 
 HOOK = "https://example.com/hook"

@@ -22,6 +22,8 @@ from fluxserve.tasks import (
     new_task_id,
 )
 
+from conftest import queue_position
+
 INPUT = TaskInput(prompt="a lighthouse at dusk", size="1:1", resolution="1K")
 HOOK = "https://example.com/hook"
 
@@ -280,7 +282,7 @@ async def test_a_backlog_does_not_hold_back_another_accounts_task(store: Store) 
     assert running is not None
     bobs = await submit(store, bob)
     # Next in line, ahead of the five of alice's still queued.
-    assert await store.queue_position(bobs.task_id) == 1
+    assert await queue_position(store, bobs.task_id) == 1
     await store.finish_task(running, outcome())
     assert await claim_order(store) == ["bob"] + ["alice"] * 5
 
@@ -301,7 +303,7 @@ async def test_accounts_with_backlogs_take_turns(store: Store) -> None:
 async def test_queue_position_follows_the_claim_order(store: Store) -> None:
     alice, bob = await account(store, "alice"), await account(store, "bob")
     submitted = [await submit(store, who) for who in (alice, alice, alice, bob, alice, bob)]
-    positions = {t.task_id: await store.queue_position(t.task_id) for t in submitted}
+    positions = {t.task_id: await queue_position(store, t.task_id) for t in submitted}
     claimed = []
     while (claim := await store.claim_task(["flux-2-pro"], "w1", 30)) is not None:
         claimed.append(claim.task.task_id)

@@ -274,11 +274,11 @@ class Store(ABC):
 
     @abstractmethod
     async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
-        """The task and, while it is queued, its `queue_position`, in one round trip."""
+        """The task and, while it is queued, its `queue_position`, in one round trip.
 
-    @abstractmethod
-    async def queue_position(self, task_id: str) -> int | None:
-        """1 for the next queued task of its model, 2 for the one after...; None unless queued."""
+        The position is 1 for the next task of its model to be claimed, 2 for the one
+        after, in claim order; None unless the task is queued.
+        """
 
     @abstractmethod
     async def claim_task(

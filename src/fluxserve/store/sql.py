@@ -263,10 +263,6 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         row = await self._fetch_one(_TASK_AND_POSITION, task_id=task_id)
         return None if row is None else (task_from_row(row), row.queue_position or None)
 
-    async def queue_position(self, task_id: str) -> int | None:
-        found = await self.get_task_and_position(task_id)
-        return None if found is None else found[1]
-
     async def claim_task(
         self, models: Sequence[str], worker_id: str, lease_seconds: float
     ) -> Claim | None:
