@@ -2,7 +2,9 @@
 
 Compares, in one run, on this machine:
   throughput  submits/s (POST /api/generate/submit, flux-2-pro, no callback) and
-              status reads/s (GET /api/generate/status/{id} of queued tasks) from
+              status reads/s (GET /api/generate/status/{id} of queued tasks; a
+              read counts the task's queue position, so it runs over a queue of
+              --queue-depth tasks, the first ones the submits made) from
               64 concurrent keep-alive clients, for
                 bare      bench/bare_app.py: the same two routes and JSON shapes on
                           FastAPI + uvicorn, no storage (the ceiling)
@@ -30,7 +32,7 @@ once). The bench makes its own PostgreSQL database and drops it; it connects as
 $BENCH_PG_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/test).
 
     .venv/bin/python bench/throughput.py [--duration 5] [--warmup 1] [--clients 64]
-        [--tasks 50] [--rounds 2] [--only throughput dispatch memory]
+        [--tasks 50] [--queue-depth 2000] [--rounds 2] [--only throughput dispatch memory]
 
 To pin the code under test while src/ changes, run a copy of it:
 `git archive HEAD src | tar -x -C /tmp/snap` then `PYTHONPATH=/tmp/snap/src ...`.
@@ -188,7 +190,18 @@ class BenchStore(Protocol):
 
     async def clear_tasks(self) -> None: ...
 
+    async def keep_queued(self, depth: int) -> list[str]:
+        """Delete all but the first `depth` queued tasks; the ids of those kept."""
+        ...
+
     async def dispatch_delays(self, task_ids: Sequence[str]) -> list[float]: ...
+
+
+# The status phase's queue: the first tasks the submit phase made, in queue order.
+KEEP_QUEUED = (
+    "DELETE FROM tasks WHERE seq NOT IN "
+    "(SELECT seq FROM tasks WHERE status = 'not_started' ORDER BY vtime, seq LIMIT $1)"
+)
 
 
 class SqliteBench:
@@ -206,6 +219,11 @@ class SqliteBench:
     async def clear_tasks(self) -> None:
         with closing(self._connect()) as conn, conn:
             conn.execute("DELETE FROM tasks")
+
+    async def keep_queued(self, depth: int) -> list[str]:
+        with closing(self._connect()) as conn, conn:
+            conn.execute(KEEP_QUEUED.replace("$1", "?"), (depth,))
+            return [row[0] for row in conn.execute("SELECT task_id FROM tasks")]
 
     async def dispatch_delays(self, task_ids: Sequence[str]) -> list[float]:
         marks = ",".join("?" * len(task_ids))
@@ -229,6 +247,14 @@ class PostgresBench:
         conn = await asyncpg.connect(self.url)
         try:
             await conn.execute("TRUNCATE tasks")
+        finally:
+            await conn.close()
+
+    async def keep_queued(self, depth: int) -> list[str]:
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(KEEP_QUEUED, depth)
+            return [row["task_id"] for row in await conn.fetch("SELECT task_id FROM tasks")]
         finally:
             await conn.close()
 
@@ -583,15 +609,21 @@ async def measure_pair(
     servers: Sequence[Child],
     key: str,
     args: argparse.Namespace,
-    database: str | None = None,
+    store: BenchStore | None = None,
 ) -> list[Row]:
-    """Submits, then status reads of the tasks those submits made."""
+    """Submits, then status reads of the first `args.queue_depth` tasks those submits made."""
     ports = [child.port for child in servers]
     pids = [child.pid for child in servers]
+    database = store.database if isinstance(store, PostgresBench) else None
     submits = await drive(
         ports, key, submit_call, args, server_pids=pids, database=database, keep_bodies=True
     )
-    ids = task_ids(submits.bodies)
+    if store is None:
+        ids = task_ids(submits.bodies)[: args.queue_depth]
+    else:
+        # A task's queue position is counted on each read, so the reads' cost
+        # grows with the queue: every run reads over a queue of the same depth.
+        ids = await store.keep_queued(args.queue_depth)
     reads = await drive(ports, key, status_calls(ids), args, server_pids=pids, database=database)
     return [
         Row("submit", name, len(servers), submits),
@@ -611,8 +643,7 @@ async def measure_config(
             servers = [await start_bare(group) for _ in range(procs)]
             return await measure_pair("bare", servers, key, args)
         servers = [await start_api(group, store) for _ in range(procs)]
-        database = store.database if isinstance(store, PostgresBench) else None
-        return await measure_pair(store.name, servers, key, args, database)
+        return await measure_pair(store.name, servers, key, args, store)
 
 
 async def throughput(
@@ -923,6 +954,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     parser.add_argument("--clients", type=int, default=64, help="concurrent connections")
     parser.add_argument("--tasks", type=int, default=50, help="tasks for dispatch latency")
+    parser.add_argument(
+        "--queue-depth",
+        type=int,
+        default=2000,
+        help="status reads run over the first this many queued tasks (the rest are deleted)",
+    )
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds; best is shown")
     parser.add_argument(

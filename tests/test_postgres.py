@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from fluxserve.store import Store, open_store
+from fluxserve.store.sql import SqlStore
 from fluxserve.tasks import NewTask, TaskInput, new_task_id
 
 from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database
@@ -35,6 +36,21 @@ async def add(store: Store) -> str:
         NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, None, time.time())
     )
     return task.task_id
+
+
+async def drop_every_connection(store: Store) -> int:
+    """Cut every connection to the store's database, as a restart does; how many."""
+    assert isinstance(store, SqlStore)
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        killed: int = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            store.engine.url.database,
+        )
+    finally:
+        await admin.close()
+    return killed
 
 
 async def settle(store: Store) -> None:
@@ -63,16 +79,7 @@ async def test_both_stores_survive_the_database_dropping_every_connection(
     worker_side, api_side = two_stores
     await settle(worker_side)
     await add(api_side)
-    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    try:
-        database = api_side.engine.url.database
-        killed = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            database,
-        )
-    finally:
-        await admin.close()
+    killed = await drop_every_connection(api_side)
     assert killed >= 2, "the pooled and the LISTEN connections were cut"
     # Pooled connections are replaced on first use...
     second = await add(api_side)
@@ -93,17 +100,23 @@ async def test_a_read_right_after_every_connection_dropped_is_answered(
     task_id = await add(store)
     for _ in range(5):
         assert await store.get_task(task_id) is not None  # the read pool's connections
-        admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
-        try:
-            await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                store.engine.url.database,
-            )
-        finally:
-            await admin.close()
+        await drop_every_connection(store)
         found = await store.get_task_and_position(task_id)
         assert found is not None and found[1] == 1
+
+
+async def test_a_submit_right_after_every_connection_dropped_is_queued_once(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, other = two_stores
+    submitted = [await add(store)]
+    for _ in range(3):
+        await drop_every_connection(store)
+        submitted.append(await add(store))
+    claimed = []
+    while (claim := await other.claim_task(["flux-2-pro"], "w1", 30)) is not None:
+        claimed.append(claim.task.task_id)
+    assert claimed == submitted
 
 
 async def test_claims_from_two_processes_never_share_a_task(

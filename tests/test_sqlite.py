@@ -81,6 +81,34 @@ async def test_reads_see_each_commit_of_another_process_at_once(
     assert await queue_position(reader, second) == 1
 
 
+async def test_a_submit_waits_off_the_loop_while_another_process_writes(
+    two_stores: tuple[SqliteStore, SqliteStore], tmp_path: Path
+) -> None:
+    store, _ = two_stores
+    other_process = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")  # holds the write lock
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    submitting = asyncio.create_task(add(store))
+    try:
+        await asyncio.sleep(0.3)
+        assert not submitting.done()
+        assert ticks >= 10, "the loop ran on while the submit waited for the lock"
+        other_process.execute("COMMIT")
+        task_id = await asyncio.wait_for(submitting, 10)
+    finally:
+        ticker.cancel()
+        other_process.close()
+    assert await queue_position(store, task_id) == 1
+
+
 class LockedConnection:
     """A reader that finds the database locked, as while another process recovers it."""
 

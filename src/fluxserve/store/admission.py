@@ -1,72 +1,179 @@
-"""What a submit's transaction checks before its task is queued: an earlier
-submit with the same Idempotency-Key, the key's limits, the account's credits,
-and the task's place in the fair queue."""
+"""A submit's transaction, as one program (see `direct.py`): an earlier submit with
+the same Idempotency-Key, the key's limits, the account's credits and the task's
+place in the fair queue are checked, and then the task is queued.
+
+Every statement is built once, here, so each store compiles it once for its
+driver.
+"""
 
 from __future__ import annotations
 
+import time
+
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fluxserve.errors import Conflict, InsufficientCredits, RateLimited
 from fluxserve.store.base import IdempotencyKey, SubmitLimits
-from fluxserve.store.rows import task_from_row
-from fluxserve.store.schema import accounts, api_keys, idempotency_keys, tasks
+from fluxserve.store.direct import Program, Step
+from fluxserve.store.rows import TASK_BY_ID, task_from_row
+from fluxserve.store.schema import accounts, api_keys, credit_ledger, idempotency_keys, tasks
+from fluxserve.store.sql_accounts import LedgerKind
 from fluxserve.tasks import NewTask, Task, TaskStatus
 
+_IDEMPOTENCY_KEY = sa.and_(
+    idempotency_keys.c.account_id == sa.bindparam("scope"),
+    idempotency_keys.c.idempotency_key == sa.bindparam("key"),
+)
+_EARLIER_SUBMIT = idempotency_keys.select().where(_IDEMPOTENCY_KEY)
+_FORGET_SUBMIT = idempotency_keys.delete().where(_IDEMPOTENCY_KEY)
 
-async def replay(
-    conn: AsyncConnection, scope: str, idempotency: IdempotencyKey, now: float
-) -> Task | None:
-    """The task an earlier submit with this Idempotency-Key made, if it is still fresh."""
-    key = sa.and_(
-        idempotency_keys.c.account_id == scope,
-        idempotency_keys.c.idempotency_key == idempotency.key,
+# Locks the key's row (PostgreSQL; SQLite writers take turns anyway), so two
+# concurrent submits cannot both pass the counts that follow.
+_LOCK_KEY = (
+    sa.select(api_keys.c.key_id).where(api_keys.c.key_id == sa.bindparam("owner")).with_for_update()
+)
+_mine = tasks.c.owner == sa.bindparam("owner")
+_RECENT_SUBMITS = sa.select(sa.func.count(), sa.func.min(tasks.c.created_at)).where(
+    _mine, tasks.c.created_at > sa.bindparam("since", type_=sa.Float)
+)
+_ACTIVE_TASKS = sa.select(sa.func.count()).where(
+    _mine,
+    sa.or_(
+        tasks.c.status == TaskStatus.NOT_STARTED.value,
+        tasks.c.status == TaskStatus.RUNNING.value,
+    ),
+)
+
+_queued = sa.and_(
+    tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == sa.bindparam("model")
+)
+_price = sa.bindparam("price", type_=sa.BigInteger)
+# The queue's head is a subquery (the account's own clock when the queue is
+# empty), so a turn is one statement.
+_head = sa.func.coalesce(
+    sa.select(sa.func.min(tasks.c.vtime)).where(_queued).scalar_subquery(),
+    accounts.c.next_vtime,
+)
+_start = sa.case((accounts.c.next_vtime >= _head, accounts.c.next_vtime), else_=_head - 1)
+_TURN = (
+    accounts.update()
+    .where(accounts.c.account_id == sa.bindparam("account"))
+    .values(next_vtime=_start + 1, held=accounts.c.held + _price)
+    .returning(accounts.c.next_vtime)
+)
+_PAID_TURN = _TURN.where(accounts.c.balance - accounts.c.held >= _price)
+_AVAILABLE = sa.select(accounts.c.balance - accounts.c.held).where(
+    accounts.c.account_id == sa.bindparam("account")
+)
+_QUEUE_TAIL = sa.select(sa.func.max(tasks.c.vtime)).where(_queued)
+# Inserts are given whole rows; one object each, so each compiles once.
+_NEW_TASK = tasks.insert()
+_NEW_HOLD = credit_ledger.insert()
+_NEW_IDEMPOTENCY_KEY = idempotency_keys.insert()
+
+
+def submit(
+    task: NewTask, limits: SubmitLimits | None, idempotency: IdempotencyKey | None
+) -> Program[Task]:
+    """Queue `task` once its checks pass; or the task an earlier submit with the same
+    Idempotency-Key made."""
+    scope = task.account_id or task.owner
+    if idempotency is not None:
+        earlier = yield from _replay(scope, idempotency, task.created_at)
+        if earlier is not None:
+            return earlier
+    if limits is not None:
+        yield from _check_limits(task.owner, limits, task.created_at)
+    vtime = yield from _take_turn(task)
+    yield Step(
+        _NEW_TASK,
+        dict(
+            task_id=task.task_id,
+            owner=task.owner,
+            account_id=task.account_id,
+            model=task.model,
+            status=TaskStatus.NOT_STARTED.value,
+            progress=0,
+            input=task.input.to_json(),
+            callback_url=task.callback_url,
+            files=[],
+            attempts=0,
+            created_at=task.created_at,
+            callback_events=list(task.callback_events),
+            price=task.price,
+            vtime=vtime,
+        ),
     )
-    row = (await conn.execute(idempotency_keys.select().where(key))).first()
+    if task.price > 0 and task.account_id is not None:
+        yield Step(
+            _NEW_HOLD,
+            dict(
+                account_id=task.account_id,
+                task_id=task.task_id,
+                kind=LedgerKind.HOLD,
+                amount=task.price,
+                note=None,
+                created_at=time.time(),
+            ),
+        )
+    if idempotency is not None:
+        yield Step(
+            _NEW_IDEMPOTENCY_KEY,
+            dict(
+                account_id=scope,
+                idempotency_key=idempotency.key,
+                request_hash=idempotency.request_hash,
+                task_id=task.task_id,
+                created_at=task.created_at,
+            ),
+        )
+    return Task(
+        task_id=task.task_id,
+        owner=task.owner,
+        model=task.model,
+        input=task.input,
+        callback_url=task.callback_url,
+        status=TaskStatus.NOT_STARTED,
+        progress=0,
+        created_at=task.created_at,
+        callback_events=task.callback_events,
+        account_id=task.account_id,
+        price=task.price,
+    )
+
+
+def _replay(scope: str, idempotency: IdempotencyKey, now: float) -> Program[Task | None]:
+    """The task an earlier submit with this Idempotency-Key made, if it is still fresh."""
+    key = {"scope": scope, "key": idempotency.key}
+    row = yield Step(_EARLIER_SUBMIT, key)
     if row is None:
         return None
     if row.created_at <= now - idempotency.ttl:
-        await conn.execute(idempotency_keys.delete().where(key))
+        yield Step(_FORGET_SUBMIT, key)
         return None
     if row.request_hash != idempotency.request_hash:
         raise Conflict(
             "Idempotency-Key was already used with a different request; "
             "use a new key for a new task"
         )
-    earlier = (await conn.execute(tasks.select().where(tasks.c.task_id == row.task_id))).first()
+    earlier = yield Step(TASK_BY_ID, {"task_id": row.task_id})
     return None if earlier is None else task_from_row(earlier)
 
 
-async def check_limits(conn: AsyncConnection, owner: str, limits: SubmitLimits, now: float) -> None:
+def _check_limits(owner: str, limits: SubmitLimits, now: float) -> Program[None]:
     """RateLimited when the key is past a limit; its submits take turns meanwhile."""
-    # Lock the key's row (PostgreSQL; SQLite writers take turns anyway) so two
-    # concurrent submits cannot both pass the counts below.
-    await conn.execute(
-        sa.select(api_keys.c.key_id).where(api_keys.c.key_id == owner).with_for_update()
-    )
-    mine = tasks.c.owner == owner
+    yield Step(_LOCK_KEY, {"owner": owner})
     if limits.per_minute is not None:
-        window = now - 60
-        count, oldest = (
-            await conn.execute(
-                sa.select(sa.func.count(), sa.func.min(tasks.c.created_at)).where(
-                    mine, tasks.c.created_at > window
-                )
-            )
-        ).one()
+        since = now - 60
+        count, oldest = yield Step(_RECENT_SUBMITS, {"owner": owner, "since": since})
         if count >= limits.per_minute:
             raise RateLimited(
                 f"Rate limit reached: {limits.per_minute} submits per minute per API key",
-                retry_after=oldest - window,
+                retry_after=oldest - since,
             )
     if limits.concurrent is not None:
-        active = await conn.scalar(
-            sa.select(sa.func.count()).where(
-                mine,
-                tasks.c.status.in_([TaskStatus.NOT_STARTED.value, TaskStatus.RUNNING.value]),
-            )
-        )
-        if (active or 0) >= limits.concurrent:
+        (active,) = yield Step(_ACTIVE_TASKS, {"owner": owner})
+        if active >= limits.concurrent:
             raise RateLimited(
                 f"Too many tasks at once: at most {limits.concurrent} queued or running "
                 "per API key; retry when one ends",
@@ -74,7 +181,7 @@ async def check_limits(conn: AsyncConnection, owner: str, limits: SubmitLimits, 
             )
 
 
-async def take_turn(conn: AsyncConnection, task: NewTask) -> int:
+def _take_turn(task: NewTask) -> Program[int]:
     """The task's vtime: its place in the fair queue; holds its price from the account.
 
     Claims go in (vtime, seq) order. Each account's tasks take successive
@@ -82,35 +189,17 @@ async def take_turn(conn: AsyncConnection, task: NewTask) -> int:
     queue's head: so it waits behind at most the running tasks, and then the
     accounts with queued work take turns, whatever their backlogs.
     """
-    queued = sa.and_(tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == task.model)
     if task.account_id is not None:
-        # One statement: the queue's head is a subquery (the account's own clock
-        # when the queue is empty), so a submit makes no separate read for it.
-        head = sa.func.coalesce(
-            sa.select(sa.func.min(tasks.c.vtime)).where(queued).scalar_subquery(),
-            accounts.c.next_vtime,
-        )
-        start = sa.case((accounts.c.next_vtime >= head, accounts.c.next_vtime), else_=head - 1)
-        turn = (
-            accounts.update()
-            .where(accounts.c.account_id == task.account_id)
-            .values(next_vtime=start + 1, held=accounts.c.held + task.price)
-            .returning(accounts.c.next_vtime)
-        )
+        params = {"account": task.account_id, "model": task.model, "price": task.price}
+        turn = yield Step(_PAID_TURN if task.price > 0 else _TURN, params)
+        if turn is not None:
+            return int(turn.next_vtime) - 1
         if task.price > 0:
-            turn = turn.where(accounts.c.balance - accounts.c.held >= task.price)
-        row = (await conn.execute(turn)).first()
-        if row is not None:
-            return int(row.next_vtime) - 1
-        if task.price > 0:
-            available = await conn.scalar(
-                sa.select(accounts.c.balance - accounts.c.held).where(
-                    accounts.c.account_id == task.account_id
-                )
-            )
+            account = yield Step(_AVAILABLE, {"account": task.account_id})
+            available = 0 if account is None else account[0]
             raise InsufficientCredits(
-                f"This task costs {task.price} credits; the account has {available or 0} available"
+                f"This task costs {task.price} credits; the account has {available} available"
             )
     # A task of no known account queues at the back, in submit order.
-    tail = await conn.scalar(sa.select(sa.func.max(tasks.c.vtime)).where(queued))
+    (tail,) = yield Step(_QUEUE_TAIL, {"model": task.model})
     return int(tail or 0)

@@ -5,21 +5,24 @@ machines never take the same task. Each write that makes work NOTIFYs inside its
 transaction; a dedicated LISTEN connection wakes this process's idle workers and
 dispatchers at once, and reconnects when the database restarts (polling covers
 the gap). One sweeper at a time: an advisory lock held for the transaction. Hot
-reads (a key, a task by its id) skip SQLAlchemy: one prepared statement on a
-plain asyncpg pool, one round trip.
+reads (a key, a task by its id) and submits skip SQLAlchemy: prepared
+statements on a plain asyncpg pool, one round trip each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from fluxserve.errors import ConfigError, StoreUnavailable
-from fluxserve.store.direct import CompiledRead
+from fluxserve.store.direct import CompiledStatement, Program, Step, run
 from fluxserve.store.sql import SqlStore
 from fluxserve.store.wakeups import CALLBACKS, TASKS
 
@@ -31,12 +34,13 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Keys of the advisory locks; arbitrary, fixed, fluxserve's own.
 SWEEP_LOCK = 0x464C5558_01
 MIGRATE_LOCK = 0x464C5558_02
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
-READ_POOL_SIZE = 10
+DRIVER_POOL_SIZE = 10
 # What a read on a connection the server dropped (a restart, pg_terminate_backend)
 # raises, depending on how far the news of it got; or one that cannot reach it.
 CONNECTION_LOST = (
@@ -53,7 +57,12 @@ def _setter(event: asyncio.Event) -> Any:
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
-    """Read connections run single SELECTs, so there is nothing to reset on release."""
+    """Driver connections run single SELECTs or whole transactions, so there is
+    nothing to reset on release."""
+
+
+class _NotCommitted(Exception):
+    """The connection was lost before COMMIT was sent, so nothing of the transaction stays."""
 
 
 class PostgresStore(SqlStore):
@@ -66,7 +75,7 @@ class PostgresStore(SqlStore):
         )
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._listener: asyncio.Task[None] | None = None
-        self._reads: asyncpg.Pool | None = None
+        self._driver: asyncpg.Pool | None = None
 
     def _create_engine(self) -> AsyncEngine:
         # pre_ping replaces connections that died with a database restart.
@@ -74,8 +83,8 @@ class PostgresStore(SqlStore):
 
     async def start(self) -> None:
         await super().start()
-        self._reads = await asyncpg.create_pool(
-            self._dsn, min_size=0, max_size=READ_POOL_SIZE, reset=_keep_session
+        self._driver = await asyncpg.create_pool(
+            self._dsn, min_size=0, max_size=DRIVER_POOL_SIZE, reset=_keep_session
         )
         self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
 
@@ -84,9 +93,9 @@ class PostgresStore(SqlStore):
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
-        if self._reads is not None:
-            await self._reads.close()
-            self._reads = None
+        if self._driver is not None:
+            await self._driver.close()
+            self._driver = None
         await super().close()
 
     async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
@@ -96,22 +105,68 @@ class PostgresStore(SqlStore):
         except CONNECTION_LOST:
             # After a restart every pooled connection is dead: all are replaced,
             # and a read is safe to run again.
-            await self._read_pool.expire_connections()
+            await self._driver_pool.expire_connections()
         try:
             return await self._fetch_on_pool(read, params)
         except CONNECTION_LOST as exc:
             raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
-    async def _fetch_on_pool(self, read: CompiledRead, params: dict[str, Any]) -> Any | None:
-        async with self._read_pool.acquire() as connection:
-            values = await connection.fetchrow(read.sql, *read.arguments(params))
-        return None if values is None else read.shape(values)
+    async def _fetch_on_pool(self, read: CompiledStatement, params: dict[str, Any]) -> Any | None:
+        async with self._driver_pool.acquire() as connection:
+            return read.shape(await connection.fetchrow(read.sql, *read.arguments(params)))
+
+    async def _transact(self, program: Callable[[], Program[T]], wake: tuple[str, ...] = ()) -> T:
+        try:
+            value = await self._transact_on_pool(program, wake)
+        except _NotCommitted:
+            # Every pooled connection died with a restart: start over on new ones.
+            await self._driver_pool.expire_connections()
+            try:
+                value = await self._transact_on_pool(program, wake)
+            except _NotCommitted as exc:
+                raise StoreUnavailable(f"database unavailable: {exc.__cause__}") from exc
+        except CONNECTION_LOST as exc:
+            # Lost during COMMIT: whether it took is unknown, so it is not run again.
+            await self._driver_pool.expire_connections()
+            raise StoreUnavailable(f"database connection lost: {exc}") from exc
+        for channel in wake:
+            self._wake_local(channel)
+        return value
+
+    async def _transact_on_pool(
+        self, program: Callable[[], Program[T]], wake: tuple[str, ...]
+    ) -> T:
+        # BEGIN and the NOTIFYs go in one round trip, before the program: its
+        # statements may lock a row that other submits wait for (the account's),
+        # so as little as possible follows them before COMMIT.
+        begin = "BEGIN;" + "".join(f"SELECT pg_notify('{channel}', '');" for channel in wake)
+        async with self._driver_pool.acquire() as connection:
+            try:
+                await connection.execute(begin)
+                value = await run(program(), partial(self._execute, connection))
+            except CONNECTION_LOST as exc:
+                # The server rolls back a transaction whose session it lost.
+                raise _NotCommitted from exc
+            except BaseException:
+                with contextlib.suppress(*CONNECTION_LOST):
+                    await connection.execute("ROLLBACK")
+                raise
+            await connection.execute("COMMIT")
+        return value
+
+    async def _execute(self, connection: asyncpg.Connection, step: Step) -> Any:
+        statement = self._compiled_step(step)
+        arguments = statement.arguments(step.params)
+        try:
+            return statement.shape(await connection.fetchrow(statement.sql, *arguments))
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise sa.exc.IntegrityError(statement.sql, arguments, exc) from exc
 
     @property
-    def _read_pool(self) -> asyncpg.Pool:
-        if self._reads is None:
+    def _driver_pool(self) -> asyncpg.Pool:
+        if self._driver is None:
             raise RuntimeError("store not started")
-        return self._reads
+        return self._driver
 
     async def _before_migrations(self, conn: AsyncConnection) -> None:
         # Several processes starting at once would race to create the tables.

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy as sa
+
 from fluxserve.store.base import ApiKeyRecord
+from fluxserve.store.schema import tasks
 from fluxserve.tasks import TERMINAL_EVENTS, ResultFile, Task, TaskInput, TaskStatus
+
+TASK_BY_ID = tasks.select().where(tasks.c.task_id == sa.bindparam("task_id"))
 
 
 def task_from_row(row: Any) -> Task:

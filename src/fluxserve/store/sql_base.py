@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -15,22 +16,24 @@ from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fluxserve.errors import StoreUnavailable
-from fluxserve.store.direct import CompiledRead
+from fluxserve.store.direct import CompiledStatement, Program, Step, run
 from fluxserve.store.wakeups import CALLBACKS, TASKS
+
+T = TypeVar("T")
 
 
 class SqlBase:
     """Connections, transactions and wake-ups: what every part of the SQL store uses.
 
     The dialects override the engine, how writers take turns, how a write wakes
-    other processes, and how hot reads reach the driver.
+    other processes, and how hot reads and hot transactions reach the driver.
     """
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._engine: AsyncEngine | None = None
         self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
-        self._compiled_reads: dict[sa.Select[Any], CompiledRead] = {}
+        self._compiled_statements: dict[tuple[Any, tuple[str, ...]], CompiledStatement] = {}
 
     def _create_engine(self) -> AsyncEngine:
         raise NotImplementedError
@@ -66,13 +69,27 @@ class SqlBase:
         async with self._read() as conn:
             return (await conn.execute(statement, params)).first()
 
-    def _compiled(self, statement: sa.Select[Any]) -> CompiledRead:
+    def _compiled(self, statement: Any, column_keys: tuple[str, ...] = ()) -> CompiledStatement:
         """`statement` compiled for this store's dialect, once."""
-        compiled = self._compiled_reads.get(statement)
+        compiled = self._compiled_statements.get((statement, column_keys))
         if compiled is None:
-            compiled = CompiledRead.of(statement, self.engine.dialect)
-            self._compiled_reads[statement] = compiled
+            compiled = CompiledStatement.of(statement, self.engine.dialect, column_keys)
+            self._compiled_statements[statement, column_keys] = compiled
         return compiled
+
+    def _compiled_step(self, step: Step) -> CompiledStatement:
+        columns = tuple(step.params) if isinstance(step.statement, sa.Insert) else ()
+        return self._compiled(step.statement, columns)
+
+    async def _transact(self, program: Callable[[], Program[T]], wake: tuple[str, ...] = ()) -> T:
+        """Run a program (see `direct.py`) as one transaction, and wake `wake` after it.
+
+        `program` makes the generator, so a dialect may start over on a fresh
+        connection when the first one turns out dead. Here it runs through
+        SQLAlchemy; the dialects run it on their driver.
+        """
+        async with self._write(wake) as conn:
+            return await run(program(), partial(_execute, conn))
 
     @asynccontextmanager
     async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
@@ -93,6 +110,12 @@ class SqlBase:
     async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
         """Whether this transaction may sweep now; one sweeper at a time."""
         return True
+
+
+async def _execute(conn: AsyncConnection, step: Step) -> Any:
+    """One step on a SQLAlchemy connection: its first row, or None."""
+    result = await conn.execute(step.statement, dict(step.params))
+    return result.first() if result.returns_rows else None
 
 
 @contextlib.contextmanager

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from fluxserve.errors import StoreUnavailable
+from fluxserve.store.direct import Program, Step, run
 from fluxserve.store.sql import SqlStore
 from fluxserve.store.wakeups import TASKS
 
+T = TypeVar("T")
+
 COMMIT_POLL = 0.005
 """Seconds between looks for another process's commit while a worker waits for a task."""
+BEGIN_RETRIES = (0.0005, 0.001, 0.002, 0.004)
+"""Pauses, in seconds, between tries on the loop for a write lock another process holds;
+a longer wait goes to a thread, on SQLite's own busy handler."""
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -29,21 +37,30 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _open_on_loop(path: Path) -> sqlite3.Connection:
+    """A connection for the event loop: autocommit until BEGIN, never waits for a lock."""
+    connection = sqlite3.connect(path, timeout=0, isolation_level=None)
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
+
+
 def _open_reader(path: Path) -> sqlite3.Connection:
-    """A read-only connection for the event loop: autocommit, and never waits for a lock."""
-    reader = sqlite3.connect(path, timeout=0, isolation_level=None)
+    reader = _open_on_loop(path)
     reader.execute("PRAGMA query_only=ON")
     return reader
 
 
 class SqliteStore(SqlStore):
-    """SQLite through aiosqlite, with hot reads on sqlite3 in the event loop.
+    """SQLite through aiosqlite, with hot reads and submits on sqlite3 in the event loop.
 
     Writes in one process take turns on a lock, so they never wait on SQLite's
     sleeping busy handler. A hot read (a key or a task by its id) is an indexed
     lookup that takes microseconds on WAL, less than one hand-off to a thread; one
-    that would wait for a lock goes to a thread instead. A worker waiting for a
-    task sees another process's commits by watching `PRAGMA data_version`.
+    that would wait for a lock goes to a thread instead. A submit's transaction
+    is a few such statements: it runs on the loop too. While another process
+    holds the write lock, it tries again after short pauses, and after a few
+    milliseconds waits for the lock on a thread. A worker waiting for
+    a task sees another process's commits by watching `PRAGMA data_version`.
     """
 
     def __init__(self, database_url: str) -> None:
@@ -51,6 +68,7 @@ class SqliteStore(SqlStore):
         super().__init__(f"sqlite+aiosqlite:///{self._path}")
         self._write_lock = asyncio.Lock()
         self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
         self._seen_version = 0
 
     def _create_engine(self) -> AsyncEngine:
@@ -62,12 +80,14 @@ class SqliteStore(SqlStore):
     async def start(self) -> None:
         await super().start()
         self._reader = _open_reader(self._path)
+        self._writer = _open_on_loop(self._path)
         self._seen_version = self._data_version()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                connection.close()
+        self._reader = self._writer = None
         await super().close()
 
     @property
@@ -80,6 +100,51 @@ class SqliteStore(SqlStore):
     async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
         async with self._write_lock, super()._write(wake) as conn:
             yield conn
+
+    async def _transact(self, program: Callable[[], Program[T]], wake: tuple[str, ...] = ()) -> T:
+        async with self._write_lock:
+            writer = await self._begin_on_loop()
+            if writer is not None:
+                try:
+                    value = await run(program(), partial(self._execute, writer))
+                    writer.execute("COMMIT")
+                except BaseException:
+                    if writer.in_transaction:
+                        writer.execute("ROLLBACK")
+                    raise
+        if writer is None:
+            return await super()._transact(program, wake)
+        for channel in wake:
+            self._wake_local(channel)
+        return value
+
+    async def _begin_on_loop(self) -> sqlite3.Connection | None:
+        """The loop's writer in a transaction holding the write lock; None when another
+        process held it through every try."""
+        if self._writer is None:
+            raise RuntimeError("store not started")
+        for pause in (*BEGIN_RETRIES, None):
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                if pause is None:
+                    return None
+                await asyncio.sleep(pause)
+            else:
+                return self._writer
+        return None
+
+    async def _execute(self, connection: sqlite3.Connection, step: Step) -> Any:
+        statement = self._compiled_step(step)
+        arguments = statement.arguments(step.params)
+        try:
+            with closing(connection.execute(statement.sql, arguments)) as cursor:
+                rows = cursor.fetchall()
+        except sqlite3.IntegrityError as exc:
+            raise sa.exc.IntegrityError(statement.sql, arguments, exc) from exc
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        return statement.shape(rows[0] if rows else None)
 
     async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
         read = self._compiled(statement)
