@@ -72,6 +72,11 @@ async def test_a_submit_on_the_driver_writes_what_one_through_sqlalchemy_writes(
     driver = await store.create_task(
         priced("task-driver"), limits=limits, idempotency=IdempotencyKey("k1", "h1", 60)
     )
+    # Without limits, PostgreSQL writes it all in one statement, outside a transaction.
+    alone = await store.create_task(
+        priced("task-alone"), idempotency=IdempotencyKey("k3", "h1", 60)
+    )
+    assert alone == dataclasses.replace(driver, task_id="task-alone")
     # The same program, run by the base class on a SQLAlchemy connection.
     through_sqlalchemy = await SqlStore._transact(
         store, lambda: submit(priced("task-sqlalchemy"), limits, IdempotencyKey("k2", "h1", 60))
@@ -97,17 +102,25 @@ async def test_a_submit_on_the_driver_writes_what_one_through_sqlalchemy_writes(
                 )
             )
         ).all()
-    first, second = rows["task-driver"], rows["task-sqlalchemy"]
-    assert second["vtime"] == first["vtime"] + 1
+    first, second, third = rows["task-driver"], rows["task-alone"], rows["task-sqlalchemy"]
+    assert [second["vtime"], third["vtime"]] == [first["vtime"] + 1, first["vtime"] + 2]
     ignored = {"task_id", "seq", "vtime"}
     assert {k: v for k, v in first.items() if k not in ignored} == {
         k: v for k, v in second.items() if k not in ignored
     }
+    assert {k: v for k, v in first.items() if k not in ignored} == {
+        k: v for k, v in third.items() if k not in ignored
+    }
     assert [tuple(row) for row in ledger] == [
+        ("task-alone", "hold", 7),
         ("task-driver", "hold", 7),
         ("task-sqlalchemy", "hold", 7),
     ]
-    assert [tuple(row) for row in keys] == [("k1", "task-driver"), ("k2", "task-sqlalchemy")]
+    assert [tuple(row) for row in keys] == [
+        ("k1", "task-driver"),
+        ("k2", "task-sqlalchemy"),
+        ("k3", "task-alone"),
+    ]
     account = await store.get_account("acct_a")
-    assert account is not None and account.held == 14
+    assert account is not None and account.held == 21
     assert await store.get_task("task-driver") == driver

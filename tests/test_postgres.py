@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 
 from fluxserve.store import Store, open_store
+from fluxserve.store.postgres import PostgresStore
+from fluxserve.store.schema import tasks
 from fluxserve.store.sql import SqlStore
 from fluxserve.tasks import NewTask, TaskInput, new_task_id
 
-from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database
+from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database, queue_position
 
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
 
@@ -117,6 +121,31 @@ async def test_a_submit_right_after_every_connection_dropped_is_queued_once(
     while (claim := await other.claim_task(["flux-2-pro"], "w1", 30)) is not None:
         claimed.append(claim.task.task_id)
     assert claimed == submitted
+
+
+async def test_a_submit_whose_connection_was_lost_as_it_committed_is_queued_once(
+    two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = two_stores
+    assert isinstance(store, PostgresStore)
+    real = store._transact_on_pool
+    tries = 0
+
+    async def lost_after_the_first_commit(*args: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        value = await real(*args)
+        if tries == 1:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed mid-operation")
+        return value
+
+    monkeypatch.setattr(store, "_transact_on_pool", lost_after_the_first_commit)
+    task_id = await add(store)
+    assert tries == 2
+    async with store._read() as conn:
+        count = await conn.scalar(sa.select(sa.func.count()).select_from(tasks))
+    assert count == 1
+    assert await queue_position(store, task_id) == 1
 
 
 async def test_claims_from_two_processes_never_share_a_task(

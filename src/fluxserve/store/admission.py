@@ -8,7 +8,9 @@ driver.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -71,12 +73,80 @@ _NEW_TASK = tasks.insert()
 _NEW_HOLD = credit_ledger.insert()
 _NEW_IDEMPOTENCY_KEY = idempotency_keys.insert()
 
+_TASK_COLUMNS = (
+    "task_id",
+    "owner",
+    "account_id",
+    "model",
+    "status",
+    "progress",
+    "input",
+    "callback_url",
+    "files",
+    "attempts",
+    "created_at",
+    "callback_events",
+    "price",
+)
+
+
+def _given(table: sa.Table, names: Sequence[str]) -> list[Any]:
+    """Bound parameters named as `table`'s columns, of their types."""
+    return [sa.bindparam(name, type_=table.c[name].type) for name in names]
+
+
+def _queue_in_one_statement(paid: bool, idempotent: bool) -> sa.Select[Any]:
+    """The turn, the task, its hold and its Idempotency-Key, written by one statement
+    (PostgreSQL's data-modifying WITH); a row only when the turn was taken."""
+    turn = (_PAID_TURN if paid else _TURN).cte("turn")
+    new_task = (
+        tasks.insert()
+        .from_select(
+            [*_TASK_COLUMNS, "vtime"],
+            sa.select(*_given(tasks, _TASK_COLUMNS), turn.c.next_vtime - 1),
+        )
+        .returning(tasks.c.task_id)
+        .cte("new_task")
+    )
+    writes = []
+    if paid:
+        hold = sa.select(
+            *_given(credit_ledger, ["account_id", "task_id"]),
+            sa.literal(LedgerKind.HOLD),
+            _price,
+            sa.null(),
+            sa.bindparam("created_at", type_=sa.Float),
+        ).select_from(new_task)
+        columns = ["account_id", "task_id", "kind", "amount", "note", "created_at"]
+        writes.append(credit_ledger.insert().from_select(columns, hold).cte("hold"))
+    if idempotent:
+        columns = ["account_id", "idempotency_key", "request_hash", "task_id", "created_at"]
+        row = sa.select(*_given(idempotency_keys, columns)).select_from(new_task)
+        writes.append(idempotency_keys.insert().from_select(columns, row).cte("new_key"))
+    return sa.select(new_task.c.task_id).add_cte(*writes)
+
+
+_QUEUE_IN_ONE_STATEMENT = {
+    (paid, idempotent): _queue_in_one_statement(paid, idempotent)
+    for paid in (False, True)
+    for idempotent in (False, True)
+}
+
 
 def submit(
-    task: NewTask, limits: SubmitLimits | None, idempotency: IdempotencyKey | None
+    task: NewTask,
+    limits: SubmitLimits | None,
+    idempotency: IdempotencyKey | None,
+    *,
+    in_one_statement: bool = False,
 ) -> Program[Task]:
     """Queue `task` once its checks pass; or the task an earlier submit with the same
-    Idempotency-Key made."""
+    Idempotency-Key made.
+
+    `in_one_statement` (PostgreSQL): the turn and every row a submit writes go in
+    one statement, so the program writes once and needs no transaction of its
+    own unless `limits` are checked.
+    """
     scope = task.account_id or task.owner
     if idempotency is not None:
         earlier = yield from _replay(scope, idempotency, task.created_at)
@@ -84,10 +154,51 @@ def submit(
             return earlier
     if limits is not None:
         yield from _check_limits(task.owner, limits, task.created_at)
-    vtime = yield from _take_turn(task)
-    yield Step(
-        _NEW_TASK,
-        dict(
+    rows = _rows(task, scope, idempotency)
+    queued = None
+    if in_one_statement and task.account_id is not None:
+        statement = _QUEUE_IN_ONE_STATEMENT[task.price > 0, idempotency is not None]
+        queued = yield Step(statement, {**rows.turn, **rows.task, **rows.idempotency})
+        if queued is None and task.price > 0:
+            yield from _refuse(task)
+        # None otherwise: no such account; the task queues as one of no account.
+    if queued is None:
+        vtime = yield from _take_turn(task)
+        yield Step(_NEW_TASK, {**rows.task, "vtime": vtime})
+        if task.price > 0 and task.account_id is not None:
+            yield Step(_NEW_HOLD, rows.hold)
+        if idempotency is not None:
+            yield Step(_NEW_IDEMPOTENCY_KEY, rows.idempotency)
+    return Task(
+        task_id=task.task_id,
+        owner=task.owner,
+        model=task.model,
+        input=task.input,
+        callback_url=task.callback_url,
+        status=TaskStatus.NOT_STARTED,
+        progress=0,
+        created_at=task.created_at,
+        callback_events=task.callback_events,
+        account_id=task.account_id,
+        price=task.price,
+    )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What a submit writes, by bound-parameter name: the turn's parameters, and the
+    task's (all but its vtime), the hold's and the Idempotency-Key's rows."""
+
+    turn: dict[str, Any]
+    task: dict[str, Any]
+    hold: dict[str, Any]
+    idempotency: dict[str, Any]
+
+
+def _rows(task: NewTask, scope: str, idempotency: IdempotencyKey | None) -> _Rows:
+    return _Rows(
+        turn={"account": task.account_id, "model": task.model, "price": task.price},
+        task=dict(
             task_id=task.task_id,
             owner=task.owner,
             account_id=task.account_id,
@@ -101,44 +212,24 @@ def submit(
             created_at=task.created_at,
             callback_events=list(task.callback_events),
             price=task.price,
-            vtime=vtime,
         ),
-    )
-    if task.price > 0 and task.account_id is not None:
-        yield Step(
-            _NEW_HOLD,
-            dict(
-                account_id=task.account_id,
-                task_id=task.task_id,
-                kind=LedgerKind.HOLD,
-                amount=task.price,
-                note=None,
-                created_at=time.time(),
-            ),
-        )
-    if idempotency is not None:
-        yield Step(
-            _NEW_IDEMPOTENCY_KEY,
-            dict(
-                account_id=scope,
-                idempotency_key=idempotency.key,
-                request_hash=idempotency.request_hash,
-                task_id=task.task_id,
-                created_at=task.created_at,
-            ),
-        )
-    return Task(
-        task_id=task.task_id,
-        owner=task.owner,
-        model=task.model,
-        input=task.input,
-        callback_url=task.callback_url,
-        status=TaskStatus.NOT_STARTED,
-        progress=0,
-        created_at=task.created_at,
-        callback_events=task.callback_events,
-        account_id=task.account_id,
-        price=task.price,
+        hold=dict(
+            account_id=task.account_id,
+            task_id=task.task_id,
+            kind=LedgerKind.HOLD,
+            amount=task.price,
+            note=None,
+            created_at=task.created_at,
+        ),
+        idempotency={}
+        if idempotency is None
+        else dict(
+            account_id=scope,
+            idempotency_key=idempotency.key,
+            request_hash=idempotency.request_hash,
+            task_id=task.task_id,
+            created_at=task.created_at,
+        ),
     )
 
 
@@ -195,11 +286,16 @@ def _take_turn(task: NewTask) -> Program[int]:
         if turn is not None:
             return int(turn.next_vtime) - 1
         if task.price > 0:
-            account = yield Step(_AVAILABLE, {"account": task.account_id})
-            available = 0 if account is None else account[0]
-            raise InsufficientCredits(
-                f"This task costs {task.price} credits; the account has {available} available"
-            )
+            yield from _refuse(task)
     # A task of no known account queues at the back, in submit order.
     (tail,) = yield Step(_QUEUE_TAIL, {"model": task.model})
     return int(tail or 0)
+
+
+def _refuse(task: NewTask) -> Program[None]:
+    """InsufficientCredits, saying what the account has."""
+    account = yield Step(_AVAILABLE, {"account": task.account_id})
+    available = 0 if account is None else account[0]
+    raise InsufficientCredits(
+        f"This task costs {task.price} credits; the account has {available} available"
+    )

@@ -61,12 +61,10 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
     nothing to reset on release."""
 
 
-class _NotCommitted(Exception):
-    """The connection was lost before COMMIT was sent, so nothing of the transaction stays."""
-
-
 class PostgresStore(SqlStore):
     """PostgreSQL; `database_url` is `postgresql://user:password@host:port/database`."""
+
+    WRITES_IN_WITH = True
 
     def __init__(self, database_url: str) -> None:
         url = sa.engine.make_url(database_url)
@@ -115,38 +113,43 @@ class PostgresStore(SqlStore):
         async with self._driver_pool.acquire() as connection:
             return read.shape(await connection.fetchrow(read.sql, *read.arguments(params)))
 
-    async def _transact(self, program: Callable[[], Program[T]], wake: tuple[str, ...] = ()) -> T:
+    async def _transact(
+        self,
+        program: Callable[[], Program[T]],
+        wake: tuple[str, ...] = (),
+        *,
+        atomic: bool = True,
+    ) -> T:
         try:
-            value = await self._transact_on_pool(program, wake)
-        except _NotCommitted:
-            # Every pooled connection died with a restart: start over on new ones.
+            value = await self._transact_on_pool(program, wake, atomic)
+        except CONNECTION_LOST:
+            # Every pooled connection died with a restart, say: run again on new
+            # ones. A write that took the first time refuses to repeat.
             await self._driver_pool.expire_connections()
             try:
-                value = await self._transact_on_pool(program, wake)
-            except _NotCommitted as exc:
-                raise StoreUnavailable(f"database unavailable: {exc.__cause__}") from exc
-        except CONNECTION_LOST as exc:
-            # Lost during COMMIT: whether it took is unknown, so it is not run again.
-            await self._driver_pool.expire_connections()
-            raise StoreUnavailable(f"database connection lost: {exc}") from exc
+                value = await self._transact_on_pool(program, wake, atomic)
+            except CONNECTION_LOST as exc:
+                raise StoreUnavailable(f"database unavailable: {exc}") from exc
         for channel in wake:
             self._wake_local(channel)
         return value
 
     async def _transact_on_pool(
-        self, program: Callable[[], Program[T]], wake: tuple[str, ...]
+        self, program: Callable[[], Program[T]], wake: tuple[str, ...], atomic: bool
     ) -> T:
-        # BEGIN and the NOTIFYs go in one round trip, before the program: its
-        # statements may lock a row that other submits wait for (the account's),
-        # so as little as possible follows them before COMMIT.
-        begin = "BEGIN;" + "".join(f"SELECT pg_notify('{channel}', '');" for channel in wake)
+        notify = "".join(f"SELECT pg_notify('{channel}', '');" for channel in wake)
         async with self._driver_pool.acquire() as connection:
-            try:
-                await connection.execute(begin)
+            if not atomic:
                 value = await run(program(), partial(self._execute, connection))
-            except CONNECTION_LOST as exc:
-                # The server rolls back a transaction whose session it lost.
-                raise _NotCommitted from exc
+                if notify:
+                    await connection.execute(notify)  # after the write has committed
+                return value
+            try:
+                # BEGIN and the NOTIFYs in one round trip, before the program: its
+                # statements may lock a row that other submits wait for (the
+                # account's), so as little as possible follows them before COMMIT.
+                await connection.execute("BEGIN;" + notify)
+                value = await run(program(), partial(self._execute, connection))
             except BaseException:
                 with contextlib.suppress(*CONNECTION_LOST):
                     await connection.execute("ROLLBACK")

@@ -192,15 +192,21 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         idempotency: IdempotencyKey | None = None,
     ) -> Task:
         def program() -> Program[Task]:
-            return submit(task, limits, idempotency)
+            return submit(task, limits, idempotency, in_one_statement=self.WRITES_IN_WITH)
 
+        # Without limits to check, a submit that writes in one statement needs no
+        # transaction of its own.
+        atomic = limits is not None or not self.WRITES_IN_WITH
         try:
-            return await self._transact(program, wake=(TASKS,))
+            return await self._transact(program, wake=(TASKS,), atomic=atomic)
         except sa.exc.IntegrityError:
+            committed = await self.get_task(task.task_id)
+            if committed is not None:
+                return committed  # by a try whose connection was lost as it committed
             if idempotency is None:
                 raise
             # A concurrent submit with the same key committed first: answer its task.
-            return await self._transact(program, wake=(TASKS,))
+            return await self._transact(program, wake=(TASKS,), atomic=atomic)
 
     async def get_task(self, task_id: str) -> Task | None:
         row = await self._fetch_one(TASK_BY_ID, task_id=task_id)

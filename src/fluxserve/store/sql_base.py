@@ -29,6 +29,9 @@ class SqlBase:
     other processes, and how hot reads and hot transactions reach the driver.
     """
 
+    WRITES_IN_WITH = False
+    """Whether one statement may write to several tables (PostgreSQL's data-modifying WITH)."""
+
     def __init__(self, url: str) -> None:
         self._url = url
         self._engine: AsyncEngine | None = None
@@ -81,12 +84,21 @@ class SqlBase:
         columns = tuple(step.params) if isinstance(step.statement, sa.Insert) else ()
         return self._compiled(step.statement, columns)
 
-    async def _transact(self, program: Callable[[], Program[T]], wake: tuple[str, ...] = ()) -> T:
+    async def _transact(
+        self,
+        program: Callable[[], Program[T]],
+        wake: tuple[str, ...] = (),
+        *,
+        atomic: bool = True,
+    ) -> T:
         """Run a program (see `direct.py`) as one transaction, and wake `wake` after it.
 
         `program` makes the generator, so a dialect may start over on a fresh
-        connection when the first one turns out dead. Here it runs through
-        SQLAlchemy; the dialects run it on their driver.
+        connection when the first one turns out dead, not knowing whether a
+        write took: a program's writes must refuse to repeat (a unique key).
+        `atomic=False` lets a dialect commit each step alone, for a program that
+        writes in one statement. Here it runs through SQLAlchemy, always in one
+        transaction; the dialects run it on their driver.
         """
         async with self._write(wake) as conn:
             return await run(program(), partial(_execute, conn))

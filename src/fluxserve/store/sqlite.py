@@ -101,7 +101,14 @@ class SqliteStore(SqlStore):
         async with self._write_lock, super()._write(wake) as conn:
             yield conn
 
-    async def _transact(self, program: Callable[[], Program[T]], wake: tuple[str, ...] = ()) -> T:
+    async def _transact(
+        self,
+        program: Callable[[], Program[T]],
+        wake: tuple[str, ...] = (),
+        *,
+        atomic: bool = True,
+    ) -> T:
+        # Always one transaction: on the loop, it costs nothing more.
         async with self._write_lock:
             writer = await self._begin_on_loop()
             if writer is not None:
@@ -113,7 +120,7 @@ class SqliteStore(SqlStore):
                         writer.execute("ROLLBACK")
                     raise
         if writer is None:
-            return await super()._transact(program, wake)
+            return await super()._transact(program, wake, atomic=atomic)
         for channel in wake:
             self._wake_local(channel)
         return value
