@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fluxserve.store import sqlite as sqlite_module
 from fluxserve.store.sqlite import SqliteStore
 from fluxserve.tasks import NewTask, TaskInput, TaskStatus, new_task_id
 
@@ -107,6 +108,26 @@ async def test_a_submit_waits_off_the_loop_while_another_process_writes(
         ticker.cancel()
         other_process.close()
     assert await queue_position(store, task_id) == 1
+
+
+async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
+    two_stores: tuple[SqliteStore, SqliteStore],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, _ = two_stores
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 20)
+    database = tmp_path / "store.db"
+    before = database.stat().st_size
+    for _ in range(19):
+        await add(store)
+    assert store._checkpointing is None
+    assert database.stat().st_size == before, "the tasks are in the WAL only"
+    await add(store)
+    assert store._checkpointing is not None
+    await store._checkpointing
+    assert database.stat().st_size > before, "the checkpoint wrote them into the file"
+    assert await queue_position(store, await add(store)) == 21
 
 
 class LockedConnection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
@@ -19,9 +20,12 @@ from fluxserve.store.sql import SqlStore
 from fluxserve.store.wakeups import TASKS
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 COMMIT_POLL = 0.005
 """Seconds between looks for another process's commit while a worker waits for a task."""
+CHECKPOINT_EVERY = 200
+"""Commits on the loop between two checkpoints of the WAL, which run on a thread."""
 BEGIN_RETRIES = (0.0005, 0.001, 0.002, 0.004)
 """Pauses, in seconds, between tries on the loop for a write lock another process holds;
 a longer wait goes to a thread, on SQLite's own busy handler."""
@@ -42,6 +46,20 @@ def _open_on_loop(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=0, isolation_level=None)
     connection.execute("PRAGMA synchronous=NORMAL")
     return connection
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    """The loop's writer. It leaves checkpoints, which write the WAL back into the
+    database file and sync it (milliseconds), to a thread: see `_checkpoint`."""
+    writer = _open_on_loop(path)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    return writer
+
+
+def _checkpoint(path: Path) -> None:
+    """Copy what the WAL holds into the database file, as far as readers allow."""
+    with closing(sqlite3.connect(path, timeout=10)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:
@@ -69,6 +87,8 @@ class SqliteStore(SqlStore):
         self._write_lock = asyncio.Lock()
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        self._commits_since_checkpoint = 0
+        self._checkpointing: asyncio.Task[None] | None = None
         self._seen_version = 0
 
     def _create_engine(self) -> AsyncEngine:
@@ -80,10 +100,12 @@ class SqliteStore(SqlStore):
     async def start(self) -> None:
         await super().start()
         self._reader = _open_reader(self._path)
-        self._writer = _open_on_loop(self._path)
+        self._writer = _open_writer(self._path)
         self._seen_version = self._data_version()
 
     async def close(self) -> None:
+        if self._checkpointing is not None:
+            await self._checkpointing
         for connection in (self._reader, self._writer):
             if connection is not None:
                 connection.close()
@@ -115,6 +137,7 @@ class SqliteStore(SqlStore):
                 try:
                     value = await run(program(), partial(self._execute, writer))
                     writer.execute("COMMIT")
+                    self._count_commit()
                 except BaseException:
                     if writer.in_transaction:
                         writer.execute("ROLLBACK")
@@ -124,6 +147,20 @@ class SqliteStore(SqlStore):
         for channel in wake:
             self._wake_local(channel)
         return value
+
+    def _count_commit(self) -> None:
+        self._commits_since_checkpoint += 1
+        if self._commits_since_checkpoint >= CHECKPOINT_EVERY and self._checkpointing is None:
+            self._commits_since_checkpoint = 0
+            self._checkpointing = asyncio.create_task(self._checkpoint_on_thread())
+
+    async def _checkpoint_on_thread(self) -> None:
+        try:
+            await asyncio.to_thread(_checkpoint, self._path)
+        except sqlite3.Error as exc:
+            logger.warning("WAL checkpoint failed (%s); the next one tries again", exc)
+        finally:
+            self._checkpointing = None
 
     async def _begin_on_loop(self) -> sqlite3.Connection | None:
         """The loop's writer in a transaction holding the write lock; None when another
