@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fluxserve.errors import StoreUnavailable
 from fluxserve.store import sqlite as sqlite_module
 from fluxserve.store.sqlite import SqliteStore
 from fluxserve.tasks import NewTask, TaskInput, TaskStatus, new_task_id
@@ -128,6 +129,36 @@ async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
     await store._checkpointing
     assert database.stat().st_size > before, "the checkpoint wrote them into the file"
     assert await queue_position(store, await add(store)) == 21
+
+
+class FailingCommit:
+    """The loop's writer, on a disk that fails when a transaction commits."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.connection.in_transaction
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.connection.execute(sql, *args)
+
+
+async def test_a_submit_whose_commit_fails_is_unavailable_and_leaves_nothing(
+    two_stores: tuple[SqliteStore, SqliteStore],
+) -> None:
+    store, _ = two_stores
+    writer, store._writer = store._writer, FailingCommit(store._writer)  # type: ignore[arg-type,assignment]
+    try:
+        with pytest.raises(StoreUnavailable, match="disk I/O error"):
+            await add(store)
+    finally:
+        store._writer = writer
+    task_id = await add(store)
+    assert await queue_position(store, task_id) == 1
 
 
 class LockedConnection:

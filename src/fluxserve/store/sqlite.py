@@ -56,6 +56,13 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     return writer
 
 
+def _commit(connection: sqlite3.Connection) -> None:
+    try:
+        connection.execute("COMMIT")
+    except sqlite3.OperationalError as exc:  # a full disk, an I/O error
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+
 def _checkpoint(path: Path) -> None:
     """Copy what the WAL holds into the database file, as far as readers allow."""
     with closing(sqlite3.connect(path, timeout=10)) as connection:
@@ -136,7 +143,7 @@ class SqliteStore(SqlStore):
             if writer is not None:
                 try:
                     value = await run(program(), partial(self._execute, writer))
-                    writer.execute("COMMIT")
+                    _commit(writer)
                     self._count_commit()
                 except BaseException:
                     if writer.in_transaction:
