@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import importlib
 import os
+import stat
 import sys
 import threading
 import uuid
@@ -255,6 +256,17 @@ def test_local_paths_stay_under_root(tmp_path: Path) -> None:
     assert storage.path_for("results/t1/image.png") == tmp_path / "results" / "t1" / "image.png"
     assert all(storage.path_for(key) is None for key in TRAVERSALS)
     assert storage.url("results/t1/a b.png") == "https://img.example.com/files/results/t1/a%20b.png"
+
+
+async def test_local_files_get_the_mode_the_umask_gives_new_files(tmp_path: Path) -> None:
+    before = os.umask(0o027)
+    try:
+        storage = LocalStorage(tmp_path / "files", "https://img.example.com/")
+    finally:
+        os.umask(before)
+    await storage.put("results/t1/image.png", b"\x89PNG bytes", "image/png")
+    path = storage.path_for("results/t1/image.png")
+    assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 async def test_a_writer_killed_midway_leaves_nothing_among_the_files(tmp_path: Path) -> None:

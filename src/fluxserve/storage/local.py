@@ -26,6 +26,7 @@ class LocalStorage:
         self.root = root
         self.partials = root.with_name(root.name + ".partial")
         self.base_url = base_url.rstrip("/")
+        self.file_mode = 0o666 & ~_umask()
 
     def path_for(self, key: str) -> Path | None:
         """The file's path, or None when `key` is invalid (it could step outside the root)."""
@@ -36,7 +37,9 @@ class LocalStorage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         # The content type is not kept: the /files route derives it from the name.
-        await asyncio.to_thread(_write_atomically, self._path(key), data, self.partials)
+        await asyncio.to_thread(
+            _write_atomically, self._path(key), data, self.partials, self.file_mode
+        )
 
     async def get(self, key: str) -> bytes | None:
         return await asyncio.to_thread(_read_or_none, self._path(key))
@@ -71,11 +74,21 @@ class LocalStorage:
         return self.root.joinpath(*check_key(key).split("/"))
 
 
-def _write_atomically(path: Path, data: bytes, partials: Path) -> None:
+def _umask() -> int:
+    """The process's umask. Reading it means setting it: done once, at start-up."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: Path, data: bytes, partials: Path, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partials.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=partials)
     try:
+        # mkstemp makes the file private (0600); a result has the mode any new
+        # file gets, so a web server running as another user can serve the folder.
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
