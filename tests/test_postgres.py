@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 
 from fluxserve.store import Store, open_store
-from fluxserve.store.postgres import PostgresStore
+from fluxserve.store.postgres import RANKED_FROM, PostgresStore
+from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
-from fluxserve.store.sql import SqlStore
+from fluxserve.store.sql import TASK_AND_POSITION, SqlStore
 from fluxserve.tasks import NewTask, TaskInput, new_task_id
 
 from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database, queue_position
@@ -146,6 +147,55 @@ async def test_a_submit_whose_connection_was_lost_as_it_committed_is_queued_once
         count = await conn.scalar(sa.select(sa.func.count()).select_from(tasks))
     assert count == 1
     assert await queue_position(store, task_id) == 1
+
+
+async def test_status_reads_arriving_together_get_what_reads_one_at_a_time_get(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, _ = two_stores
+    assert isinstance(store, PostgresStore)
+    pro = [await add(store) for _ in range(10)]
+    flex = [
+        (
+            await store.create_task(
+                NewTask(new_task_id(), "key_a", "acct_a", "flux-2-flex", INPUT, None, time.time())
+            )
+        ).task_id
+        for _ in range(3)
+    ]
+    claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+    assert claim is not None and claim.task.task_id == pro[0]
+    wanted = [*reversed(pro), *flex, "task-unified-0-missing0"]
+    assert len(wanted) >= RANKED_FROM
+
+    one_by_one = [await store._fetch_one(TASK_AND_POSITION, task_id=i) for i in wanted]
+    expected = [
+        None if row is None else (task_from_row(row), row.queue_position or None)
+        for row in one_by_one
+    ]
+    assert [None if e is None else e[1] for e in expected] == [
+        9,
+        8,
+        7,
+        6,
+        5,
+        4,
+        3,
+        2,
+        1,
+        None,
+        1,
+        2,
+        3,
+        None,
+    ]
+    together = await store._tasks_and_positions(wanted)  # one pass over both queues
+    assert [
+        (task_from_row(together[i]), together[i].queue_position or None) if i in together else None
+        for i in wanted
+    ] == expected
+    # Through the status read itself, all at once: rounds of them, the same answers.
+    assert await asyncio.gather(*(store.get_task_and_position(i) for i in wanted)) == expected
 
 
 async def test_claims_from_two_processes_never_share_a_task(

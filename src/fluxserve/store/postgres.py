@@ -19,12 +19,17 @@ from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from fluxserve.errors import ConfigError, StoreUnavailable
+from fluxserve.store.coalesce import Coalescer
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
-from fluxserve.store.sql import SqlStore
+from fluxserve.store.rows import task_from_row
+from fluxserve.store.schema import tasks
+from fluxserve.store.sql import TASK_AND_POSITION, SqlStore
 from fluxserve.store.wakeups import CALLBACKS, TASKS
+from fluxserve.tasks import Task, TaskStatus
 
 try:
     import asyncpg
@@ -52,6 +57,37 @@ CONNECTION_LOST = (
 )
 
 
+RANKED_FROM = 8
+"""Status reads arriving together that share one pass over their queues, at the least."""
+
+
+def _tasks_and_positions() -> sa.Select[Any]:
+    """Tasks by their ids and, for the queued ones, their queue positions, from one
+    pass over the front of their queues, up to the furthest of them."""
+    ids = sa.bindparam("task_ids", type_=ARRAY(sa.String))
+    wanted = tasks.select().where(tasks.c.task_id == sa.any_(ids)).cte("wanted")
+    waiting = wanted.c.status == TaskStatus.NOT_STARTED.value
+    position = sa.func.count().over(
+        partition_by=tasks.c.model, order_by=(tasks.c.vtime, tasks.c.seq)
+    )
+    ranked = (
+        sa.select(tasks.c.seq, position.label("position"))
+        .where(
+            tasks.c.status == TaskStatus.NOT_STARTED.value,
+            tasks.c.model.in_(sa.select(wanted.c.model).where(waiting)),
+            tasks.c.vtime
+            <= sa.select(sa.func.max(wanted.c.vtime)).where(waiting).scalar_subquery(),
+        )
+        .cte("ranked")
+    )
+    return sa.select(wanted, ranked.c.position.label("queue_position")).select_from(
+        wanted.outerjoin(ranked, ranked.c.seq == wanted.c.seq)
+    )
+
+
+_TASKS_AND_POSITIONS = _tasks_and_positions()
+
+
 def _setter(event: asyncio.Event) -> Any:
     return lambda _connection: event.set()
 
@@ -74,6 +110,7 @@ class PostgresStore(SqlStore):
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._listener: asyncio.Task[None] | None = None
         self._driver: asyncpg.Pool | None = None
+        self._status_reads: Coalescer[str, Any] = Coalescer(self._tasks_and_positions)
 
     def _create_engine(self) -> AsyncEngine:
         # pre_ping replaces connections that died with a database restart.
@@ -87,6 +124,7 @@ class PostgresStore(SqlStore):
         self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
 
     async def close(self) -> None:
+        await self._status_reads.close()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -96,7 +134,29 @@ class PostgresStore(SqlStore):
             self._driver = None
         await super().close()
 
+    async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
+        # Status reads are the hot path of a busy service: those that arrive
+        # while others run are answered together (see `coalesce.py`).
+        row = await self._status_reads.get(task_id)
+        return None if row is None else (task_from_row(row), row.queue_position or None)
+
+    async def _tasks_and_positions(self, task_ids: list[str]) -> dict[str, Any]:
+        """Each task's row with its queue position. A few are counted one by one;
+        more share one pass over the front of their queues."""
+        if len(task_ids) < RANKED_FROM:
+            rows = await asyncio.gather(
+                *(self._fetch_one(TASK_AND_POSITION, task_id=task_id) for task_id in task_ids)
+            )
+        else:
+            rows = await self._fetch(_TASKS_AND_POSITIONS, task_ids=task_ids)
+        return {row.task_id: row for row in rows if row is not None}
+
     async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
+        rows = await self._fetch(statement, **params)
+        return rows[0] if rows else None
+
+    async def _fetch(self, statement: sa.Select[Any], **params: Any) -> list[Any]:
+        """The rows of a hot read, run on the pool."""
         read = self._compiled(statement)
         try:
             return await self._fetch_on_pool(read, params)
@@ -109,9 +169,10 @@ class PostgresStore(SqlStore):
         except CONNECTION_LOST as exc:
             raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
-    async def _fetch_on_pool(self, read: CompiledStatement, params: dict[str, Any]) -> Any | None:
+    async def _fetch_on_pool(self, read: CompiledStatement, params: dict[str, Any]) -> list[Any]:
         async with self._driver_pool.acquire() as connection:
-            return read.shape(await connection.fetchrow(read.sql, *read.arguments(params)))
+            rows = await connection.fetch(read.sql, *read.arguments(params))
+        return [read.shape(row) for row in rows]
 
     async def _transact(
         self,

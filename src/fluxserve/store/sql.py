@@ -81,7 +81,7 @@ def _queue_position(mine: Any) -> Any:
 # (status, model, vtime, seq) index correlated to that one row: no self-join,
 # whose plan degrades badly on a table the planner has no statistics for.
 _mine = tasks.alias("mine")
-_TASK_AND_POSITION = sa.select(
+TASK_AND_POSITION = sa.select(
     _mine,
     sa.case((_mine.c.status == TaskStatus.NOT_STARTED.value, _queue_position(_mine))).label(
         "queue_position"
@@ -213,7 +213,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         return None if row is None else task_from_row(row)
 
     async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
-        row = await self._fetch_one(_TASK_AND_POSITION, task_id=task_id)
+        row = await self._fetch_one(TASK_AND_POSITION, task_id=task_id)
         return None if row is None else (task_from_row(row), row.queue_position or None)
 
     async def claim_task(
