@@ -32,7 +32,8 @@ once). The bench makes its own PostgreSQL database and drops it; it connects as
 $BENCH_PG_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/test).
 
     .venv/bin/python bench/throughput.py [--duration 5] [--warmup 1] [--clients 64]
-        [--tasks 50] [--queue-depth 2000] [--rounds 2] [--only throughput dispatch memory]
+        [--tasks 50] [--queue-depth 2000] [--accounts 1] [--rounds 2]
+        [--only throughput dispatch memory]
 
 To pin the code under test while src/ changes, run a copy of it:
 `git archive HEAD src | tar -x -C /tmp/snap` then `PYTHONPATH=/tmp/snap/src ...`.
@@ -190,18 +191,28 @@ class BenchStore(Protocol):
 
     async def clear_tasks(self) -> None: ...
 
-    async def keep_queued(self, depth: int) -> list[str]:
-        """Delete all but the first `depth` queued tasks; the ids of those kept."""
+    async def keep_queued(self, depth: int, owner: str) -> list[str]:
+        """Delete all but the first `depth` queued tasks of `owner`; the ids of those kept."""
         ...
 
     async def dispatch_delays(self, task_ids: Sequence[str]) -> list[float]: ...
 
 
-# The status phase's queue: the first tasks the submit phase made, in queue order.
+# The status phase's queue: the first tasks the submit phase made for the key
+# that reads them, in queue order.
 KEEP_QUEUED = (
-    "DELETE FROM tasks WHERE seq NOT IN "
-    "(SELECT seq FROM tasks WHERE status = 'not_started' ORDER BY vtime, seq LIMIT $1)"
+    "DELETE FROM tasks WHERE seq NOT IN (SELECT seq FROM tasks "
+    "WHERE status = 'not_started' AND owner = $2 ORDER BY vtime, seq LIMIT $1)"
 )
+
+
+@dataclass(frozen=True)
+class BenchKey:
+    key_id: str
+    secret: str
+
+
+BARE_KEY = BenchKey("bare", "bare-key")  # the bare app checks only that a key is sent
 
 
 class SqliteBench:
@@ -220,9 +231,9 @@ class SqliteBench:
         with closing(self._connect()) as conn, conn:
             conn.execute("DELETE FROM tasks")
 
-    async def keep_queued(self, depth: int) -> list[str]:
+    async def keep_queued(self, depth: int, owner: str) -> list[str]:
         with closing(self._connect()) as conn, conn:
-            conn.execute(KEEP_QUEUED.replace("$1", "?"), (depth,))
+            conn.execute(KEEP_QUEUED.replace("$1", "?1").replace("$2", "?2"), (depth, owner))
             return [row[0] for row in conn.execute("SELECT task_id FROM tasks")]
 
     async def dispatch_delays(self, task_ids: Sequence[str]) -> list[float]:
@@ -250,10 +261,10 @@ class PostgresBench:
         finally:
             await conn.close()
 
-    async def keep_queued(self, depth: int) -> list[str]:
+    async def keep_queued(self, depth: int, owner: str) -> list[str]:
         conn = await asyncpg.connect(self.url)
         try:
-            await conn.execute(KEEP_QUEUED, depth)
+            await conn.execute(KEEP_QUEUED, depth, owner)
             return [row["task_id"] for row in await conn.fetch("SELECT task_id FROM tasks")]
         finally:
             await conn.close()
@@ -300,7 +311,8 @@ def base_env(store: BenchStore | None) -> dict[str, str]:
     return env
 
 
-def create_key(store: BenchStore) -> str:
+def create_key(store: BenchStore) -> BenchKey:
+    """A key with an account of its own."""
     done = subprocess.run(
         [sys.executable, "-m", "fluxserve", "keys", "create", "--name", "bench"],
         env=base_env(store),
@@ -308,7 +320,8 @@ def create_key(store: BenchStore) -> str:
         timeout=120,
         check=True,
     )
-    return done.stdout.decode().split()[-1]
+    words = done.stdout.decode().split()  # created key <key_id> (bench) ... <secret>
+    return BenchKey(words[2], words[-1])
 
 
 async def start_api(group: Children, store: BenchStore) -> Child:
@@ -539,7 +552,7 @@ async def guarded(job: Any, window: Window, tally: Tally) -> None:
 
 async def drive(
     ports: Sequence[int],
-    key: str,
+    keys: Sequence[str],
     make_call: Callable[[], Call],
     args: argparse.Namespace,
     *,
@@ -548,7 +561,8 @@ async def drive(
     keep_bodies: bool = False,
     client_kind: ClientKind | None = None,
 ) -> Tally:
-    """`args.clients` requesters, spread round-robin over `ports`, for warm-up + duration."""
+    """`args.clients` requesters, spread round-robin over `ports` and `keys`, for warm-up
+    + duration."""
     kind = client_kind or args.client
     tally = Tally()
     window = Window(args.warmup, args.duration)
@@ -556,7 +570,7 @@ async def drive(
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         jobs = []
         for index in range(args.clients):
-            port = ports[index % len(ports)]
+            port, key = ports[index % len(ports)], keys[index % len(keys)]
             if kind == "raw":
                 job = _bind(raw_connection, port, key, make_call, window, tally, keep_bodies)
             else:
@@ -607,24 +621,28 @@ def task_ids(bodies: Sequence[bytes]) -> list[str]:
 async def measure_pair(
     name: str,
     servers: Sequence[Child],
-    key: str,
+    keys: Sequence[BenchKey],
     args: argparse.Namespace,
     store: BenchStore | None = None,
 ) -> list[Row]:
-    """Submits, then status reads of the first `args.queue_depth` tasks those submits made."""
+    """Submits with every key, then status reads with the first key of the first
+    `args.queue_depth` tasks it submitted."""
     ports = [child.port for child in servers]
     pids = [child.pid for child in servers]
     database = store.database if isinstance(store, PostgresBench) else None
+    bearers = [key.secret for key in keys]
     submits = await drive(
-        ports, key, submit_call, args, server_pids=pids, database=database, keep_bodies=True
+        ports, bearers, submit_call, args, server_pids=pids, database=database, keep_bodies=True
     )
     if store is None:
         ids = task_ids(submits.bodies)[: args.queue_depth]
     else:
         # A task's queue position is counted on each read, so the reads' cost
         # grows with the queue: every run reads over a queue of the same depth.
-        ids = await store.keep_queued(args.queue_depth)
-    reads = await drive(ports, key, status_calls(ids), args, server_pids=pids, database=database)
+        ids = await store.keep_queued(args.queue_depth, keys[0].key_id)
+    reads = await drive(
+        ports, bearers[:1], status_calls(ids), args, server_pids=pids, database=database
+    )
     return [
         Row("submit", name, len(servers), submits),
         Row("status", name, len(servers), reads, queued=len(ids)),
@@ -632,7 +650,11 @@ async def measure_pair(
 
 
 async def measure_config(
-    store: BenchStore | None, procs: int, key: str, args: argparse.Namespace, log_dir: Path
+    store: BenchStore | None,
+    procs: int,
+    keys: Sequence[BenchKey],
+    args: argparse.Namespace,
+    log_dir: Path,
 ) -> list[Row]:
     """One server kind with `procs` processes: its submit and status rows."""
     if store is not None:
@@ -641,21 +663,24 @@ async def measure_config(
     with children(log_dir) as group:
         if store is None:
             servers = [await start_bare(group) for _ in range(procs)]
-            return await measure_pair("bare", servers, key, args)
+            return await measure_pair("bare", servers, keys, args)
         servers = [await start_api(group, store) for _ in range(procs)]
-        return await measure_pair(store.name, servers, key, args, store)
+        return await measure_pair(store.name, servers, keys, args, store)
 
 
 async def throughput(
-    stores: Sequence[BenchStore], keys: dict[str, str], args: argparse.Namespace, log_dir: Path
+    stores: Sequence[BenchStore],
+    keys: dict[str, list[BenchKey]],
+    args: argparse.Namespace,
+    log_dir: Path,
 ) -> list[Row]:
     """Every config `args.rounds` times, bare beside the stores; each row's best round."""
     best: dict[tuple[str, str, int], Row] = {}
     for _ in range(args.rounds):
         for procs in (1, 2):
             for store in (None, *stores):
-                key = keys[store.name] if store is not None else "bare-key"
-                for row in await measure_config(store, procs, key, args, log_dir):
+                store_keys = keys[store.name] if store is not None else [BARE_KEY]
+                for row in await measure_config(store, procs, store_keys, args, log_dir):
                     ident = (row.op, row.server, row.procs)
                     seen = best.get(ident)
                     row.rounds = [*(seen.rounds if seen else []), row.tally.rate]
@@ -688,7 +713,7 @@ async def client_check(args: argparse.Namespace, log_dir: Path) -> dict[str, flo
         for kind in kinds:
             tally = await drive(
                 [server.port],
-                "bare-key",
+                [BARE_KEY.secret],
                 status_calls([]),
                 args,
                 server_pids=[server.pid],
@@ -802,7 +827,8 @@ def print_header(args: argparse.Namespace) -> None:
     )
     print(
         f"{args.clients} concurrent clients ({args.client} HTTP/1.1 keep-alive), "
-        f"{args.warmup:g} s warm-up + {args.duration:g} s measured, 2xx answers counted."
+        f"{args.warmup:g} s warm-up + {args.duration:g} s measured, 2xx answers counted; "
+        f"submits from {args.accounts} account(s), status reads from the first."
     )
     print(
         "The load generator, the servers and PostgreSQL share the same cores: "
@@ -877,7 +903,10 @@ def print_memory(results: dict[str, Memory]) -> None:
 
 
 async def throughput_section(
-    stores: Sequence[BenchStore], keys: dict[str, str], args: argparse.Namespace, logs: Path
+    stores: Sequence[BenchStore],
+    keys: dict[str, list[BenchKey]],
+    args: argparse.Namespace,
+    logs: Path,
 ) -> None:
     rates = await client_check(args, logs)
     print(
@@ -890,7 +919,7 @@ async def throughput_section(
 async def dispatch_section(
     sqlite: BenchStore,
     postgres: BenchStore,
-    keys: dict[str, str],
+    keys: dict[str, list[BenchKey]],
     args: argparse.Namespace,
     logs: Path,
 ) -> None:
@@ -903,7 +932,7 @@ async def dispatch_section(
     for name, store, embedded in setups:
         try:
             results[name] = await dispatch_delays(
-                store, keys[store.name], args, logs, embedded=embedded
+                store, keys[store.name][0].secret, args, logs, embedded=embedded
             )
         except RuntimeError as exc:
             print(f"dispatch, {name}: failed: {exc}")
@@ -911,13 +940,15 @@ async def dispatch_section(
 
 
 async def memory_section(
-    sqlite: BenchStore, postgres: BenchStore, keys: dict[str, str], logs: Path
+    sqlite: BenchStore, postgres: BenchStore, keys: dict[str, list[BenchKey]], logs: Path
 ) -> None:
     print_memory(
         {
-            "fluxserve api (sqlite)": await idle_memory(sqlite, keys["sqlite"], logs),
-            "fluxserve api (postgres)": await idle_memory(postgres, keys["postgres"], logs),
-            "bare app (reference)": await idle_memory(None, "bare-key", logs),
+            "fluxserve api (sqlite)": await idle_memory(sqlite, keys["sqlite"][0].secret, logs),
+            "fluxserve api (postgres)": await idle_memory(
+                postgres, keys["postgres"][0].secret, logs
+            ),
+            "bare app (reference)": await idle_memory(None, BARE_KEY.secret, logs),
         }
     )
 
@@ -935,7 +966,10 @@ async def run(args: argparse.Namespace) -> None:
         sqlite = SqliteBench(root / "sqlite")
         postgres = PostgresBench(f"postgresql://postgres@{HOST}:5432/{database}", root / "pg")
         try:
-            keys = {store.name: create_key(store) for store in (sqlite, postgres)}
+            keys = {
+                store.name: [create_key(store) for _ in range(args.accounts)]
+                for store in (sqlite, postgres)
+            }
             if "throughput" in args.only:
                 await throughput_section((sqlite, postgres), keys, args, logs)
             if "dispatch" in args.only:
@@ -954,6 +988,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     parser.add_argument("--clients", type=int, default=64, help="concurrent connections")
     parser.add_argument("--tasks", type=int, default=50, help="tasks for dispatch latency")
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=1,
+        help="submits spread their clients over this many keys, each its own account",
+    )
     parser.add_argument(
         "--queue-depth",
         type=int,
