@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -158,14 +158,21 @@ class PostgresStore(SqlStore):
     async def _fetch(self, statement: sa.Select[Any], **params: Any) -> list[Any]:
         """The rows of a hot read, run on the pool."""
         read = self._compiled(statement)
+        return await self._on_pool(partial(self._fetch_on_pool, read, params))
+
+    async def _on_pool(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, and once more on new connections if its connection was lost.
+
+        After a restart every pooled connection is dead: all are replaced. A read
+        is safe to run again, and so is a program, whose writes refuse to repeat
+        when the first try took (see `SqlBase._transact`).
+        """
         try:
-            return await self._fetch_on_pool(read, params)
+            return await attempt()
         except CONNECTION_LOST:
-            # After a restart every pooled connection is dead: all are replaced,
-            # and a read is safe to run again.
             await self._driver_pool.expire_connections()
         try:
-            return await self._fetch_on_pool(read, params)
+            return await attempt()
         except CONNECTION_LOST as exc:
             raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
@@ -181,16 +188,7 @@ class PostgresStore(SqlStore):
         *,
         atomic: bool = True,
     ) -> T:
-        try:
-            value = await self._transact_on_pool(program, wake, atomic)
-        except CONNECTION_LOST:
-            # Every pooled connection died with a restart, say: run again on new
-            # ones. A write that took the first time refuses to repeat.
-            await self._driver_pool.expire_connections()
-            try:
-                value = await self._transact_on_pool(program, wake, atomic)
-            except CONNECTION_LOST as exc:
-                raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        value = await self._on_pool(partial(self._transact_on_pool, program, wake, atomic))
         for channel in wake:
             self._wake_local(channel)
         return value
