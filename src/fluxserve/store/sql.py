@@ -347,7 +347,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
                 )
                 .values(cancelled_at=now)
             )
-            row = (await conn.execute(tasks.select().where(tasks.c.task_id == task_id))).first()
+            row = (await conn.execute(TASK_BY_ID, {"task_id": task_id})).first()
         return None if row is None else task_from_row(row)
 
     async def list_tasks(

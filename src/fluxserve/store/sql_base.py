@@ -111,7 +111,7 @@ class SqlBase:
                 yield conn
                 await self._notify(conn, wake)
         for channel in wake:
-            self._events[channel].set()
+            self._wake_local(channel)
 
     async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
         """Tell other processes, inside the transaction; in-process waiters need nothing."""
