@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import Outcome
-from fluxserve.tasks import MODELS, ResultFile
+from fluxserve.tasks import MODELS, NewTask, ResultFile, TaskInput, new_task_id
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -291,6 +293,18 @@ def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("dev")
     build_tiny_dev_pipeline().save_pretrained(folder)
     return folder
+
+
+QUEUED_INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
+
+
+async def queue_task(
+    store: Store, model: str = "flux-2-pro", callback: str | None = None, **input_changes: Any
+) -> str:
+    """Queue a task of `model` for key_a of account acct_a, now; its id."""
+    task_input = dataclasses.replace(QUEUED_INPUT, **input_changes)
+    new = NewTask(new_task_id(), "key_a", "acct_a", model, task_input, callback, time.time())
+    return (await store.create_task(new)).task_id
 
 
 async def queue_position(store: Store, task_id: str) -> int | None:

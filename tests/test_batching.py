@@ -7,9 +7,7 @@ pipeline's `__call__`, each entry the size of that call's batch.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,30 +23,15 @@ from fluxserve.engines.routed import RoutedEngine
 from fluxserve.engines.tiny import TinyEngine
 from fluxserve.store import Store
 from fluxserve.store.base import LeaseState
-from fluxserve.tasks import NewTask, TaskInput, TaskStatus, new_task_id
+from fluxserve.tasks import TaskStatus
 
-from conftest import Receiver, Service, make_settings, run_service, serve_asgi
-
-INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
+from conftest import Receiver, Service, make_settings, queue_task, run_service, serve_asgi
 
 # Measured on the tiny pipeline at 256x256 (CPU, float32): a batch of three
 # changed 2 to 5 of 196608 channel values, each by 1 of 255, against the same
 # seeds drawn alone. At 64x64 none changed.
 MAX_BATCH_DIFFERENCE = 1
 MAX_DIFFERING_SHARE = 1e-3
-
-
-async def add(store: Store, model: str = "flux-2-pro", **changes: Any) -> str:
-    new = NewTask(
-        new_task_id(),
-        "key_a",
-        "acct_a",
-        model,
-        dataclasses.replace(INPUT, **changes),
-        None,
-        time.time(),
-    )
-    return (await store.create_task(new)).task_id
 
 
 async def claim_ids(store: Store, limit: int = 3, window: int = 8) -> list[str]:
@@ -62,13 +45,13 @@ async def claim_ids(store: Store, limit: int = 3, window: int = 8) -> list[str]:
 
 
 async def test_a_batch_takes_only_tasks_of_the_heads_shape_in_queue_order(store: Store) -> None:
-    a = await add(store)
-    b = await add(store, steps=8)
-    c = await add(store, "flux-2-flex")
-    d = await add(store)
-    e = await add(store, image_urls=("https://example.com/jar.png",))
-    f = await add(store)
-    g = await add(store)
+    a = await queue_task(store)
+    b = await queue_task(store, steps=8)
+    c = await queue_task(store, "flux-2-flex")
+    d = await queue_task(store)
+    e = await queue_task(store, image_urls=("https://example.com/jar.png",))
+    f = await queue_task(store)
+    g = await queue_task(store)
     assert await claim_ids(store) == [a, d, f]
     for task_id in (a, d, f):
         task = await store.get_task(task_id)
@@ -81,16 +64,16 @@ async def test_a_batch_takes_only_tasks_of_the_heads_shape_in_queue_order(store:
 
 
 async def test_a_batch_looks_only_at_the_front_of_the_queue(store: Store) -> None:
-    first = await add(store)
-    await add(store, steps=8)
-    await add(store, steps=8)
-    await add(store)
+    first = await queue_task(store)
+    await queue_task(store, steps=8)
+    await queue_task(store, steps=8)
+    await queue_task(store)
     assert await claim_ids(store, window=2) == [first]
 
 
 async def test_each_task_of_a_batch_keeps_its_own_lease(store: Store) -> None:
     for _ in range(3):
-        await add(store)
+        await queue_task(store)
     claims = await store.claim_batch(["flux-2-pro"], "w1", 30, limit=3, window=8)
     assert len(claims) == 3
     assert await store.fail_task(claims[0], "one of them")
@@ -100,7 +83,7 @@ async def test_each_task_of_a_batch_keeps_its_own_lease(store: Store) -> None:
 
 
 async def test_concurrent_batches_never_share_a_task(store: Store) -> None:
-    ids = [await add(store) for _ in range(20)]
+    ids = [await queue_task(store) for _ in range(20)]
     batches = await asyncio.gather(
         *(store.claim_batch(["flux-2-pro"], f"w{i}", 30, limit=3, window=12) for i in range(10))
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import sqlalchemy as sa
 
@@ -13,24 +12,17 @@ from fluxserve.store.base import IdempotencyKey, Outcome, SubmitLimits
 from fluxserve.store.rows import TASK_BY_ID, key_from_row, task_from_row
 from fluxserve.store.schema import credit_ledger, idempotency_keys, tasks
 from fluxserve.store.sql import _KEY_BY_HASH, SqlStore
-from fluxserve.tasks import NewTask, ResultFile, TaskInput, TaskStatus, new_task_id
+from fluxserve.tasks import NewTask, ResultFile, TaskInput, TaskStatus
+
+from conftest import queue_task
 
 INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K", seed=7)
 
 
-async def add(store: Store, model: str = "flux-2-pro") -> str:
-    task = await store.create_task(
-        NewTask(
-            new_task_id(), "key_a", "acct_a", model, INPUT, "https://example.com/hook", time.time()
-        )
-    )
-    return task.task_id
-
-
 async def test_a_task_and_its_queue_position_come_back_together(store: Store) -> None:
-    first = await add(store)
-    await add(store, "flux-2-flex")
-    third = await add(store)
+    first = await queue_task(store)
+    await queue_task(store, "flux-2-flex")
+    third = await queue_task(store)
     found = await store.get_task_and_position(third)
     assert found is not None
     task, position = found
@@ -44,7 +36,7 @@ async def test_a_task_and_its_queue_position_come_back_together(store: Store) ->
 async def test_rows_read_on_the_driver_equal_those_read_through_sqlalchemy(store: Store) -> None:
     assert isinstance(store, SqlStore)
     await store.create_key("key_1", "alice", "hash_1", "fsk_abc", "acct_a")
-    task_id = await add(store)
+    task_id = await queue_task(store, callback="https://example.com/hook", seed=7)
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
     image = ResultFile(f"results/{task_id}/image.png", "image.png", "image/png", 1234)

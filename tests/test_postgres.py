@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,11 +15,8 @@ from fluxserve.store.postgres import RANKED_FROM, PostgresStore
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.sql import TASK_AND_POSITION, SqlStore
-from fluxserve.tasks import NewTask, TaskInput, new_task_id
 
-from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database, queue_position
-
-INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
+from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database, queue_position, queue_task
 
 
 @pytest.fixture
@@ -34,13 +30,6 @@ async def two_stores() -> AsyncIterator[tuple[Store, Store]]:
         finally:
             await first.close()
             await second.close()
-
-
-async def add(store: Store) -> str:
-    task = await store.create_task(
-        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, None, time.time())
-    )
-    return task.task_id
 
 
 async def drop_every_connection(store: Store) -> int:
@@ -72,7 +61,7 @@ async def test_a_submit_in_one_process_wakes_a_worker_in_another(
     waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    task_id = await add(api_side)
+    task_id = await queue_task(api_side)
     await asyncio.wait_for(waiting, 10)
     claim = await worker_side.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and claim.task.task_id == task_id
@@ -83,17 +72,17 @@ async def test_both_stores_survive_the_database_dropping_every_connection(
 ) -> None:
     worker_side, api_side = two_stores
     await settle(worker_side)
-    await add(api_side)
+    await queue_task(api_side)
     killed = await drop_every_connection(api_side)
     assert killed >= 2, "the pooled and the LISTEN connections were cut"
     # Pooled connections are replaced on first use...
-    second = await add(api_side)
+    second = await queue_task(api_side)
     claim = await worker_side.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
     # ...and the listener reconnects, so wake-ups keep arriving.
     await settle(worker_side)
     waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
-    await add(api_side)
+    await queue_task(api_side)
     await asyncio.wait_for(waiting, 10)
     assert await api_side.get_task(second) is not None
 
@@ -102,7 +91,7 @@ async def test_a_read_right_after_every_connection_dropped_is_answered(
     two_stores: tuple[Store, Store],
 ) -> None:
     store, _ = two_stores
-    task_id = await add(store)
+    task_id = await queue_task(store)
     for _ in range(5):
         assert await store.get_task(task_id) is not None  # the read pool's connections
         await drop_every_connection(store)
@@ -114,10 +103,10 @@ async def test_a_submit_right_after_every_connection_dropped_is_queued_once(
     two_stores: tuple[Store, Store],
 ) -> None:
     store, other = two_stores
-    submitted = [await add(store)]
+    submitted = [await queue_task(store)]
     for _ in range(3):
         await drop_every_connection(store)
-        submitted.append(await add(store))
+        submitted.append(await queue_task(store))
     claimed = []
     while (claim := await other.claim_task(["flux-2-pro"], "w1", 30)) is not None:
         claimed.append(claim.task.task_id)
@@ -141,7 +130,7 @@ async def test_a_submit_whose_connection_was_lost_as_it_committed_is_queued_once
         return value
 
     monkeypatch.setattr(store, "_transact_on_pool", lost_after_the_first_commit)
-    task_id = await add(store)
+    task_id = await queue_task(store)
     assert tries == 2
     async with store._read() as conn:
         count = await conn.scalar(sa.select(sa.func.count()).select_from(tasks))
@@ -154,15 +143,8 @@ async def test_status_reads_arriving_together_get_what_reads_one_at_a_time_get(
 ) -> None:
     store, _ = two_stores
     assert isinstance(store, PostgresStore)
-    pro = [await add(store) for _ in range(10)]
-    flex = [
-        (
-            await store.create_task(
-                NewTask(new_task_id(), "key_a", "acct_a", "flux-2-flex", INPUT, None, time.time())
-            )
-        ).task_id
-        for _ in range(3)
-    ]
+    pro = [await queue_task(store) for _ in range(10)]
+    flex = [await queue_task(store, "flux-2-flex") for _ in range(3)]
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and claim.task.task_id == pro[0]
     wanted = [*reversed(pro), *flex, "task-unified-0-missing0"]
@@ -202,7 +184,7 @@ async def test_claims_from_two_processes_never_share_a_task(
     two_stores: tuple[Store, Store],
 ) -> None:
     first, second = two_stores
-    ids = {await add(first) for _ in range(30)}
+    ids = {await queue_task(first) for _ in range(30)}
     claims = await asyncio.gather(
         *(
             store.claim_task(["flux-2-pro"], f"w{i}", 30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,9 @@ import pytest
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store import sqlite as sqlite_module
 from fluxserve.store.sqlite import SqliteStore
-from fluxserve.tasks import NewTask, TaskInput, TaskStatus, new_task_id
+from fluxserve.tasks import TaskStatus
 
-from conftest import queue_position
-
-INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
+from conftest import queue_position, queue_task
 
 
 @pytest.fixture
@@ -35,13 +32,6 @@ async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteS
         await second.close()
 
 
-async def add(store: SqliteStore) -> str:
-    task = await store.create_task(
-        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, None, time.time())
-    )
-    return task.task_id
-
-
 async def test_a_submit_in_one_process_wakes_a_worker_in_another(
     two_stores: tuple[SqliteStore, SqliteStore],
 ) -> None:
@@ -50,7 +40,7 @@ async def test_a_submit_in_one_process_wakes_a_worker_in_another(
     waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    task_id = await add(api_side)
+    task_id = await queue_task(api_side)
     await asyncio.wait_for(waiting, 5)
     claim = await worker_side.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and claim.task.task_id == task_id
@@ -60,10 +50,10 @@ async def test_a_commit_between_a_claim_and_the_wait_is_not_missed(
     two_stores: tuple[SqliteStore, SqliteStore],
 ) -> None:
     worker_side, api_side = two_stores
-    await add(api_side)
+    await queue_task(api_side)
     await asyncio.wait_for(worker_side.wait_for_task(at_most=60), 5)
     assert await worker_side.claim_task(["flux-2-flex"], "w1", 30) is None
-    await add(api_side)  # lands after the empty claim, before the worker waits again
+    await queue_task(api_side)  # lands after the empty claim, before the worker waits again
     await asyncio.wait_for(worker_side.wait_for_task(at_most=60), 5)
 
 
@@ -71,10 +61,10 @@ async def test_reads_see_each_commit_of_another_process_at_once(
     two_stores: tuple[SqliteStore, SqliteStore],
 ) -> None:
     reader, writer = two_stores
-    first = await add(writer)
+    first = await queue_task(writer)
     found = await reader.get_task_and_position(first)
     assert found is not None and found[1] == 1
-    second = await add(writer)
+    second = await queue_task(writer)
     assert await queue_position(reader, second) == 2
     claim = await writer.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
@@ -98,7 +88,7 @@ async def test_a_submit_waits_off_the_loop_while_another_process_writes(
             await asyncio.sleep(0.01)
 
     ticker = asyncio.create_task(tick())
-    submitting = asyncio.create_task(add(store))
+    submitting = asyncio.create_task(queue_task(store))
     try:
         await asyncio.sleep(0.3)
         assert not submitting.done()
@@ -121,14 +111,14 @@ async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
     database = tmp_path / "store.db"
     before = database.stat().st_size
     for _ in range(19):
-        await add(store)
+        await queue_task(store)
     assert store._checkpointing is None
     assert database.stat().st_size == before, "the tasks are in the WAL only"
-    await add(store)
+    await queue_task(store)
     assert store._checkpointing is not None
     await store._checkpointing
     assert database.stat().st_size > before, "the checkpoint wrote them into the file"
-    assert await queue_position(store, await add(store)) == 21
+    assert await queue_position(store, await queue_task(store)) == 21
 
 
 class FailingCommit:
@@ -154,10 +144,10 @@ async def test_a_submit_whose_commit_fails_is_unavailable_and_leaves_nothing(
     writer, store._writer = store._writer, FailingCommit(store._writer)  # type: ignore[arg-type,assignment]
     try:
         with pytest.raises(StoreUnavailable, match="disk I/O error"):
-            await add(store)
+            await queue_task(store)
     finally:
         store._writer = writer
-    task_id = await add(store)
+    task_id = await queue_task(store)
     assert await queue_position(store, task_id) == 1
 
 
@@ -172,7 +162,7 @@ async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
     two_stores: tuple[SqliteStore, SqliteStore],
 ) -> None:
     store, _ = two_stores
-    task_id = await add(store)
+    task_id = await queue_task(store)
     reader, store._reader = store._reader, LockedConnection()  # type: ignore[assignment]
     try:
         task = await store.get_task(task_id)

@@ -9,18 +9,9 @@ import pytest
 
 from fluxserve.store import Store
 from fluxserve.store.base import Attempt, CallbackState, LeaseState, Outcome
-from fluxserve.tasks import NewTask, ResultFile, Task, TaskInput, TaskStatus, new_task_id
+from fluxserve.tasks import NewTask, ResultFile, Task, TaskStatus, new_task_id
 
-from conftest import queue_position
-
-INPUT = TaskInput(prompt="a red fox in snow", size="1:1", resolution="1K")
-
-
-async def add(store: Store, model: str = "flux-2-pro", callback: str | None = None) -> str:
-    task = await store.create_task(
-        NewTask(new_task_id(), "key_a", "acct_a", model, INPUT, callback, time.time())
-    )
-    return task.task_id
+from conftest import QUEUED_INPUT, queue_position, queue_task
 
 
 def outcome() -> Outcome:
@@ -30,18 +21,18 @@ def outcome() -> Outcome:
 
 
 async def test_round_trip(store: Store) -> None:
-    task_id = await add(store, callback="https://example.com/hook")
+    task_id = await queue_task(store, callback="https://example.com/hook")
     task = await store.get_task(task_id)
     assert task is not None
     assert task.status is TaskStatus.NOT_STARTED
-    assert task.input == INPUT and task.callback_url == "https://example.com/hook"
+    assert task.input == QUEUED_INPUT and task.callback_url == "https://example.com/hook"
     assert await store.get_task("task-unified-0-missing0") is None
 
 
 async def test_claims_oldest_first_and_only_served_models(store: Store) -> None:
-    first = await add(store, "flux-2-flex")
-    second = await add(store, "flux-2-pro")
-    third = await add(store, "flux-2-pro")
+    first = await queue_task(store, "flux-2-flex")
+    second = await queue_task(store, "flux-2-pro")
+    third = await queue_task(store, "flux-2-pro")
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and claim.task.task_id == second
     assert claim.task.status is TaskStatus.RUNNING and claim.task.attempts == 1
@@ -53,7 +44,7 @@ async def test_claims_oldest_first_and_only_served_models(store: Store) -> None:
 
 
 async def test_concurrent_claims_never_share_a_task(store: Store) -> None:
-    ids = {await add(store) for _ in range(20)}
+    ids = {await queue_task(store) for _ in range(20)}
     claims = await asyncio.gather(
         *(store.claim_task(["flux-2-pro"], f"w{i}", 30) for i in range(30))
     )
@@ -62,7 +53,7 @@ async def test_concurrent_claims_never_share_a_task(store: Store) -> None:
 
 
 async def test_finish_is_one_write_and_happens_once(store: Store) -> None:
-    task_id = await add(store, callback="https://example.com/hook")
+    task_id = await queue_task(store, callback="https://example.com/hook")
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
     assert await store.finish_task(claim, outcome())
@@ -76,7 +67,7 @@ async def test_finish_is_one_write_and_happens_once(store: Store) -> None:
 
 
 async def test_no_callback_row_without_a_callback_url(store: Store) -> None:
-    await add(store)
+    await queue_task(store)
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and await store.fail_task(claim, "boom")
     assert await store.claim_callbacks(10, 30) == []
@@ -84,7 +75,7 @@ async def test_no_callback_row_without_a_callback_url(store: Store) -> None:
 
 
 async def test_progress_only_rises_and_needs_the_lease(store: Store) -> None:
-    task_id = await add(store)
+    task_id = await queue_task(store)
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None
     assert await store.report_progress(claim, 40, 30) is LeaseState.HELD
@@ -96,7 +87,7 @@ async def test_progress_only_rises_and_needs_the_lease(store: Store) -> None:
 
 
 async def test_expired_leases_are_requeued_then_failed(store: Store) -> None:
-    task_id = await add(store, callback="https://example.com/hook")
+    task_id = await queue_task(store, callback="https://example.com/hook")
     for attempt in range(1, 3):
         claim = await store.claim_task(["flux-2-pro"], "w1", 0.01)
         assert claim is not None and claim.task.attempts == attempt
@@ -111,7 +102,7 @@ async def test_expired_leases_are_requeued_then_failed(store: Store) -> None:
 
 
 async def test_release_hands_back_without_spending_an_attempt(store: Store) -> None:
-    task_id = await add(store)
+    task_id = await queue_task(store)
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and await store.release_task(claim)
     again = await store.claim_task(["flux-2-pro"], "w2", 30)
@@ -119,7 +110,7 @@ async def test_release_hands_back_without_spending_an_attempt(store: Store) -> N
 
 
 async def test_callback_attempts_are_recorded(store: Store) -> None:
-    await add(store, callback="https://example.com/hook")
+    await queue_task(store, callback="https://example.com/hook")
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and await store.finish_task(claim, outcome())
     [record] = await store.claim_callbacks(10, 30)
@@ -151,9 +142,9 @@ async def test_keys(store: Store) -> None:
 
 
 async def test_queue_position_counts_the_queued_tasks_of_the_model_ahead(store: Store) -> None:
-    first = await add(store)
-    await add(store, "flux-2-flex")
-    third = await add(store)
+    first = await queue_task(store)
+    await queue_task(store, "flux-2-flex")
+    third = await queue_task(store)
     assert await queue_position(store, first) == 1
     assert await queue_position(store, third) == 2
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
@@ -168,7 +159,7 @@ HOOK = "https://example.com/hook"
 async def ended(store: Store, events: tuple[str, ...] = ("finished", "failed")) -> Task:
     """A task with a callback, run to `finished` by a claim."""
     await store.create_task(
-        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", INPUT, HOOK, 0.0, events)
+        NewTask(new_task_id(), "key_a", "acct_a", "flux-2-pro", QUEUED_INPUT, HOOK, 0.0, events)
     )
     claim = await store.claim_task(["flux-2-pro"], "w1", 30)
     assert claim is not None and await store.finish_task(claim, outcome())
@@ -281,7 +272,7 @@ async def test_claims_skip_busy_receivers_and_release_hands_back(store: Store) -
             "key_a",
             "acct_a",
             "flux-2-pro",
-            INPUT,
+            QUEUED_INPUT,
             "http://Other.example:8080/x",
             0.0,
         )
@@ -303,9 +294,9 @@ async def test_claims_skip_busy_receivers_and_release_hands_back(store: Store) -
 
 
 async def test_queue_depths_and_worker_heartbeats(store: Store) -> None:
-    await add(store)
-    await add(store)
-    await add(store, "flux-2-flex")
+    await queue_task(store)
+    await queue_task(store)
+    await queue_task(store, "flux-2-flex")
     assert await store.queue_depths() == {"flux-2-pro": 2, "flux-2-flex": 1}
     await store.record_heartbeat("w1", ["flux-2-pro"], "tiny", "starting")
     await store.record_heartbeat("w1", ["flux-2-pro"], "tiny", "ready")
