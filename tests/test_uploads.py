@@ -178,6 +178,8 @@ async def test_a_stream_upload_answers_every_field_and_serves_the_file(service: 
     assert download.status_code == 200
     assert download.content == data
     assert download.headers["content-type"] == "image/png"
+    assert download.headers["content-length"] == str(len(data))
+    assert download.headers["etag"] and download.headers["last-modified"]
 
 
 async def test_a_stream_upload_without_a_name_keeps_the_files_own(service: Service) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from fluxserve.api.auth import authenticate
+from fluxserve.api.file_response import file_response
 from fluxserve.api.keycache import KeyCache
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
@@ -71,13 +72,14 @@ async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
 
 
 @router.get(FILES_ROUTE + "/{key:path}")
-async def download(key: str, rt: RuntimeDep) -> FileResponse:
+async def download(key: str, rt: RuntimeDep) -> Response:
     """A stored file; its key is unguessable, so the URL itself is the credential."""
     # Only local storage is served here; S3 hands out its own (presigned) URLs.
     path = rt.storage.path_for(key) if isinstance(rt.storage, LocalStorage) else None
-    if path is None or not path.is_file():
+    response = None if path is None else file_response(path)
+    if response is None:
         raise NotFound("File not found")
-    return FileResponse(path)
+    return response
 
 
 @router.get("/health")
