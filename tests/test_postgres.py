@@ -67,6 +67,43 @@ async def test_a_submit_in_one_process_wakes_a_worker_in_another(
     assert claim is not None and claim.task.task_id == task_id
 
 
+async def listening(store: Store) -> list[str]:
+    """What the database's LISTEN connections last ran."""
+    assert isinstance(store, SqlStore)
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        rows = await admin.fetch(
+            "SELECT query FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN %'",
+            store.engine.url.database,
+        )
+    finally:
+        await admin.close()
+    return sorted(row["query"] for row in rows)
+
+
+async def test_a_process_listens_only_on_the_channels_it_waits_on(
+    two_stores: tuple[Store, Store],
+) -> None:
+    # An API process queues tasks but waits only for callbacks: it is not sent
+    # a NOTIFY for each task the fleet queues.
+    api_side, other = two_stores
+    await queue_task(api_side)
+    assert await listening(api_side) == []
+    await asyncio.wait_for(api_side.wait_for_callback(at_most=60), 10)
+    assert await listening(api_side) == ['LISTEN "fluxserve_callbacks"']
+    # Waiting on tasks too adds that channel to the same connection. (The first
+    # wait ends at once, on the wake-up of the task this process queued.)
+    await settle(api_side)
+    await settle(api_side)
+    assert await listening(api_side) == ['LISTEN "fluxserve_tasks"']
+    # ...and a submit elsewhere wakes it.
+    waiting = asyncio.create_task(api_side.wait_for_task(at_most=60))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await queue_task(other)
+    await asyncio.wait_for(waiting, 10)
+
+
 async def test_both_stores_survive_the_database_dropping_every_connection(
     two_stores: tuple[Store, Store],
 ) -> None:

@@ -1,12 +1,13 @@
 """The store for many machines: PostgreSQL through asyncpg.
 
 Claims use `FOR UPDATE SKIP LOCKED` (in the shared SQL), so workers on many
-machines never take the same task. Each write that makes work NOTIFYs inside its
-transaction; a dedicated LISTEN connection wakes this process's idle workers and
-dispatchers at once, and reconnects when the database restarts (polling covers
-the gap). One sweeper at a time: an advisory lock held for the transaction. Hot
-reads (a key, a task by its id) and submits skip SQLAlchemy: prepared
-statements on a plain asyncpg pool, one round trip each.
+machines never take the same task. Each write that makes work NOTIFYs; a
+dedicated LISTEN connection wakes this process's idle workers and dispatchers at
+once, and reconnects when the database restarts (polling covers the gap). It
+listens only on the channels this process waits on: an API process is not sent
+a NOTIFY for every task the fleet queues. One sweeper at a time: an advisory
+lock held for the transaction. Hot reads (a key, a task by its id) and submits
+skip SQLAlchemy: prepared statements on a plain asyncpg pool, one round trip each.
 """
 
 from __future__ import annotations
@@ -88,8 +89,12 @@ def _tasks_and_positions() -> sa.Select[Any]:
 _TASKS_AND_POSITIONS = _tasks_and_positions()
 
 
-def _setter(event: asyncio.Event) -> Any:
-    return lambda _connection: event.set()
+def _setter(*events: asyncio.Event) -> Any:
+    def set_all(_connection: Any) -> None:
+        for event in events:
+            event.set()
+
+    return set_all
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -109,6 +114,8 @@ class PostgresStore(SqlStore):
         )
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._listener: asyncio.Task[None] | None = None
+        self._channels: set[str] = set()
+        self._channels_changed = asyncio.Event()
         self._driver: asyncpg.Pool | None = None
         self._status_reads: Coalescer[str, Any] = Coalescer(self._tasks_and_positions)
 
@@ -121,7 +128,6 @@ class PostgresStore(SqlStore):
         self._driver = await asyncpg.create_pool(
             self._dsn, min_size=0, max_size=DRIVER_POOL_SIZE, reset=_keep_session
         )
-        self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
 
     async def close(self) -> None:
         await self._status_reads.close()
@@ -244,6 +250,23 @@ class PostgresStore(SqlStore):
         )
         return bool(taken)
 
+    async def wait_for_task(self, at_most: float) -> None:
+        self._listen_to(TASKS)
+        await super().wait_for_task(at_most)
+
+    async def wait_for_callback(self, at_most: float) -> None:
+        self._listen_to(CALLBACKS)
+        await super().wait_for_callback(at_most)
+
+    def _listen_to(self, channel: str) -> None:
+        """LISTEN on `channel` from now on (the first wait on it asks)."""
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        self._channels_changed.set()
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
+
     def _on_notification(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
         self._wake_local(channel)
 
@@ -254,16 +277,11 @@ class PostgresStore(SqlStore):
             try:
                 connection = await asyncpg.connect(self._dsn)
                 closed = asyncio.Event()
-                connection.add_termination_listener(_setter(closed))
-                for channel in (TASKS, CALLBACKS):
-                    await connection.add_listener(channel, self._on_notification)
+                connection.add_termination_listener(_setter(closed, self._channels_changed))
                 if failures:
                     logger.info("LISTEN connection restored")
                 failures = 0
-                # Anything notified while no one listened is found by one look now.
-                for channel in (TASKS, CALLBACKS):
-                    self._wake_local(channel)
-                await closed.wait()
+                await self._listen_on(connection, closed)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("LISTEN connection failed (%s); polling meanwhile", exc)
             finally:
@@ -271,3 +289,15 @@ class PostgresStore(SqlStore):
                     await connection.close()
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
+
+    async def _listen_on(self, connection: asyncpg.Connection, closed: asyncio.Event) -> None:
+        """LISTEN on each channel as it is asked for, until the connection closes."""
+        listening: set[str] = set()
+        while not closed.is_set():
+            self._channels_changed.clear()
+            for channel in self._channels - listening:
+                await connection.add_listener(channel, self._on_notification)
+                listening.add(channel)
+                # Anything notified while no one listened is found by one look now.
+                self._wake_local(channel)
+            await self._channels_changed.wait()
