@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +16,15 @@ from fluxserve.store.postgres import RANKED_FROM, PostgresStore
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.sql import TASK_AND_POSITION, SqlStore
+from fluxserve.tasks import NewTask, new_task_id
 
-from conftest import POSTGRES_ADMIN_URL, fresh_postgres_database, queue_position, queue_task
+from conftest import (
+    POSTGRES_ADMIN_URL,
+    QUEUED_INPUT,
+    fresh_postgres_database,
+    queue_position,
+    queue_task,
+)
 
 
 @pytest.fixture
@@ -150,29 +158,145 @@ async def test_a_submit_right_after_every_connection_dropped_is_queued_once(
     assert claimed == submitted
 
 
-async def test_a_submit_whose_connection_was_lost_as_it_committed_is_queued_once(
-    two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store, _ = two_stores
-    assert isinstance(store, PostgresStore)
-    real = store._transact_on_pool
+class Lost:
     tries = 0
 
+
+def lose_the_connection_after_the_first_commit(
+    store: PostgresStore, method: str, monkeypatch: pytest.MonkeyPatch
+) -> Lost:
+    """Make the store's `method` commit, then report its connection lost, once."""
+    real = getattr(store, method)
+    lost = Lost()
+
     async def lost_after_the_first_commit(*args: Any) -> Any:
-        nonlocal tries
-        tries += 1
+        lost.tries += 1
         value = await real(*args)
-        if tries == 1:
+        if lost.tries == 1:
             raise asyncpg.ConnectionDoesNotExistError("connection was closed mid-operation")
         return value
 
-    monkeypatch.setattr(store, "_transact_on_pool", lost_after_the_first_commit)
-    task_id = await queue_task(store)
-    assert tries == 2
+    monkeypatch.setattr(store, method, lost_after_the_first_commit)
+    return lost
+
+
+async def task_count(store: Store) -> int:
+    assert isinstance(store, SqlStore)
     async with store._read() as conn:
-        count = await conn.scalar(sa.select(sa.func.count()).select_from(tasks))
-    assert count == 1
-    assert await queue_position(store, task_id) == 1
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(tasks)))
+
+
+async def transactions_that_wrote_tasks(store: Store) -> int:
+    """How many transactions the task rows were written by (rows share an xmin)."""
+    assert isinstance(store, SqlStore)
+    async with store._read() as conn:
+        return int(await conn.scalar(sa.text("SELECT count(DISTINCT xmin::text) FROM tasks")))
+
+
+def priced_task(price: int, task_id: str | None = None) -> NewTask:
+    now = time.time()
+    return NewTask(
+        task_id or new_task_id(now),
+        "key_a",
+        "acct_a",
+        "flux-2-pro",
+        QUEUED_INPUT,
+        None,
+        now,
+        price=price,
+    )
+
+
+async def test_submits_arriving_together_share_a_transaction_and_keep_their_order(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, other = two_stores
+    await store.create_account("acct_a", "a@example.com")
+    submitted = list(await asyncio.gather(*(queue_task(store) for _ in range(20))))
+    assert await transactions_that_wrote_tasks(store) == 1
+    positions = [await queue_position(store, task_id) for task_id in submitted]
+    assert positions == list(range(1, 21))
+    # The account's clock moved past all of them: the next submit queues behind.
+    assert await queue_position(store, await queue_task(store)) == 21
+    claimed = []
+    while (claim := await other.claim_task(["flux-2-pro"], "w1", 30)) is not None:
+        claimed.append(claim.task.task_id)
+    assert claimed[:20] == submitted
+
+
+async def test_submits_of_two_accounts_arriving_together_take_a_transaction_each(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, _ = two_stores
+    for name in ("a", "b"):
+        await store.create_account(f"acct_{name}", f"{name}@example.com")
+
+    def of(account: str) -> NewTask:
+        now = time.time()
+        return NewTask(new_task_id(now), "key", account, "flux-2-pro", QUEUED_INPUT, None, now)
+
+    burst = [of("acct_a"), of("acct_b"), of("acct_a"), of("acct_b"), of("acct_a")]
+    answers = await asyncio.gather(*map(store.create_task, burst))
+    assert [answer.account_id for answer in answers] == [task.account_id for task in burst]
+    assert await task_count(store) == 5
+    assert await transactions_that_wrote_tasks(store) == 2
+
+
+async def test_a_refused_submit_leaves_the_others_of_its_transaction_queued(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, _ = two_stores
+    await store.create_account("acct_a", "a@example.com")
+    await store.grant_credits("acct_a", 30, None)
+    answers = await asyncio.gather(
+        *(store.create_task(priced_task(10)) for _ in range(5)), return_exceptions=True
+    )
+    assert [type(answer).__name__ for answer in answers] == ["Task"] * 3 + [
+        "InsufficientCredits"
+    ] * 2
+    assert "has 0 available" in str(answers[3])
+    assert await transactions_that_wrote_tasks(store) == 1
+    account = await store.get_account("acct_a")
+    assert account is not None and (account.balance, account.held) == (30, 30)
+
+
+async def test_a_shared_transaction_that_fails_runs_each_submit_alone(
+    two_stores: tuple[Store, Store],
+) -> None:
+    # A task id already taken makes the shared transaction fail: each submit is
+    # then run alone, so the others are queued and the repeat answers the task
+    # that has the id (as after a connection lost as its submit committed).
+    store, _ = two_stores
+    await store.create_account("acct_a", "a@example.com")
+    taken = await queue_task(store)
+    new = [priced_task(0) for _ in range(4)]
+    answers = await asyncio.gather(
+        *(store.create_task(task) for task in [*new[:2], priced_task(0, taken), *new[2:]])
+    )
+    assert [answer.task_id for answer in answers] == [
+        *(task.task_id for task in new[:2]),
+        taken,
+        *(task.task_id for task in new[2:]),
+    ]
+    assert await task_count(store) == 5
+
+
+# A lone submit commits on its own; several arriving together share a transaction.
+@pytest.mark.parametrize(
+    ("path", "submits"), [("_write_alone", 1), ("_write_in_one_transaction", 6)]
+)
+async def test_submits_whose_connection_was_lost_as_they_committed_are_queued_once(
+    two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch, path: str, submits: int
+) -> None:
+    store, _ = two_stores
+    assert isinstance(store, PostgresStore)
+    await store.create_account("acct_a", "a@example.com")
+    lost = lose_the_connection_after_the_first_commit(store, path, monkeypatch)
+    submitted = list(await asyncio.gather(*(queue_task(store) for _ in range(submits))))
+    assert lost.tries == 2
+    assert await task_count(store) == submits
+    positions = [await queue_position(store, task_id) for task_id in submitted]
+    assert positions == list(range(1, submits + 1))
 
 
 async def test_status_reads_arriving_together_get_what_reads_one_at_a_time_get(

@@ -8,6 +8,8 @@ listens only on the channels this process waits on: an API process is not sent
 a NOTIFY for every task the fleet queues. One sweeper at a time: an advisory
 lock held for the transaction. Hot reads (a key, a task by its id) and submits
 skip SQLAlchemy: prepared statements on a plain asyncpg pool, one round trip each.
+Submits that arrive together share one transaction per account, so a busy API
+process commits (and NOTIFYs) once for many of them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -89,6 +92,27 @@ def _tasks_and_positions() -> sa.Select[Any]:
 _TASKS_AND_POSITIONS = _tasks_and_positions()
 
 
+def _notify(channels: tuple[str, ...]) -> str:
+    return "".join(f"SELECT pg_notify('{channel}', '');" for channel in channels)
+
+
+@dataclass(eq=False)
+class _Write:
+    """A program that writes in one statement, the channels its commit wakes, and
+    the key whose rows alone it locks (see `SqlBase._transact`)."""
+
+    program: Callable[[], Program[Any]]
+    wake: tuple[str, ...]
+    together: str
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A write's own error, handed to its caller alone."""
+
+    error: BaseException
+
+
 def _setter(*events: asyncio.Event) -> Any:
     def set_all(_connection: Any) -> None:
         for event in events:
@@ -118,6 +142,7 @@ class PostgresStore(SqlStore):
         self._channels_changed = asyncio.Event()
         self._driver: asyncpg.Pool | None = None
         self._status_reads: Coalescer[str, Any] = Coalescer(self._tasks_and_positions)
+        self._writes: Coalescer[_Write, Any] = Coalescer(self._write_together)
 
     def _create_engine(self) -> AsyncEngine:
         # pre_ping replaces connections that died with a database restart.
@@ -131,6 +156,7 @@ class PostgresStore(SqlStore):
 
     async def close(self) -> None:
         await self._status_reads.close()
+        await self._writes.close()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -192,28 +218,28 @@ class PostgresStore(SqlStore):
         program: Callable[[], Program[T]],
         wake: tuple[str, ...] = (),
         *,
-        atomic: bool = True,
+        together: str | None = None,
     ) -> T:
-        value = await self._on_pool(partial(self._transact_on_pool, program, wake, atomic))
+        if together is None:
+            value = await self._on_pool(partial(self._transact_on_pool, program, wake))
+        else:
+            answer = await self._writes.get(_Write(program, wake, together))
+            if isinstance(answer, _Failed):
+                raise answer.error
+            value = cast(T, answer)
         for channel in wake:
             self._wake_local(channel)
         return value
 
     async def _transact_on_pool(
-        self, program: Callable[[], Program[T]], wake: tuple[str, ...], atomic: bool
+        self, program: Callable[[], Program[T]], wake: tuple[str, ...]
     ) -> T:
-        notify = "".join(f"SELECT pg_notify('{channel}', '');" for channel in wake)
         async with self._driver_pool.acquire() as connection:
-            if not atomic:
-                value = await run(program(), partial(self._execute, connection))
-                if notify:
-                    await connection.execute(notify)  # after the write has committed
-                return value
             try:
                 # BEGIN and the NOTIFYs in one round trip, before the program: its
                 # statements may lock a row that other submits wait for (the
                 # account's), so as little as possible follows them before COMMIT.
-                await connection.execute("BEGIN;" + notify)
+                await connection.execute("BEGIN;" + _notify(wake))
                 value = await run(program(), partial(self._execute, connection))
             except BaseException:
                 with contextlib.suppress(*CONNECTION_LOST):
@@ -221,6 +247,70 @@ class PostgresStore(SqlStore):
                 raise
             await connection.execute("COMMIT")
         return value
+
+    async def _write_together(self, writes: list[_Write]) -> dict[_Write, Any]:
+        """One-statement writes that arrived together: those of one key share a
+        transaction, so one commit and one NOTIFY; each key's in its own, so no
+        two transactions wait on each other's rows in turn, and one key's failure
+        is its writes' alone."""
+        groups: dict[str, list[_Write]] = {}
+        for write in writes:
+            groups.setdefault(write.together, []).append(write)
+        found = await asyncio.gather(
+            *map(self._write_group, groups.values()), return_exceptions=True
+        )
+        answers: dict[_Write, Any] = {}
+        for group, group_answers in zip(groups.values(), found, strict=True):
+            if isinstance(group_answers, BaseException):
+                group_answers = dict.fromkeys(group, _Failed(group_answers))
+            answers.update(group_answers)
+        return answers
+
+    async def _write_group(self, writes: list[_Write]) -> dict[_Write, Any]:
+        """Each write's answer, or its own error as `_Failed`."""
+        if len(writes) > 1:
+            try:
+                return await self._on_pool(partial(self._write_in_one_transaction, writes))
+            except sa.exc.IntegrityError:
+                pass  # one of them refused to repeat: each alone, to learn which
+        answers = await asyncio.gather(
+            *(self._on_pool(partial(self._write_alone, write)) for write in writes),
+            return_exceptions=True,
+        )
+        return {
+            write: _Failed(answer) if isinstance(answer, BaseException) else answer
+            for write, answer in zip(writes, answers, strict=True)
+        }
+
+    async def _write_alone(self, write: _Write) -> Any:
+        """The write's statement commits on its own; its NOTIFYs follow."""
+        async with self._driver_pool.acquire() as connection:
+            value = await run(write.program(), partial(self._execute, connection))
+            if write.wake:
+                await connection.execute(_notify(write.wake))
+        return value
+
+    async def _write_in_one_transaction(self, writes: list[_Write]) -> dict[_Write, Any]:
+        answers: dict[_Write, Any] = {}
+        async with self._driver_pool.acquire() as connection:
+            try:
+                await connection.execute("BEGIN")
+                for write in writes:
+                    try:
+                        answers[write] = await run(
+                            write.program(), partial(self._execute, connection)
+                        )
+                    except (sa.exc.IntegrityError, asyncpg.PostgresError, *CONNECTION_LOST):
+                        raise  # the transaction is lost
+                    except Exception as exc:  # the program's own refusal, with nothing written
+                        answers[write] = _Failed(exc)
+            except BaseException:
+                with contextlib.suppress(*CONNECTION_LOST):
+                    await connection.execute("ROLLBACK")
+                raise
+            wake = tuple(sorted({channel for write in writes for channel in write.wake}))
+            await connection.execute(_notify(wake) + "COMMIT")
+        return answers
 
     async def _execute(self, connection: asyncpg.Connection, step: Step) -> Any:
         statement = self._compiled_step(step)

@@ -194,11 +194,13 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         def program() -> Program[Task]:
             return submit(task, limits, idempotency, in_one_statement=self.WRITES_IN_WITH)
 
-        # Without limits to check, a submit that writes in one statement needs no
-        # transaction of its own.
-        atomic = limits is not None or not self.WRITES_IN_WITH
+        # Without limits to check, a submit that writes in one statement locks
+        # only its account's row: it may share a transaction with the account's
+        # other submits.
+        one_statement = limits is None and self.WRITES_IN_WITH
+        together = task.account_id if one_statement else None
         try:
-            return await self._transact(program, wake=(TASKS,), atomic=atomic)
+            return await self._transact(program, wake=(TASKS,), together=together)
         except sa.exc.IntegrityError:
             committed = await self.get_task(task.task_id)
             if committed is not None:
@@ -206,7 +208,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             if idempotency is None:
                 raise
             # A concurrent submit with the same key committed first: answer its task.
-            return await self._transact(program, wake=(TASKS,), atomic=atomic)
+            return await self._transact(program, wake=(TASKS,), together=together)
 
     async def get_task(self, task_id: str) -> Task | None:
         row = await self._fetch_one(TASK_BY_ID, task_id=task_id)

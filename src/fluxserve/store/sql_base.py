@@ -89,16 +89,18 @@ class SqlBase:
         program: Callable[[], Program[T]],
         wake: tuple[str, ...] = (),
         *,
-        atomic: bool = True,
+        together: str | None = None,
     ) -> T:
         """Run a program (see `direct.py`) as one transaction, and wake `wake` after it.
 
         `program` makes the generator, so a dialect may start over on a fresh
         connection when the first one turns out dead, not knowing whether a
         write took: a program's writes must refuse to repeat (a unique key).
-        `atomic=False` lets a dialect commit each step alone, for a program that
-        writes in one statement. Here it runs through SQLAlchemy, always in one
-        transaction; the dialects run it on their driver.
+        `together` marks a program that writes in one statement and locks no
+        rows but those of that key (an account): a dialect may commit it on its
+        own, or in one transaction with others of the same key arriving at the
+        same time. Here it runs through SQLAlchemy, always in one transaction of
+        its own; the dialects run it on their driver.
         """
         async with self._write(wake) as conn:
             return await run(program(), partial(_execute, conn))

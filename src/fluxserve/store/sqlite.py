@@ -135,9 +135,9 @@ class SqliteStore(SqlStore):
         program: Callable[[], Program[T]],
         wake: tuple[str, ...] = (),
         *,
-        atomic: bool = True,
+        together: str | None = None,
     ) -> T:
-        # Always one transaction: on the loop, it costs nothing more.
+        # Always one transaction of its own: on the loop, it costs nothing more.
         async with self._write_lock:
             writer = await self._begin_on_loop()
             if writer is not None:
@@ -150,7 +150,7 @@ class SqliteStore(SqlStore):
                         writer.execute("ROLLBACK")
                     raise
         if writer is None:
-            return await super()._transact(program, wake, atomic=atomic)
+            return await super()._transact(program, wake)
         for channel in wake:
             self._wake_local(channel)
         return value
