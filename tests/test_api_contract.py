@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import string
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
+from fluxserve.tasks import new_task_id
 
 from conftest import Service, make_settings, run_service
 
@@ -67,6 +70,15 @@ async def test_submit_answers_the_hosted_shape(service: Service) -> None:
     created = datetime.strptime(data["created_time"], "%Y-%m-%dT%H:%M:%S")
     assert before <= created <= datetime.now(UTC).replace(tzinfo=None)
     assert abs(int(match.group(1)) - created.replace(tzinfo=UTC).timestamp()) <= 1
+
+
+def test_task_ids_draw_every_character_at_every_place() -> None:
+    ids = [new_task_id(1_700_000_000) for _ in range(5000)]
+    assert all(TASK_ID.match(task_id) for task_id in ids)
+    assert len(set(ids)) == len(ids)
+    suffixes = [task_id.rsplit("-", 1)[1] for task_id in ids]
+    for place in range(8):
+        assert {suffix[place] for suffix in suffixes} == set(string.ascii_lowercase + string.digits)
 
 
 async def test_status_of_a_queued_task(service: Service) -> None:

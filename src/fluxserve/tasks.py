@@ -53,8 +53,14 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 def new_task_id(now: float | None = None) -> str:
     """`task-unified-<unix seconds>-<8 of [a-z0-9]>`, as the hosted API makes them."""
     seconds = int(time.time() if now is None else now)
-    suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
-    return f"task-unified-{seconds}-{suffix}"
+    # One draw for all 8 characters: each draw from the system's random source
+    # is a system call, and this runs on every submit.
+    number = secrets.randbelow(len(_ID_ALPHABET) ** 8)
+    suffix = []
+    for _ in range(8):
+        number, digit = divmod(number, len(_ID_ALPHABET))
+        suffix.append(_ID_ALPHABET[digit])
+    return f"task-unified-{seconds}-{''.join(suffix)}"
 
 
 def new_event_id() -> str:
