@@ -193,20 +193,6 @@ async def transactions_that_wrote_tasks(store: Store) -> int:
         return int(await conn.scalar(sa.text("SELECT count(DISTINCT xmin::text) FROM tasks")))
 
 
-def priced_task(price: int, task_id: str | None = None) -> NewTask:
-    now = time.time()
-    return NewTask(
-        task_id or new_task_id(now),
-        "key_a",
-        "acct_a",
-        "flux-2-pro",
-        QUEUED_INPUT,
-        None,
-        now,
-        price=price,
-    )
-
-
 async def test_submits_arriving_together_share_a_transaction_and_keep_their_order(
     two_stores: tuple[Store, Store],
 ) -> None:
@@ -242,49 +228,8 @@ async def test_submits_of_two_accounts_arriving_together_take_a_transaction_each
     assert await transactions_that_wrote_tasks(store) == 2
 
 
-async def test_a_refused_submit_leaves_the_others_of_its_transaction_queued(
-    two_stores: tuple[Store, Store],
-) -> None:
-    store, _ = two_stores
-    await store.create_account("acct_a", "a@example.com")
-    await store.grant_credits("acct_a", 30, None)
-    answers = await asyncio.gather(
-        *(store.create_task(priced_task(10)) for _ in range(5)), return_exceptions=True
-    )
-    assert [type(answer).__name__ for answer in answers] == ["Task"] * 3 + [
-        "InsufficientCredits"
-    ] * 2
-    assert "has 0 available" in str(answers[3])
-    assert await transactions_that_wrote_tasks(store) == 1
-    account = await store.get_account("acct_a")
-    assert account is not None and (account.balance, account.held) == (30, 30)
-
-
-async def test_a_shared_transaction_that_fails_runs_each_submit_alone(
-    two_stores: tuple[Store, Store],
-) -> None:
-    # A task id already taken makes the shared transaction fail: each submit is
-    # then run alone, so the others are queued and the repeat answers the task
-    # that has the id (as after a connection lost as its submit committed).
-    store, _ = two_stores
-    await store.create_account("acct_a", "a@example.com")
-    taken = await queue_task(store)
-    new = [priced_task(0) for _ in range(4)]
-    answers = await asyncio.gather(
-        *(store.create_task(task) for task in [*new[:2], priced_task(0, taken), *new[2:]])
-    )
-    assert [answer.task_id for answer in answers] == [
-        *(task.task_id for task in new[:2]),
-        taken,
-        *(task.task_id for task in new[2:]),
-    ]
-    assert await task_count(store) == 5
-
-
 # A lone submit commits on its own; several arriving together share a transaction.
-@pytest.mark.parametrize(
-    ("path", "submits"), [("_write_alone", 1), ("_write_in_one_transaction", 6)]
-)
+@pytest.mark.parametrize(("path", "submits"), [("_statement_on_pool", 1), ("_transact_on_pool", 6)])
 async def test_submits_whose_connection_was_lost_as_they_committed_are_queued_once(
     two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch, path: str, submits: int
 ) -> None:

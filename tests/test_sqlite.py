@@ -121,6 +121,23 @@ async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
     assert await queue_position(store, await queue_task(store)) == 21
 
 
+async def test_submits_arriving_together_share_one_commit(
+    two_stores: tuple[SqliteStore, SqliteStore], tmp_path: Path
+) -> None:
+    # Each commit appends the pages it changed to the WAL: a burst that commits
+    # once appends them once.
+    store, _ = two_stores
+    wal = tmp_path / "store.db-wal"
+    start = wal.stat().st_size
+    one_by_one = [await queue_task(store) for _ in range(10)]
+    after_one_by_one = wal.stat().st_size
+    together = await asyncio.gather(*(queue_task(store) for _ in range(10)))
+    after_together = wal.stat().st_size
+    assert (after_together - after_one_by_one) * 4 < after_one_by_one - start
+    positions = [await queue_position(store, task_id) for task_id in [*one_by_one, *together]]
+    assert positions == list(range(1, 21))
+
+
 class FailingCommit:
     """The loop's writer, on a disk that fails when a transaction commits."""
 
@@ -137,16 +154,22 @@ class FailingCommit:
         return self.connection.execute(sql, *args)
 
 
-async def test_a_submit_whose_commit_fails_is_unavailable_and_leaves_nothing(
-    two_stores: tuple[SqliteStore, SqliteStore],
+# One submit commits alone; several arriving together share one commit.
+@pytest.mark.parametrize("submits", [1, 4])
+async def test_submits_whose_commit_fails_are_unavailable_and_leave_nothing(
+    two_stores: tuple[SqliteStore, SqliteStore], submits: int
 ) -> None:
     store, _ = two_stores
     writer, store._writer = store._writer, FailingCommit(store._writer)  # type: ignore[arg-type,assignment]
     try:
-        with pytest.raises(StoreUnavailable, match="disk I/O error"):
-            await queue_task(store)
+        answers = await asyncio.gather(
+            *(queue_task(store) for _ in range(submits)), return_exceptions=True
+        )
     finally:
         store._writer = writer
+    assert all(isinstance(answer, StoreUnavailable) for answer in answers)
+    assert all("disk I/O error" in str(answer) for answer in answers)
+    assert await store.queue_depths() == {}
     task_id = await queue_task(store)
     assert await queue_position(store, task_id) == 1
 

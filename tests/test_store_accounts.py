@@ -218,6 +218,55 @@ async def test_concurrent_submits_with_one_idempotency_key_make_one_task(store: 
     assert await store.queue_depths() == {"flux-2-pro": 1}
 
 
+async def test_a_submit_refused_in_a_burst_leaves_the_others_queued(store: Store) -> None:
+    # Submits arriving together may share a transaction: each keeps its own answer.
+    alice = await account(store, "alice", credits=30)
+    answers = await asyncio.gather(
+        *(submit(store, alice, price=10) for _ in range(5)), return_exceptions=True
+    )
+    assert [type(answer).__name__ for answer in answers] == ["Task"] * 3 + [
+        "InsufficientCredits"
+    ] * 2
+    assert "has 0 available" in str(answers[3])
+    assert await store.queue_depths() == {"flux-2-pro": 3}
+    now = await store.get_account(alice.account_id)
+    assert now is not None and (now.balance, now.held) == (30, 30)
+
+
+async def test_a_burst_with_a_task_id_already_taken_queues_the_others(store: Store) -> None:
+    # The repeat makes a shared transaction fail: each submit then runs alone,
+    # and the repeat answers the task that has the id (as after a connection
+    # lost as its submit committed).
+    alice = await account(store, "alice")
+    taken = await submit(store, alice)
+
+    def new(task_id: str | None = None) -> NewTask:
+        owner = "key_alice"
+        return NewTask(
+            task_id or new_task_id(),
+            owner,
+            alice.account_id,
+            "flux-2-pro",
+            INPUT,
+            None,
+            time.time(),
+        )
+
+    burst = [new(), new(), new(taken.task_id), new(), new()]
+    answers = await asyncio.gather(*map(store.create_task, burst))
+    assert [answer.task_id for answer in answers] == [task.task_id for task in burst]
+    assert await store.queue_depths() == {"flux-2-pro": 5}
+
+
+async def test_a_burst_queues_in_the_order_it_arrived(store: Store) -> None:
+    alice = await account(store, "alice")
+    burst = await asyncio.gather(*(submit(store, alice) for _ in range(12)))
+    positions = [await queue_position(store, task.task_id) for task in burst]
+    assert positions == list(range(1, 13))
+    later = await submit(store, alice)
+    assert await queue_position(store, later.task_id) == 13
+
+
 async def test_an_expired_idempotency_key_makes_a_new_task(store: Store) -> None:
     alice = await account(store, "alice")
     first = await submit(store, alice, idempotency=IdempotencyKey("k", "h", ttl=0.05))

@@ -4,7 +4,7 @@ While one round of lookups runs, new keys wait; the next round takes all of
 them. A lone lookup starts a round at once, so it waits for nothing; under load,
 one round answers many callers, with one round trip and one pass over whatever
 they share (see `PostgresStore.get_task_and_position`), or one transaction for
-many writes (see `PostgresStore._write_together`).
+many writes (see `group_commit.py`).
 """
 
 from __future__ import annotations

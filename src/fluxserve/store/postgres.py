@@ -8,8 +8,8 @@ listens only on the channels this process waits on: an API process is not sent
 a NOTIFY for every task the fleet queues. One sweeper at a time: an advisory
 lock held for the transaction. Hot reads (a key, a task by its id) and submits
 skip SQLAlchemy: prepared statements on a plain asyncpg pool, one round trip each.
-Submits that arrive together share one transaction per account, so a busy API
-process commits (and NOTIFYs) once for many of them.
+Submits that arrive together share one transaction per account (see
+`group_commit.py`), so a busy API process commits and NOTIFYs once for many.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from fluxserve.errors import ConfigError, StoreUnavailable
 from fluxserve.store.coalesce import Coalescer
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
+from fluxserve.store.group_commit import GroupCommit, Write
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.sql import TASK_AND_POSITION, SqlStore
@@ -96,23 +96,6 @@ def _notify(channels: tuple[str, ...]) -> str:
     return "".join(f"SELECT pg_notify('{channel}', '');" for channel in channels)
 
 
-@dataclass(eq=False)
-class _Write:
-    """A program that writes in one statement, the channels its commit wakes, and
-    the key whose rows alone it locks (see `SqlBase._transact`)."""
-
-    program: Callable[[], Program[Any]]
-    wake: tuple[str, ...]
-    together: str
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A write's own error, handed to its caller alone."""
-
-    error: BaseException
-
-
 def _setter(*events: asyncio.Event) -> Any:
     def set_all(_connection: Any) -> None:
         for event in events:
@@ -142,7 +125,7 @@ class PostgresStore(SqlStore):
         self._channels_changed = asyncio.Event()
         self._driver: asyncpg.Pool | None = None
         self._status_reads: Coalescer[str, Any] = Coalescer(self._tasks_and_positions)
-        self._writes: Coalescer[_Write, Any] = Coalescer(self._write_together)
+        self._submits = GroupCommit(self._transact_retried, self._write_alone, per_key=True)
 
     def _create_engine(self) -> AsyncEngine:
         # pre_ping replaces connections that died with a database restart.
@@ -156,7 +139,7 @@ class PostgresStore(SqlStore):
 
     async def close(self) -> None:
         await self._status_reads.close()
-        await self._writes.close()
+        await self._submits.close()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -221,15 +204,17 @@ class PostgresStore(SqlStore):
         together: str | None = None,
     ) -> T:
         if together is None:
-            value = await self._on_pool(partial(self._transact_on_pool, program, wake))
+            value = await self._transact_retried(program, wake)
         else:
-            answer = await self._writes.get(_Write(program, wake, together))
-            if isinstance(answer, _Failed):
-                raise answer.error
-            value = cast(T, answer)
+            value = await self._submits.write(program, wake, together)
         for channel in wake:
             self._wake_local(channel)
         return value
+
+    async def _transact_retried(
+        self, program: Callable[[], Program[T]], wake: tuple[str, ...]
+    ) -> T:
+        return await self._on_pool(partial(self._transact_on_pool, program, wake))
 
     async def _transact_on_pool(
         self, program: Callable[[], Program[T]], wake: tuple[str, ...]
@@ -248,69 +233,18 @@ class PostgresStore(SqlStore):
             await connection.execute("COMMIT")
         return value
 
-    async def _write_together(self, writes: list[_Write]) -> dict[_Write, Any]:
-        """One-statement writes that arrived together: those of one key share a
-        transaction, so one commit and one NOTIFY; each key's in its own, so no
-        two transactions wait on each other's rows in turn, and one key's failure
-        is its writes' alone."""
-        groups: dict[str, list[_Write]] = {}
-        for write in writes:
-            groups.setdefault(write.together, []).append(write)
-        found = await asyncio.gather(
-            *map(self._write_group, groups.values()), return_exceptions=True
-        )
-        answers: dict[_Write, Any] = {}
-        for group, group_answers in zip(groups.values(), found, strict=True):
-            if isinstance(group_answers, BaseException):
-                group_answers = dict.fromkeys(group, _Failed(group_answers))
-            answers.update(group_answers)
-        return answers
+    async def _write_alone(self, write: Write) -> Any:
+        return await self._on_pool(partial(self._statement_on_pool, write.program, write.wake))
 
-    async def _write_group(self, writes: list[_Write]) -> dict[_Write, Any]:
-        """Each write's answer, or its own error as `_Failed`."""
-        if len(writes) > 1:
-            try:
-                return await self._on_pool(partial(self._write_in_one_transaction, writes))
-            except sa.exc.IntegrityError:
-                pass  # one of them refused to repeat: each alone, to learn which
-        answers = await asyncio.gather(
-            *(self._on_pool(partial(self._write_alone, write)) for write in writes),
-            return_exceptions=True,
-        )
-        return {
-            write: _Failed(answer) if isinstance(answer, BaseException) else answer
-            for write, answer in zip(writes, answers, strict=True)
-        }
-
-    async def _write_alone(self, write: _Write) -> Any:
-        """The write's statement commits on its own; its NOTIFYs follow."""
+    async def _statement_on_pool(
+        self, program: Callable[[], Program[T]], wake: tuple[str, ...]
+    ) -> T:
+        """A program that writes in one statement, committed on its own; its NOTIFYs follow."""
         async with self._driver_pool.acquire() as connection:
-            value = await run(write.program(), partial(self._execute, connection))
-            if write.wake:
-                await connection.execute(_notify(write.wake))
+            value = await run(program(), partial(self._execute, connection))
+            if wake:
+                await connection.execute(_notify(wake))
         return value
-
-    async def _write_in_one_transaction(self, writes: list[_Write]) -> dict[_Write, Any]:
-        answers: dict[_Write, Any] = {}
-        async with self._driver_pool.acquire() as connection:
-            try:
-                await connection.execute("BEGIN")
-                for write in writes:
-                    try:
-                        answers[write] = await run(
-                            write.program(), partial(self._execute, connection)
-                        )
-                    except (sa.exc.IntegrityError, asyncpg.PostgresError, *CONNECTION_LOST):
-                        raise  # the transaction is lost
-                    except Exception as exc:  # the program's own refusal, with nothing written
-                        answers[write] = _Failed(exc)
-            except BaseException:
-                with contextlib.suppress(*CONNECTION_LOST):
-                    await connection.execute("ROLLBACK")
-                raise
-            wake = tuple(sorted({channel for write in writes for channel in write.wake}))
-            await connection.execute(_notify(wake) + "COMMIT")
-        return answers
 
     async def _execute(self, connection: asyncpg.Connection, step: Step) -> Any:
         statement = self._compiled_step(step)

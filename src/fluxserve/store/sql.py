@@ -194,11 +194,10 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         def program() -> Program[Task]:
             return submit(task, limits, idempotency, in_one_statement=self.WRITES_IN_WITH)
 
-        # Without limits to check, a submit that writes in one statement locks
-        # only its account's row: it may share a transaction with the account's
-        # other submits.
-        one_statement = limits is None and self.WRITES_IN_WITH
-        together = task.account_id if one_statement else None
+        # Without per-key limits to check, a submit refuses before it writes and
+        # locks no row but its account's: it may share a transaction with the
+        # submits arriving beside it (see `group_commit.py`).
+        together = task.account_id if limits is None else None
         try:
             return await self._transact(program, wake=(TASKS,), together=together)
         except sa.exc.IntegrityError:

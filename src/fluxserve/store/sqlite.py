@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store.direct import Program, Step, run
+from fluxserve.store.group_commit import GroupCommit
 from fluxserve.store.sql import SqlStore
 from fluxserve.store.wakeups import TASKS
 
@@ -84,8 +85,10 @@ class SqliteStore(SqlStore):
     that would wait for a lock goes to a thread instead. A submit's transaction
     is a few such statements: it runs on the loop too. While another process
     holds the write lock, it tries again after short pauses, and after a few
-    milliseconds waits for the lock on a thread. A worker waiting for
-    a task sees another process's commits by watching `PRAGMA data_version`.
+    milliseconds waits for the lock on a thread. Submits that arrive while
+    others are written share one transaction (see `group_commit.py`). A worker
+    waiting for a task sees another process's commits by watching
+    `PRAGMA data_version`.
     """
 
     def __init__(self, database_url: str) -> None:
@@ -97,6 +100,7 @@ class SqliteStore(SqlStore):
         self._commits_since_checkpoint = 0
         self._checkpointing: asyncio.Task[None] | None = None
         self._seen_version = 0
+        self._submits = GroupCommit(self._transact_alone, per_key=False)
 
     def _create_engine(self) -> AsyncEngine:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,7 @@ class SqliteStore(SqlStore):
         self._seen_version = self._data_version()
 
     async def close(self) -> None:
+        await self._submits.close()
         if self._checkpointing is not None:
             await self._checkpointing
         for connection in (self._reader, self._writer):
@@ -137,7 +142,11 @@ class SqliteStore(SqlStore):
         *,
         together: str | None = None,
     ) -> T:
-        # Always one transaction of its own: on the loop, it costs nothing more.
+        if together is None:
+            return await self._transact_alone(program, wake)
+        return await self._submits.write(program, wake, together)
+
+    async def _transact_alone(self, program: Callable[[], Program[T]], wake: tuple[str, ...]) -> T:
         async with self._write_lock:
             writer = await self._begin_on_loop()
             if writer is not None:

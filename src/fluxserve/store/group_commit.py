@@ -1,0 +1,119 @@
+"""Group commit: submits that arrive together share one transaction.
+
+A submit without per-key limits refuses (its credits, its Idempotency-Key)
+before it writes anything, and locks no row but its account's. So the submits
+that reach a busy process while its previous ones are being written can run one
+after another in one transaction: one commit (and, on PostgreSQL, one NOTIFY)
+for all of them. A lone submit still runs at once, on its own.
+
+Each submit is answered once the shared transaction has committed, with its own
+task or its own refusal. When the shared transaction fails (a write refused to
+repeat: a task id or an Idempotency-Key already taken), each of its submits runs
+again alone, so only the one at fault sees the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import sqlalchemy as sa
+
+from fluxserve.errors import ApiError
+from fluxserve.store.coalesce import Coalescer
+from fluxserve.store.direct import Program
+
+T = TypeVar("T")
+Transact = Callable[[Callable[[], Program[Any]], tuple[str, ...]], Awaitable[Any]]
+
+
+@dataclass(eq=False)
+class Write:
+    """A program, the channels its commit wakes, and the key (an account) whose
+    rows alone it locks."""
+
+    program: Callable[[], Program[Any]]
+    wake: tuple[str, ...]
+    key: str
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A write's own error, handed to its caller alone."""
+
+    error: BaseException
+
+
+class GroupCommit:
+    """`write()` through a store's `transact(program, wake)`, which runs one program
+    as one transaction, and `alone(write)`, which runs a lone write (by default,
+    as a transaction of its own).
+
+    `per_key`: the writes of each key share a transaction of their own, and the
+    keys' transactions run side by side (PostgreSQL: no two of them wait on
+    each other's rows). Otherwise all share one (SQLite: one writer anyway).
+    """
+
+    def __init__(
+        self,
+        transact: Transact,
+        alone: Callable[[Write], Awaitable[Any]] | None = None,
+        *,
+        per_key: bool,
+    ) -> None:
+        self._transact = transact
+        self._alone = alone or (lambda write: transact(write.program, write.wake))
+        self._per_key = per_key
+        self._rounds: Coalescer[Write, Any] = Coalescer(self._round)
+
+    async def write(self, program: Callable[[], Program[T]], wake: tuple[str, ...], key: str) -> T:
+        """The program's answer, once the transaction it shared has committed."""
+        answer = await self._rounds.get(Write(program, wake, key))
+        if isinstance(answer, _Failed):
+            raise answer.error
+        return cast(T, answer)
+
+    async def close(self) -> None:
+        await self._rounds.close()
+
+    async def _round(self, writes: list[Write]) -> dict[Write, Any]:
+        groups: dict[str, list[Write]] = {}
+        for write in writes:
+            groups.setdefault(write.key if self._per_key else "", []).append(write)
+        answers: dict[Write, Any] = {}
+        for group_answers in await asyncio.gather(*map(self._group, groups.values())):
+            answers.update(group_answers)
+        return answers
+
+    async def _group(self, writes: list[Write]) -> dict[Write, Any]:
+        """Each write's answer, or its own error as `_Failed`."""
+        if len(writes) > 1:
+            wake = tuple(sorted({channel for write in writes for channel in write.wake}))
+            try:
+                answers: dict[Write, Any] = await self._transact(lambda: _each(writes), wake)
+                return answers
+            except sa.exc.IntegrityError:
+                pass  # one of them refused to repeat: each alone, to learn which
+            except Exception as exc:
+                return dict.fromkeys(writes, _Failed(exc))
+        answers = {}
+        for write in writes:
+            try:
+                answers[write] = await self._alone(write)
+            except Exception as exc:
+                answers[write] = _Failed(exc)
+        return answers
+
+
+def _each(writes: list[Write]) -> Program[dict[Write, Any]]:
+    """Every write's program in turn, as one program: each one's answer, or its
+    refusal (an ApiError, raised before it wrote). Any other error ends the whole."""
+    answers: dict[Write, Any] = {}
+    for write in writes:
+        try:
+            answers[write] = yield from write.program()
+        except ApiError as exc:
+            answers[write] = _Failed(exc)
+    return answers
