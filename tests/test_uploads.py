@@ -180,6 +180,8 @@ async def test_a_stream_upload_answers_every_field_and_serves_the_file(service: 
     assert download.headers["content-type"] == "image/png"
     assert download.headers["content-length"] == str(len(data))
     assert download.headers["etag"] and download.headers["last-modified"]
+    part = await service.client.get(upload["file_url"], headers={"Range": "bytes=4-9"})
+    assert (part.status_code, part.content) == (206, data[4:10])
 
 
 async def test_a_stream_upload_without_a_name_keeps_the_files_own(service: Service) -> None:

@@ -72,11 +72,17 @@ async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
 
 
 @router.get(FILES_ROUTE + "/{key:path}")
-async def download(key: str, rt: RuntimeDep) -> Response:
-    """A stored file; its key is unguessable, so the URL itself is the credential."""
+async def download(
+    key: str,
+    rt: RuntimeDep,
+    range_header: Annotated[str | None, Header(alias="range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
+) -> Response:
+    """A stored file, or one byte range of it; its key is unguessable, so the URL
+    itself is the credential."""
     # Only local storage is served here; S3 hands out its own (presigned) URLs.
     path = rt.storage.path_for(key) if isinstance(rt.storage, LocalStorage) else None
-    response = None if path is None else file_response(path)
+    response = None if path is None else file_response(path, range_header, if_range)
     if response is None:
         raise NotFound("File not found")
     return response
