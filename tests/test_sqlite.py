@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -108,15 +109,25 @@ async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
 ) -> None:
     store, _ = two_stores
     monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 20)
+    checkpointed_on: list[threading.Thread] = []
+    done = threading.Event()
+    checkpoint = sqlite_module._checkpoint
+
+    def watched_checkpoint(path: Path) -> None:
+        checkpoint(path)
+        checkpointed_on.append(threading.current_thread())
+        done.set()
+
+    monkeypatch.setattr(sqlite_module, "_checkpoint", watched_checkpoint)
     database = tmp_path / "store.db"
     before = database.stat().st_size
     for _ in range(19):
         await queue_task(store)
-    assert store._checkpointing is None
+    assert checkpointed_on == []
     assert database.stat().st_size == before, "the tasks are in the WAL only"
     await queue_task(store)
-    assert store._checkpointing is not None
-    await store._checkpointing
+    assert await asyncio.to_thread(done.wait, 10), "the 20th commit starts a checkpoint"
+    assert checkpointed_on[0] is not threading.main_thread()
     assert database.stat().st_size > before, "the checkpoint wrote them into the file"
     assert await queue_position(store, await queue_task(store)) == 21
 
