@@ -96,11 +96,12 @@ class SqlBase:
         `program` makes the generator, so a dialect may start over on a fresh
         connection when the first one turns out dead, not knowing whether a
         write took: a program's writes must refuse to repeat (a unique key).
-        `together` marks a program that writes in one statement and locks no
-        rows but those of that key (an account): a dialect may commit it on its
-        own, or in one transaction with others of the same key arriving at the
-        same time. Here it runs through SQLAlchemy, always in one transaction of
-        its own; the dialects run it on their driver.
+        `together` marks a program that refuses before it writes and locks no
+        rows but those of that key (an account): a dialect may run it in one
+        transaction with others arriving at the same time (see
+        `group_commit.py`), or, where it writes in one statement (PostgreSQL),
+        commit it on its own. Here it runs through SQLAlchemy, always in one
+        transaction of its own; the dialects run it on their driver.
         """
         async with self._write(wake) as conn:
             return await run(program(), partial(_execute, conn))
