@@ -160,8 +160,19 @@ def api_status_offline(tmp_path: Path, task_id: str) -> str:
 
 
 def test_the_api_process_loads_no_model_code(env: dict[str, str], tmp_path: Path) -> None:
-    with server(env, tmp_path / "api.log", command="api") as process:
+    log = tmp_path / "api.log"
+    with server(env, log, command="api") as process:
         health = httpx.get(f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/health").json()
         maps = Path(f"/proc/{process.pid}/maps").read_text()
     assert health["worker"] is None
     assert "libtorch" not in maps and "diffusers" not in maps
+    assert '"GET /health HTTP/1.1" 200' in log.read_text()  # the access log, on by default
+
+
+def test_the_access_log_can_be_turned_off(env: dict[str, str], tmp_path: Path) -> None:
+    log = tmp_path / "api.log"
+    with server({**env, "FLUXSERVE_ACCESS_LOG": "false"}, log, command="api"):
+        assert httpx.get(f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/health").status_code == 200
+    written = log.read_text()
+    assert "Application startup complete" in written
+    assert "GET /health" not in written

@@ -153,7 +153,13 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
 
     _configure_logging(settings, runs_engine=run_worker)
     application = create_app(Runtime(settings, run_worker=run_worker))
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=settings.access_log,
+    )
 
 
 @keys_app.command("create")

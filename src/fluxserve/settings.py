@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="SQLite file and result files")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    access_log: bool = Field(
+        default=True, description="Log a line per HTTP request (off behind a proxy that logs)"
+    )
     public_url: str | None = Field(
         default=None, description="Base of every file_url; defaults to http://host:port"
     )
