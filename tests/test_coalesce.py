@@ -67,3 +67,25 @@ async def test_closing_cancels_whoever_still_waits() -> None:
     for task in (*waiting, later):
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_partition_whose_round_waits_holds_up_only_its_own_keys() -> None:
+    released = asyncio.Event()
+    rounds: list[list[str]] = []
+
+    async def lookup(keys: list[str]) -> dict[str, str]:
+        rounds.append(sorted(keys))
+        if keys[0].startswith("slow"):
+            await released.wait()
+        return {key: key.upper() for key in keys}
+
+    reads = Coalescer(lookup, partition=lambda key: key.split("-")[0])
+    slow = asyncio.create_task(reads.get("slow-1"))
+    await asyncio.sleep(0)
+    later_slow = asyncio.create_task(reads.get("slow-2"))
+    fast = await asyncio.wait_for(asyncio.gather(reads.get("fast-1"), reads.get("fast-2")), 5)
+    assert fast == ["FAST-1", "FAST-2"]
+    assert not slow.done() and not later_slow.done()
+    released.set()
+    assert (await slow, await later_slow) == ("SLOW-1", "SLOW-2")
+    assert rounds == [["slow-1"], ["fast-1", "fast-2"], ["slow-2"]]

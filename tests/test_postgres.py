@@ -193,11 +193,21 @@ async def transactions_that_wrote_tasks(store: Store) -> int:
         return int(await conn.scalar(sa.text("SELECT count(DISTINCT xmin::text) FROM tasks")))
 
 
+async def open_accounts(store: Store, *names: str) -> None:
+    for name in names:
+        await store.create_account(f"acct_{name}", f"{name}@example.com")
+
+
+def of_account(account: str) -> NewTask:
+    now = time.time()
+    return NewTask(new_task_id(now), "key", account, "flux-2-pro", QUEUED_INPUT, None, now)
+
+
 async def test_submits_arriving_together_share_a_transaction_and_keep_their_order(
     two_stores: tuple[Store, Store],
 ) -> None:
     store, other = two_stores
-    await store.create_account("acct_a", "a@example.com")
+    await open_accounts(store, "a")
     submitted = list(await asyncio.gather(*(queue_task(store) for _ in range(20))))
     assert await transactions_that_wrote_tasks(store) == 1
     positions = [await queue_position(store, task_id) for task_id in submitted]
@@ -214,18 +224,36 @@ async def test_submits_of_two_accounts_arriving_together_take_a_transaction_each
     two_stores: tuple[Store, Store],
 ) -> None:
     store, _ = two_stores
-    for name in ("a", "b"):
-        await store.create_account(f"acct_{name}", f"{name}@example.com")
+    await open_accounts(store, "a", "b")
 
-    def of(account: str) -> NewTask:
-        now = time.time()
-        return NewTask(new_task_id(now), "key", account, "flux-2-pro", QUEUED_INPUT, None, now)
-
-    burst = [of("acct_a"), of("acct_b"), of("acct_a"), of("acct_b"), of("acct_a")]
+    burst = [of_account(f"acct_{name}") for name in "ababa"]
     answers = await asyncio.gather(*map(store.create_task, burst))
     assert [answer.account_id for answer in answers] == [task.account_id for task in burst]
     assert await task_count(store) == 5
     assert await transactions_that_wrote_tasks(store) == 2
+
+
+async def test_an_account_whose_row_is_locked_holds_up_only_its_own_submits(
+    two_stores: tuple[Store, Store],
+) -> None:
+    store, _ = two_stores
+    await open_accounts(store, "a", "b")
+    assert isinstance(store, SqlStore)
+    locker = await asyncpg.connect(str(store.engine.url.set(drivername="postgresql")))
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM accounts WHERE account_id = 'acct_a' FOR UPDATE")
+        waiting = asyncio.create_task(store.create_task(of_account("acct_a")))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        others = [of_account("acct_b") for _ in range(3)]
+        answers = await asyncio.wait_for(asyncio.gather(*map(store.create_task, others)), 10)
+        assert [answer.task_id for answer in answers] == [task.task_id for task in others]
+        assert not waiting.done()
+        await locker.execute("COMMIT")
+        assert (await asyncio.wait_for(waiting, 10)).account_id == "acct_a"
+    finally:
+        await locker.close()
 
 
 # A lone submit commits on its own; several arriving together share a transaction.
@@ -235,7 +263,7 @@ async def test_submits_whose_connection_was_lost_as_they_committed_are_queued_on
 ) -> None:
     store, _ = two_stores
     assert isinstance(store, PostgresStore)
-    await store.create_account("acct_a", "a@example.com")
+    await open_accounts(store, "a")
     lost = lose_the_connection_after_the_first_commit(store, path, monkeypatch)
     submitted = list(await asyncio.gather(*(queue_task(store) for _ in range(submits))))
     assert lost.tries == 2

@@ -5,6 +5,9 @@ them. A lone lookup starts a round at once, so it waits for nothing; under load,
 one round answers many callers, with one round trip and one pass over whatever
 they share (see `PostgresStore.get_task_and_position`), or one transaction for
 many writes (see `group_commit.py`).
+
+Keys may fall into partitions, each with rounds of its own: a round that waits
+(on a row lock, say) holds up only the keys of its partition.
 """
 
 from __future__ import annotations
@@ -15,35 +18,43 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+_Waiting = dict[K, list[asyncio.Future[V | None]]]
 
 
 class Coalescer(Generic[K, V]):
-    """`get(key)` through `lookup(keys) -> {key: value}`, one round at a time."""
+    """`get(key)` through `lookup(keys) -> {key: value}`, one round at a time in
+    each `partition(key)` (by default, one partition for all)."""
 
-    def __init__(self, lookup: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+    def __init__(
+        self,
+        lookup: Callable[[list[K]], Awaitable[dict[K, V]]],
+        partition: Callable[[K], Hashable] = lambda _key: None,
+    ) -> None:
         self._lookup = lookup
-        self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
-        self._round: asyncio.Task[None] | None = None
+        self._partition = partition
+        self._waiting: dict[Hashable, _Waiting[K, V]] = {}
+        self._rounds: dict[Hashable, asyncio.Task[None]] = {}
 
     async def get(self, key: K) -> V | None:
         """The value for `key`, or None when the lookup found none."""
         answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, []).append(answer)
-        if self._round is None:
-            self._round = asyncio.create_task(self._rounds())
+        part = self._partition(key)
+        self._waiting.setdefault(part, {}).setdefault(key, []).append(answer)
+        if part not in self._rounds:
+            self._rounds[part] = asyncio.create_task(self._run_rounds(part))
         return await answer
 
     async def close(self) -> None:
         """Stop; whoever still waits gets CancelledError."""
-        if self._round is not None:
-            self._round.cancel()
-            await asyncio.gather(self._round, return_exceptions=True)
+        rounds = list(self._rounds.values())
+        for running in rounds:
+            running.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
 
-    async def _rounds(self) -> None:
-        batch: dict[K, list[asyncio.Future[V | None]]] = {}
+    async def _run_rounds(self, part: Hashable) -> None:
+        batch: _Waiting[K, V] = {}
         try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, {}
+            while batch := self._waiting.pop(part, {}):
                 try:
                     found = await self._lookup(list(batch))
                 except Exception as exc:  # each caller gets the round's error
@@ -52,18 +63,14 @@ class Coalescer(Generic[K, V]):
                 else:
                     for key, answer in _pending(batch):
                         answer.set_result(found.get(key))
-                batch = {}
         finally:
-            self._round = None
-            for waiting in (batch, self._waiting):
+            del self._rounds[part]
+            for waiting in (batch, self._waiting.pop(part, {})):
                 for _, answer in _pending(waiting):
                     answer.cancel()
-            self._waiting = {}
 
 
-def _pending(
-    batch: dict[K, list[asyncio.Future[V | None]]],
-) -> Iterator[tuple[K, asyncio.Future[V | None]]]:
+def _pending(batch: _Waiting[K, V]) -> Iterator[tuple[K, asyncio.Future[V | None]]]:
     """Each key's answers whose callers have not given up on them."""
     for key, answers in batch.items():
         for answer in answers:

@@ -14,7 +14,6 @@ again alone, so only the one at fault sees the error.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -51,9 +50,10 @@ class GroupCommit:
     as one transaction, and `alone(write)`, which runs a lone write (by default,
     as a transaction of its own).
 
-    `per_key`: the writes of each key share a transaction of their own, and the
+    `per_key`: the writes of each key share transactions of their own, and the
     keys' transactions run side by side (PostgreSQL: no two of them wait on
-    each other's rows). Otherwise all share one (SQLite: one writer anyway).
+    each other's rows, and a key whose row is locked holds up only its own
+    writes). Otherwise all share one (SQLite: one writer anyway).
     """
 
     def __init__(
@@ -65,8 +65,9 @@ class GroupCommit:
     ) -> None:
         self._transact = transact
         self._alone = alone or (lambda write: transact(write.program, write.wake))
-        self._per_key = per_key
-        self._rounds: Coalescer[Write, Any] = Coalescer(self._round)
+        self._rounds: Coalescer[Write, Any] = Coalescer(
+            self._group, (lambda write: write.key) if per_key else (lambda _write: None)
+        )
 
     async def write(self, program: Callable[[], Program[T]], wake: tuple[str, ...], key: str) -> T:
         """The program's answer, once the transaction it shared has committed."""
@@ -77,15 +78,6 @@ class GroupCommit:
 
     async def close(self) -> None:
         await self._rounds.close()
-
-    async def _round(self, writes: list[Write]) -> dict[Write, Any]:
-        groups: dict[str, list[Write]] = {}
-        for write in writes:
-            groups.setdefault(write.key if self._per_key else "", []).append(write)
-        answers: dict[Write, Any] = {}
-        for group_answers in await asyncio.gather(*map(self._group, groups.values())):
-            answers.update(group_answers)
-        return answers
 
     async def _group(self, writes: list[Write]) -> dict[Write, Any]:
         """Each write's answer, or its own error as `_Failed`."""
