@@ -70,8 +70,10 @@ async def test_a_submit_on_the_driver_writes_what_one_through_sqlalchemy_writes(
     )
     assert alone == dataclasses.replace(driver, task_id="task-alone")
     # The same program, run by the base class on a SQLAlchemy connection.
-    through_sqlalchemy = await SqlStore._transact(
-        store, lambda: submit(priced("task-sqlalchemy"), limits, IdempotencyKey("k2", "h1", 60))
+    through_sqlalchemy = await SqlStore._transact_alone(
+        store,
+        lambda: submit(priced("task-sqlalchemy"), limits, IdempotencyKey("k2", "h1", 60)),
+        (),
     )
     assert through_sqlalchemy == dataclasses.replace(driver, task_id="task-sqlalchemy")
 

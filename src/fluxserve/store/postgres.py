@@ -92,7 +92,7 @@ def _tasks_and_positions() -> sa.Select[Any]:
 _TASKS_AND_POSITIONS = _tasks_and_positions()
 
 
-def _notify(channels: tuple[str, ...]) -> str:
+def _notify_sql(channels: tuple[str, ...]) -> str:
     return "".join(f"SELECT pg_notify('{channel}', '');" for channel in channels)
 
 
@@ -125,7 +125,7 @@ class PostgresStore(SqlStore):
         self._channels_changed = asyncio.Event()
         self._driver: asyncpg.Pool | None = None
         self._status_reads: Coalescer[str, Any] = Coalescer(self._tasks_and_positions)
-        self._submits = GroupCommit(self._transact_retried, self._write_alone, per_key=True)
+        self._submits = GroupCommit(self._transact_alone, self._write_alone, per_key=True)
 
     def _create_engine(self) -> AsyncEngine:
         # pre_ping replaces connections that died with a database restart.
@@ -139,7 +139,7 @@ class PostgresStore(SqlStore):
 
     async def close(self) -> None:
         await self._status_reads.close()
-        await self._submits.close()
+        await self._stop_submits()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -196,25 +196,10 @@ class PostgresStore(SqlStore):
             rows = await connection.fetch(read.sql, *read.arguments(params))
         return [read.shape(row) for row in rows]
 
-    async def _transact(
-        self,
-        program: Callable[[], Program[T]],
-        wake: tuple[str, ...] = (),
-        *,
-        together: str | None = None,
-    ) -> T:
-        if together is None:
-            value = await self._transact_retried(program, wake)
-        else:
-            value = await self._submits.write(program, wake, together)
-        for channel in wake:
-            self._wake_local(channel)
+    async def _transact_alone(self, program: Callable[[], Program[T]], wake: tuple[str, ...]) -> T:
+        value = await self._on_pool(partial(self._transact_on_pool, program, wake))
+        self._wake_local(*wake)
         return value
-
-    async def _transact_retried(
-        self, program: Callable[[], Program[T]], wake: tuple[str, ...]
-    ) -> T:
-        return await self._on_pool(partial(self._transact_on_pool, program, wake))
 
     async def _transact_on_pool(
         self, program: Callable[[], Program[T]], wake: tuple[str, ...]
@@ -224,7 +209,7 @@ class PostgresStore(SqlStore):
                 # BEGIN and the NOTIFYs in one round trip, before the program: its
                 # statements may lock a row that other submits wait for (the
                 # account's), so as little as possible follows them before COMMIT.
-                await connection.execute("BEGIN;" + _notify(wake))
+                await connection.execute("BEGIN;" + _notify_sql(wake))
                 value = await run(program(), partial(self._execute, connection))
             except BaseException:
                 with contextlib.suppress(*CONNECTION_LOST):
@@ -234,7 +219,9 @@ class PostgresStore(SqlStore):
         return value
 
     async def _write_alone(self, write: Write) -> Any:
-        return await self._on_pool(partial(self._statement_on_pool, write.program, write.wake))
+        value = await self._on_pool(partial(self._statement_on_pool, write.program, write.wake))
+        self._wake_local(*write.wake)
+        return value
 
     async def _statement_on_pool(
         self, program: Callable[[], Program[T]], wake: tuple[str, ...]
@@ -243,7 +230,7 @@ class PostgresStore(SqlStore):
         async with self._driver_pool.acquire() as connection:
             value = await run(program(), partial(self._execute, connection))
             if wake:
-                await connection.execute(_notify(wake))
+                await connection.execute(_notify_sql(wake))
         return value
 
     async def _execute(self, connection: asyncpg.Connection, step: Step) -> Any:

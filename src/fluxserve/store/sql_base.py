@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
+from fluxserve.store.group_commit import GroupCommit
 from fluxserve.store.wakeups import CALLBACKS, TASKS
 
 T = TypeVar("T")
@@ -37,6 +38,7 @@ class SqlBase:
         self._engine: AsyncEngine | None = None
         self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
         self._compiled_statements: dict[tuple[Any, tuple[str, ...]], CompiledStatement] = {}
+        self._submits: GroupCommit | None = None  # a dialect's group commit, if it has one
 
     def _create_engine(self) -> AsyncEngine:
         raise NotImplementedError
@@ -49,6 +51,11 @@ class SqlBase:
 
     async def _before_migrations(self, conn: AsyncConnection) -> None:
         """Make concurrent starts take turns at migrating, where the dialect needs it."""
+
+    async def _stop_submits(self) -> None:
+        """Stop the group commit, if any: submits still waiting get CancelledError."""
+        if self._submits is not None:
+            await self._submits.close()
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -97,12 +104,17 @@ class SqlBase:
         connection when the first one turns out dead, not knowing whether a
         write took: a program's writes must refuse to repeat (a unique key).
         `together` marks a program that refuses before it writes and locks no
-        rows but those of that key (an account): a dialect may run it in one
-        transaction with others arriving at the same time (see
-        `group_commit.py`), or, where it writes in one statement (PostgreSQL),
-        commit it on its own. Here it runs through SQLAlchemy, always in one
-        transaction of its own; the dialects run it on their driver.
+        rows but those of that key (an account): where the dialect has a group
+        commit, it may run in one transaction with others arriving at the same
+        time, or, where it writes in one statement (PostgreSQL), commit on its own.
         """
+        if together is None or self._submits is None:
+            return await self._transact_alone(program, wake)
+        return await self._submits.write(program, wake, together)
+
+    async def _transact_alone(self, program: Callable[[], Program[T]], wake: tuple[str, ...]) -> T:
+        """A program as a transaction of its own. Here it runs through SQLAlchemy;
+        the dialects run it on their driver."""
         async with self._write(wake) as conn:
             return await run(program(), partial(_execute, conn))
 
@@ -113,14 +125,15 @@ class SqlBase:
             async with self.engine.begin() as conn:
                 yield conn
                 await self._notify(conn, wake)
-        for channel in wake:
-            self._wake_local(channel)
+        self._wake_local(*wake)
 
     async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
         """Tell other processes, inside the transaction; in-process waiters need nothing."""
 
-    def _wake_local(self, channel: str) -> None:
-        self._events[channel].set()
+    def _wake_local(self, *channels: str) -> None:
+        """Wake this process's waiters on `channels`."""
+        for channel in channels:
+            self._events[channel].set()
 
     async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
         """Whether this transaction may sweep now; one sweeper at a time."""

@@ -115,7 +115,7 @@ class SqliteStore(SqlStore):
         self._seen_version = self._data_version()
 
     async def close(self) -> None:
-        await self._submits.close()
+        await self._stop_submits()
         if self._checkpointing is not None:
             await self._checkpointing
         for connection in (self._reader, self._writer):
@@ -135,17 +135,6 @@ class SqliteStore(SqlStore):
         async with self._write_lock, super()._write(wake) as conn:
             yield conn
 
-    async def _transact(
-        self,
-        program: Callable[[], Program[T]],
-        wake: tuple[str, ...] = (),
-        *,
-        together: str | None = None,
-    ) -> T:
-        if together is None:
-            return await self._transact_alone(program, wake)
-        return await self._submits.write(program, wake, together)
-
     async def _transact_alone(self, program: Callable[[], Program[T]], wake: tuple[str, ...]) -> T:
         async with self._write_lock:
             writer = await self._begin_on_loop()
@@ -159,9 +148,8 @@ class SqliteStore(SqlStore):
                         writer.execute("ROLLBACK")
                     raise
         if writer is None:
-            return await super()._transact(program, wake)
-        for channel in wake:
-            self._wake_local(channel)
+            return await super()._transact_alone(program, wake)
+        self._wake_local(*wake)
         return value
 
     def _count_commit(self) -> None:
