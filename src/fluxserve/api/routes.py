@@ -7,9 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
-from fluxserve.api.auth import authenticate
 from fluxserve.api.file_response import file_response
-from fluxserve.api.keycache import KeyCache
+from fluxserve.api.guard import api_key_of
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
 from fluxserve.metrics import CONTENT_TYPE
@@ -30,15 +29,18 @@ async def runtime(request: Request) -> Runtime:
 
 
 async def api_key(request: Request) -> ApiKeyRecord:
-    keys: KeyCache = request.app.state.keys
-    return await authenticate(keys, request)
+    # Authenticated by RequestGuard, before the body was read.
+    return api_key_of(request.scope)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 
 
-@router.post("/api/generate/submit")
+SUBMIT_PATH = "/api/generate/submit"
+
+
+@router.post(SUBMIT_PATH)
 async def submit(
     body: SubmitBody,
     key: KeyDep,
@@ -71,9 +73,10 @@ async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     return status_body(task, rt.storage, position)
 
 
-@router.get(FILES_ROUTE + "/{key:path}")
+@router.api_route(FILES_ROUTE + "/{key:path}", methods=["GET", "HEAD"])
 async def download(
     key: str,
+    request: Request,
     rt: RuntimeDep,
     range_header: Annotated[str | None, Header(alias="range")] = None,
     if_range: Annotated[str | None, Header()] = None,
@@ -82,7 +85,11 @@ async def download(
     itself is the credential."""
     # Only local storage is served here; S3 hands out its own (presigned) URLs.
     path = rt.storage.path_for(key) if isinstance(rt.storage, LocalStorage) else None
-    response = None if path is None else file_response(path, range_header, if_range)
+    response = (
+        None
+        if path is None
+        else file_response(path, range_header, if_range, with_body=request.method != "HEAD")
+    )
     if response is None:
         raise NotFound("File not found")
     return response

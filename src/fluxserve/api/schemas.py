@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
@@ -24,6 +25,11 @@ PROMPT_MIN, PROMPT_MAX = 3, 5000
 RESOLUTIONS = ("1K", "2K")
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (1.5, 10.0)
+
+
+# JSON's \ud800-style escapes can spell half of a UTF-16 pair alone: no UTF-8
+# text holds one, so the store, the tokenizer and every JSON answer would fail on it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -57,10 +63,20 @@ class SubmitInput(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SubmitInput:
-        if not PROMPT_MIN <= len(self.prompt.strip()) <= PROMPT_MAX:
+        # The text kept, counted and handed to the engine is the stripped one:
+        # surrounding whitespace means nothing to a text encoder, and counting
+        # one text while storing another let "a cat" and ten million spaces in.
+        self.prompt = self.prompt.strip()
+        if not PROMPT_MIN <= len(self.prompt) <= PROMPT_MAX:
             raise ValueError(
                 f"input.prompt must be {PROMPT_MIN} to {PROMPT_MAX} characters "
-                f"(got {len(self.prompt.strip())})"
+                f"(got {len(self.prompt)})"
+            )
+        surrogate = _LONE_SURROGATE.search(self.prompt)
+        if surrogate:
+            raise ValueError(
+                "input.prompt must be valid Unicode text: it holds a lone surrogate "
+                f"(U+{ord(surrogate.group()):04X}) at character {surrogate.start()}"
             )
         if self.size not in SIZE_CHOICES:
             raise ValueError(f"input.size {_one_of(SIZE_CHOICES)}")

@@ -24,13 +24,23 @@ from fluxserve.tasks import format_time
 from fluxserve.uploads import Uploads, decode_base64, destination, url_file_name
 from fluxserve.wire import ok
 
-router = APIRouter(prefix="/api/common/upload")
+PREFIX = "/api/common/upload"
+router = APIRouter(prefix=PREFIX)
 
 # Room for what surrounds the image in a body: multipart framing and text fields,
 # or a JSON object's other fields.
 BODY_OVERHEAD = 64 * 1024
 MAX_TEXT_FIELDS, MAX_TEXT_FIELD = 8, 4 * 1024  # well within BODY_OVERHEAD
 MAX_URL_LENGTH = 2048
+# The routes that read their bodies themselves, in chunks, within their own limits.
+SELF_BOUNDED_PATHS = (f"{PREFIX}/stream", f"{PREFIX}/base64")
+
+
+def base64_body_cap(max_bytes: int) -> int:
+    """The most bytes of JSON body that can carry an image of `max_bytes` in base64."""
+    # base64 takes 4 characters per 3 bytes; a tenth more for line breaks.
+    return max_bytes * 4 // 3 * 11 // 10 + BODY_OVERHEAD
+
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -64,7 +74,7 @@ class UrlUpload(BaseModel):
 
 
 async def uploads(rt: RuntimeDep) -> Uploads:
-    return Uploads(rt.store, rt.storage, rt.settings, rt.policy)
+    return rt.uploads
 
 
 UploadsDep = Annotated[Uploads, Depends(uploads)]
@@ -109,8 +119,7 @@ async def upload_stream(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
 async def upload_base64(request: Request, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
     """Store the image sent as `base64_data`: plain base64 or a data:image URL."""
     limit = up.settings.max_base64_upload_bytes
-    # base64 takes 4 characters per 3 bytes; a tenth more for line breaks.
-    cap = limit * 4 // 3 * 11 // 10 + BODY_OVERHEAD
+    cap = base64_body_cap(limit)
     body = await _read_body(
         request, cap, f"Request body is larger than {cap} bytes: base64_data too large"
     )
