@@ -9,8 +9,11 @@
   past the route's cap is refused before any of it is read, and a chunked body
   the moment it passes the cap; either way with a 413, before anything parses it.
 
-A refusal that leaves body bytes unsent closes the connection (`Connection:
-close`): reading the rest only to throw it away would cost what the cap saves.
+A refusal of a request whose body is chunked or larger than `max_body_bytes`
+closes the connection (`Connection: close`): reading the rest only to throw it
+away would cost what the cap saves. A smaller body the server reads and drops,
+so the connection stays open (closing on unread bytes can make the client's
+system reset the connection before it has read the answer).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class RequestGuard:
                 raise BodyTooLarge(cap)
         except (ApiError, HTTPException, StoreUnavailable) as exc:
             response = refusal(exc)
-            if _has_body(headers):
+            if "transfer-encoding" in headers or _declared_length(headers) > self.caps.default:
                 response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
@@ -119,7 +122,3 @@ def _declared_length(headers: Headers) -> int:
         return 0
     # Past 18 digits it is past any cap; int() would refuse thousands of them.
     return int(declared) if len(declared) <= 18 else 10**18
-
-
-def _has_body(headers: Headers) -> bool:
-    return "transfer-encoding" in headers or _declared_length(headers) > 0
