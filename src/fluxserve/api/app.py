@@ -12,6 +12,7 @@ from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.openapi import install_openapi
 from fluxserve.api.routes import router
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
@@ -32,6 +33,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.state.keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(router)
     app.include_router(callback_router)
     app.include_router(account_router)

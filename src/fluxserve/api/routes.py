@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Depends, Header, Request, Security
+from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.api.auth import authenticate
 from fluxserve.api.file_response import file_response
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.openapi import FILE_ANSWERS, Health, StatusData, SubmittedData, answers, errors
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
 from fluxserve.metrics import CONTENT_TYPE
@@ -29,7 +31,13 @@ async def runtime(request: Request) -> Runtime:
     return rt
 
 
-async def api_key(request: Request) -> ApiKeyRecord:
+# Declares the key for the OpenAPI document; `authenticate` reads the header itself.
+BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+async def api_key(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+) -> ApiKeyRecord:
     keys: KeyCache = request.app.state.keys
     return await authenticate(keys, request)
 
@@ -38,7 +46,7 @@ RuntimeDep = Annotated[Runtime, Depends(runtime)]
 KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 
 
-@router.post("/api/generate/submit")
+@router.post("/api/generate/submit", **answers(SubmittedData, 400, 401, 402, 409, 429, 503))
 async def submit(
     body: SubmitBody,
     key: KeyDep,
@@ -64,14 +72,14 @@ async def submit(
     )
 
 
-@router.get("/api/generate/status/{task_id}")
+@router.get("/api/generate/status/{task_id}", **answers(StatusData, 401, 403, 404, 503))
 async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's status, progress and, once finished, its files."""
     task, position = await rt.service.get_with_position(key, task_id)
     return status_body(task, rt.storage, position)
 
 
-@router.get(FILES_ROUTE + "/{key:path}")
+@router.get(FILES_ROUTE + "/{key:path}", response_class=Response, responses=FILE_ANSWERS)
 async def download(
     key: str,
     rt: RuntimeDep,
@@ -88,13 +96,13 @@ async def download(
     return response
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses={200: {"model": Health}, **errors(503)})
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness, and whether this process's worker is ready."""
     return await rt.health()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=errors(503))
 async def metrics(rt: RuntimeDep) -> Response:
     """This process's metrics in the Prometheus text format."""
     return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)
