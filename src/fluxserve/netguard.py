@@ -191,6 +191,9 @@ def check_url(url: str | httpx.URL, policy: NetPolicy) -> None:
     """Refuse a URL the policy does not allow, without DNS; raises UnsafeURLError."""
     try:
         parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        # httpx decodes an IDNA host ("xn--...") only when asked for it, and an
+        # invalid one raises then (idna.IDNAError, a ValueError).
+        host = parsed.host
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise UnsafeURLError(f"invalid URL {_short(url)!r}: {exc}") from exc
     shown = _short(url)
@@ -201,7 +204,7 @@ def check_url(url: str | httpx.URL, policy: NetPolicy) -> None:
         raise UnsafeURLError(
             f"URL scheme {parsed.scheme!r} is not allowed (allowed: {allowed}): {shown}"
         )
-    if not parsed.host:
+    if not host:
         raise UnsafeURLError(f"URL has no host: {shown}")
     if parsed.userinfo:
         # Credentials in URLs leak into logs and redirects; callers use headers.
@@ -209,10 +212,10 @@ def check_url(url: str | httpx.URL, policy: NetPolicy) -> None:
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise UnsafeURLError(f"URL port {parsed.port} is out of range: {shown}")
     if not policy.allow_private_networks:
-        addr = _literal_address(parsed.host)
+        addr = _literal_address(host)
         if addr is not None and not is_public_address(addr):
             raise UnsafeURLError(
-                f"URL host {parsed.host} is a {_describe(addr)} address, "
+                f"URL host {host} is a {_describe(addr)} address, "
                 f"and private networks are not allowed: {shown}"
             )
 
@@ -281,7 +284,9 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
                 addresses = await self.resolve(host, port)
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(f"timed out resolving host {host!r}") from exc
-        except OSError as exc:  # socket.gaierror
+        except (OSError, UnicodeError) as exc:
+            # socket.gaierror; or the resolver's IDNA codec refusing the name
+            # ("a..b": an empty label), which no retry will change either.
             raise httpcore.ConnectError(f"could not resolve host {host!r}: {exc}") from exc
 
         # Connect to the IP we checked, never to `host` again: a second lookup

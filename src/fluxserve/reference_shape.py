@@ -1,8 +1,8 @@
 """Whether a reference image's shape suits FLUX.2: sides of 64 px or more, ratio up to 8.
 
 The check runs twice. At submit, for `data:` URLs only: their bytes are in the
-request, and the header gives the size without decoding a pixel, so a bad
-reference is a 400. http(s) references are not fetched at submit: that would put
+request (see data_references), so a bad reference is a 400. http(s) references
+are not fetched at submit: that would put
 a third party's latency and failures into every submit and make the API process
 fetch each image twice (the worker needs the pixels later anyway). The worker
 checks them once fetched, and the task fails with the same message.
@@ -15,13 +15,11 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from fluxserve.errors import InvalidRequest, ReferenceImageError
-from fluxserve.references import _FORMATS, decode_data_url, sniff_format
+from fluxserve.errors import ReferenceImageError
+from fluxserve.references import _FORMATS, sniff_format
 
 MIN_SIDE = 64
 MAX_RATIO = 8.0
-# Submit reads the header only; the worker enforces max_reference_bytes later.
-SUBMIT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def shape_problem(width: int, height: int) -> str | None:
@@ -46,20 +44,6 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             return image.size
     except (Exception, Image.DecompressionBombWarning):
         return None  # the worker's full decode reports what is wrong
-
-
-def check_submitted(image_urls: Sequence[str]) -> None:
-    """400 for a `data:` reference whose shape FLUX.2 cannot use."""
-    for index, url in enumerate(image_urls):
-        if url[:5].lower() != "data:":
-            continue
-        try:
-            size = header_size(decode_data_url(url, SUBMIT_MAX_BYTES))
-        except ReferenceImageError:
-            continue  # malformed data URLs fail in the worker, as before
-        problem = shape_problem(*size) if size else None
-        if problem:
-            raise InvalidRequest(f"input.image_urls[{index}] {problem}")
 
 
 def check_loaded(images: Sequence[Image.Image]) -> None:

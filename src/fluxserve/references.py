@@ -148,13 +148,17 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     try:
         return decode_base64_payload(payload, max_bytes)
     except Base64TooLarge as exc:
-        raise ReferenceImageError(f"data: URL holds more than {max_bytes} bytes") from exc
+        raise DataURLTooLarge(f"data: URL holds more than {max_bytes} bytes") from exc
     except (binascii.Error, ValueError) as exc:
         raise ReferenceImageError(f"data: URL is not valid base64: {exc}") from exc
 
 
 class Base64TooLarge(Exception):
     """Base64 that holds more bytes than allowed."""
+
+
+class DataURLTooLarge(ReferenceImageError):
+    """A data: URL that holds more bytes than allowed."""
 
 
 def decode_base64_payload(payload: str, max_bytes: int) -> bytes:
@@ -270,6 +274,7 @@ async def load_references(
 __all__ = [
     "MAX_REFERENCE_IMAGES",
     "Base64TooLarge",
+    "DataURLTooLarge",
     "decode_base64_payload",
     "decode_data_url",
     "decode_image",

@@ -20,6 +20,7 @@ from fluxserve.storage import Storage, open_storage
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import SubmitLimits
 from fluxserve.tasks import MODELS
+from fluxserve.uploads import Uploads
 from fluxserve.webhooks import Webhooks
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Runtime:
         self.metrics = Registry()
         self.webhooks = Webhooks(settings, self.store, self.storage, self.metrics)
         self._register_fleet_metrics()
+        self.uploads = Uploads(self.store, self.storage, settings, self.policy)
         self.service = TaskService(
             self.store,
             self.policy,
@@ -53,7 +55,7 @@ class Runtime:
             price=settings.price,
             limits=_limits(settings),
             idempotency_ttl=settings.idempotency_ttl,
-            storage=self.storage,
+            uploads=self.uploads,
         )
         self.worker: Worker | None = None
         if run_worker:

@@ -7,13 +7,14 @@ import secrets
 import time
 from collections.abc import Callable
 
-from fluxserve import reference_shape
+from fluxserve.data_references import is_data_url, store_data_references
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
 from fluxserve.netguard import NetPolicy, check_url
 from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord, Store
 from fluxserve.store.base import CallbackEvent, IdempotencyKey, SubmitLimits, TaskPage
 from fluxserve.tasks import TERMINAL_EVENTS, NewTask, Task, TaskInput, new_task_id
+from fluxserve.uploads import Uploads
 
 
 class TaskService:
@@ -28,12 +29,14 @@ class TaskService:
         price: Callable[[str, str], int] = lambda _model, _resolution: 0,
         limits: SubmitLimits | None = None,
         idempotency_ttl: float = 24 * 3600,
-        storage: Storage | None = None,
+        uploads: Uploads,
     ) -> None:
         self.store = store
         self.policy = policy
+        # data: references become uploads at submit.
+        self.uploads = uploads
         # Image URLs of its files are read from it directly, never fetched.
-        self.storage = storage
+        self.storage: Storage = uploads.storage
         # Callback URLs may be held to more (https only) than fetched image URLs.
         self.callback_policy = callback_policy or policy
         self.price = price
@@ -58,9 +61,13 @@ class TaskService:
         if callback_url is not None:
             self._check_outbound("callback_url", callback_url, self.callback_policy)
         for index, url in enumerate(task_input.image_urls):
-            if not url.startswith("data:") and not self._is_stored(url):
+            if not is_data_url(url) and not self._is_stored(url):
                 self._check_outbound(f"input.image_urls[{index}]", url, self.policy)
-        reference_shape.check_submitted(task_input.image_urls)
+        if any(is_data_url(url) for url in task_input.image_urls):
+            stored = await store_data_references(
+                self.uploads, key.account_id or key.key_id, task_input.image_urls
+            )
+            task_input = dataclasses.replace(task_input, image_urls=stored)
         if task_input.seed is None:
             # Drawn now, not at run time: a task that runs twice (its first worker
             # lost) makes the same image and overwrites the same file.
@@ -86,10 +93,12 @@ class TaskService:
 
     async def get(self, key: ApiKeyRecord, task_id: str) -> Task:
         """The caller's task; 404 when unknown, 403 when another account's."""
+        _check_task_id(task_id)
         return _readable(key, task_id, await self.store.get_task(task_id))
 
     async def get_with_position(self, key: ApiKeyRecord, task_id: str) -> tuple[Task, int | None]:
         """The caller's task and, while it is queued, its queue position; errors as `get`."""
+        _check_task_id(task_id)
         found = await self.store.get_task_and_position(task_id)
         task, position = (None, None) if found is None else found
         return _readable(key, task_id, task), position
@@ -142,13 +151,20 @@ class TaskService:
         return next(event for event in events if event.event_id == event_id)
 
     def _is_stored(self, url: str) -> bool:
-        return self.storage is not None and self.storage.key_for_url(url) is not None
+        return self.storage.key_for_url(url) is not None
 
     def _check_outbound(self, field: str, url: str, policy: NetPolicy) -> None:
         try:
             check_url(url, policy)
         except UnsafeURLError as exc:
             raise InvalidRequest(f"{field} is not allowed: {exc}") from exc
+
+
+def _check_task_id(task_id: str) -> None:
+    """404 for an id no task can have, before the database is asked: PostgreSQL
+    refuses a NUL in text outright, where any other unknown id is simply not found."""
+    if "\x00" in task_id:
+        raise NotFound(f"Task {task_id!r} not found")
 
 
 def _readable(key: ApiKeyRecord, task_id: str, task: Task | None) -> Task:

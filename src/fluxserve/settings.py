@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     )
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
 
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Largest request body of a route without a limit of its own; past it, 413",
+    )
+
     # Uploads (POST /api/common/upload/...) and how long files are kept.
     max_base64_upload_bytes: int = Field(
         default=5 * 1024 * 1024, gt=0, description="Largest decoded image of a base64 upload"

@@ -37,7 +37,8 @@ from fluxserve.store import Store
 from fluxserve.store.base import UploadRecord
 
 UPLOADS_FOLDER = "uploads"
-MAX_NAME_LENGTH = 255  # the columns' width, and most file systems' limit
+MAX_PATH_LENGTH = 255  # the upload_path column's width, in characters
+MAX_NAME_BYTES = 255  # most file systems' limit on one name, in bytes of UTF-8
 DEFAULT_STEM = "image"
 
 MIME_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -68,10 +69,10 @@ def destination(upload_path: str | None, file_name: str | None) -> Destination:
 
 
 def _path_problem(path: str) -> str | None:
-    if len(path) > MAX_NAME_LENGTH:
-        return f"must be at most {MAX_NAME_LENGTH} characters"
+    if len(path) > MAX_PATH_LENGTH:
+        return f"must be at most {MAX_PATH_LENGTH} characters"
     if _has_control(path):
-        return "must not contain control characters"
+        return "must not contain control characters or lone surrogates"
     if "\\" in path:
         return "must not contain backslashes; separate folders with '/'"
     if path.startswith("/"):
@@ -81,16 +82,18 @@ def _path_problem(path: str) -> str | None:
         return "must not have empty segments ('//' or a trailing '/')"
     if "." in segments or ".." in segments:
         return "must not contain '.' or '..' segments"
+    if any(_utf8_length(segment) > MAX_NAME_BYTES for segment in segments):
+        return f"must not have a folder name longer than {MAX_NAME_BYTES} bytes (UTF-8)"
     return None
 
 
 def _name_problem(name: str) -> str | None:
     if not name:
         return "must not be empty"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"must be at most {MAX_NAME_LENGTH} characters"
     if _has_control(name):
-        return "must not contain control characters"
+        return "must not contain control characters or lone surrogates"
+    if _utf8_length(name) > MAX_NAME_BYTES:
+        return f"must be at most {MAX_NAME_BYTES} bytes long (UTF-8)"
     if "/" in name or "\\" in name:
         return "must be a plain file name, without '/' or '\\'"
     if name in (".", ".."):
@@ -99,17 +102,30 @@ def _name_problem(name: str) -> str | None:
 
 
 def _has_control(text: str) -> bool:
-    return any(unicodedata.category(char) == "Cc" for char in text)
+    # A lone surrogate (Cs) has no UTF-8 form: no file system or database takes it.
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode())
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, never inside a character."""
+    return text.encode()[:max_bytes].decode(errors="ignore")
 
 
 def client_name(name: str | None) -> str | None:
     """The last part of a name a client's software chose (a form's file name, a URL's
-    path), with control characters dropped; None when nothing usable is left."""
+    path), with control characters and lone surrogates dropped; None when nothing
+    usable is left."""
     if not name:
         return None
     last = name.replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(char for char in last if unicodedata.category(char) != "Cc").strip()
-    return None if cleaned in ("", ".", "..") else cleaned[:MAX_NAME_LENGTH]
+    cleaned = "".join(
+        char for char in last if unicodedata.category(char) not in ("Cc", "Cs")
+    ).strip()
+    return None if cleaned in ("", ".", "..") else _cut(cleaned, MAX_NAME_BYTES)
 
 
 def stored_name(name: str, image_format: str) -> str:
@@ -119,7 +135,7 @@ def stored_name(name: str, image_format: str) -> str:
     if not (dot and suffix.lower() in _IMAGE_SUFFIXES):
         stem = name
     stem = stem or DEFAULT_STEM
-    return f"{stem[: MAX_NAME_LENGTH - len(extension) - 1]}.{extension}"
+    return f"{_cut(stem, MAX_NAME_BYTES - len(extension) - 1)}.{extension}"
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
@@ -175,9 +191,25 @@ class Uploads:
         original_name: str | None,
     ) -> UploadRecord:
         """Check that `data` is an image, then record and store it; `field` names it in errors."""
-        found = await asyncio.to_thread(
+        found = await self.check(data, field=field)
+        return await self.keep(account_id, data, where, found, original_name=original_name)
+
+    async def check(self, data: bytes, *, field: str) -> str:
+        """The image format of `data` (see `image_format`), decoded off the event loop."""
+        return await asyncio.to_thread(
             image_format, data, max_pixels=self.settings.max_reference_pixels, field=field
         )
+
+    async def keep(
+        self,
+        account_id: str,
+        data: bytes,
+        where: Destination,
+        found: str,
+        *,
+        original_name: str | None,
+    ) -> UploadRecord:
+        """Record and store `data`, an image of format `found` that `check` accepted."""
         original = client_name(original_name)
         name = stored_name(where.file_name or original or DEFAULT_STEM, found)
         file_id = secrets.token_hex(16)

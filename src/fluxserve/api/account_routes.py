@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -19,6 +18,7 @@ router = APIRouter()
 
 STATUSES = tuple(status.value for status in TaskStatus)
 MAX_PAGE = 100
+MAX_CURSOR_DIGITS = 19  # enough for any 64-bit seq; more is no cursor this server gave out
 
 
 @router.get("/api/user/balance", **answers(Balance, 401, 404, 503))
@@ -81,9 +81,14 @@ def _decode_cursor(cursor: str | None) -> int | None:
         return None
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, number = text.partition(":")
-        if prefix == "seq" and number.isdigit():
-            return int(number)
-    except (binascii.Error, UnicodeDecodeError):
-        pass
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8
+        text = ""
+    prefix, _, number = text.partition(":")
+    if (
+        prefix == "seq"
+        and number.isascii()
+        and number.isdigit()
+        and len(number) <= MAX_CURSOR_DIGITS
+    ):
+        return int(number)
     raise InvalidRequest("cursor is not one this server gave out; start again without it")

@@ -11,11 +11,15 @@ from fluxserve import __version__
 from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
+from fluxserve.api.guard import BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
 from fluxserve.api.openapi import install_openapi
-from fluxserve.api.routes import router
+from fluxserve.api.routes import SUBMIT_PATH, router
+from fluxserve.api.schemas import MAX_IMAGES
+from fluxserve.api.upload_routes import SELF_BOUNDED_PATHS, base64_body_cap
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
+from fluxserve.settings import Settings
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -29,9 +33,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
+    # No redirects to the slash-ended path: Starlette builds them from the Host
+    # header, so anyone could make a fluxserve URL redirect to a host of theirs.
+    app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan, redirect_slashes=False)
     app.state.runtime = runtime
-    app.state.keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
+    keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
+    app.add_middleware(RequestGuard, keys=keys, caps=body_caps(runtime.settings))
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(router)
@@ -39,3 +46,16 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(account_router)
     app.include_router(upload_router)
     return app
+
+
+def body_caps(settings: Settings) -> BodyCaps:
+    """`max_body_bytes` for every route, but room for the most data: references a
+    submit may carry, and the uploads' own limits."""
+    submit = MAX_IMAGES * base64_body_cap(settings.max_base64_upload_bytes)
+    return BodyCaps(
+        settings.max_body_bytes,
+        {
+            SUBMIT_PATH: settings.max_body_bytes + submit,
+            **dict.fromkeys(SELF_BOUNDED_PATHS),
+        },
+    )

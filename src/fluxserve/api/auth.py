@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from collections.abc import Mapping
 
 from fluxserve.api.keycache import KeyCache
 from fluxserve.errors import Unauthenticated
@@ -10,9 +10,9 @@ from fluxserve.keys import hash_key
 from fluxserve.store import ApiKeyRecord
 
 
-async def authenticate(keys: KeyCache, request: Request) -> ApiKeyRecord:
+async def authenticate(keys: KeyCache, headers: Mapping[str, str]) -> ApiKeyRecord:
     """The key behind the request's bearer token; 401 if missing, unknown or revoked."""
-    header = request.headers.get("authorization", "")
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

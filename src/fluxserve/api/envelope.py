@@ -40,25 +40,26 @@ def error_response(
     )
 
 
-async def _api_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status_code, exc.message, exc.headers)
+def refusal(exc: ApiError | StarletteHTTPException | StoreUnavailable) -> JSONResponse:
+    """The answer to an error raised on purpose: a client's mistake, or a 503 while
+    the database is away."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status_code, exc.message, exc.headers)
+    if isinstance(exc, StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed"
+        return error_response(exc.status_code, message, dict(exc.headers or {}))
+    logger.warning("answering 503: %s", exc)
+    return error_response(503, "The database is unavailable; retry shortly", {"Retry-After": "1"})
+
+
+async def _refused(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError | StarletteHTTPException | StoreUnavailable)
+    return refusal(exc)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return error_response(400, describe_validation_error(list(exc.errors())))
-
-
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    message = exc.detail if isinstance(exc.detail, str) else "Request failed"
-    return error_response(exc.status_code, message, dict(exc.headers or {}))
-
-
-async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
-    logger.warning("answering 503: %s", exc)
-    return error_response(503, "The database is unavailable; retry shortly", {"Retry-After": "1"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -67,8 +68,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ApiError, _refused)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(StarletteHTTPException, _refused)
+    app.add_exception_handler(StoreUnavailable, _refused)
     app.add_exception_handler(Exception, _unexpected)

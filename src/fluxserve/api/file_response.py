@@ -25,14 +25,18 @@ from typing import BinaryIO
 from fastapi.responses import Response, StreamingResponse
 
 CHUNK_SIZE = 64 * 1024
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def file_response(
-    path: Path, range_header: str | None = None, if_range: str | None = None
+    path: Path,
+    range_header: str | None = None,
+    if_range: str | None = None,
+    *,
+    with_body: bool = True,
 ) -> Response | None:
     """The response sending the regular file at `path` (or the range asked for),
-    or None when there is none."""
+    or None when there is none. Without the body (HEAD), the same status and headers."""
     try:
         file = path.open("rb")
     except OSError:  # missing, a folder, or a path through a file
@@ -55,14 +59,16 @@ def file_response(
     if span == ():
         file.close()
         return Response(status_code=416, headers={**headers, "content-range": f"bytes */{size}"})
-    if not span:
-        headers["content-length"] = str(size)
-        return StreamingResponse(_chunks(file, 0, size), media_type=media_type, headers=headers)
-    start, end = span
+    start, end, code = 0, size, 200
+    if span:
+        (start, end), code = span, 206
+        headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
     headers["content-length"] = str(end - start)
-    headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
+    if not with_body:
+        file.close()
+        return Response(status_code=code, media_type=media_type, headers=headers)
     return StreamingResponse(
-        _chunks(file, start, end), status_code=206, media_type=media_type, headers=headers
+        _chunks(file, start, end), status_code=code, media_type=media_type, headers=headers
     )
 
 
@@ -76,15 +82,24 @@ def _span(header: str, size: int) -> tuple[int, int] | tuple[()] | None:
     if not first:  # the last N bytes
         if not last:
             return None
-        start, end = max(0, size - int(last)), size
+        start, end = max(0, size - _position(last, size)), size
     else:
-        start = int(first)
-        end = size if not last else min(int(last) + 1, size)
-        if last and int(last) < start:
+        start = _position(first, size)
+        end = size if not last else min(_position(last, size) + 1, size)
+        if last and _position(last, size) < start:
             return None
     if start >= size or start >= end:
         return ()
     return start, end
+
+
+def _position(digits: str, size: int) -> int:
+    """A byte position, as far as it matters for a file of `size` bytes: any number
+    past the end counts as `size`, so thousands of digits are never converted."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(size)):
+        return size
+    return min(int(significant), size)
 
 
 def _chunks(file: BinaryIO, start: int, end: int) -> Iterator[bytes]:

@@ -8,9 +8,8 @@ from fastapi import APIRouter, Depends, Header, Request, Security
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fluxserve.api.auth import authenticate
 from fluxserve.api.file_response import file_response
-from fluxserve.api.keycache import KeyCache
+from fluxserve.api.guard import api_key_of
 from fluxserve.api.openapi import FILE_ANSWERS, Health, StatusData, SubmittedData, answers, errors
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
@@ -31,22 +30,25 @@ async def runtime(request: Request) -> Runtime:
     return rt
 
 
-# Declares the key for the OpenAPI document; `authenticate` reads the header itself.
+# Declares the key in the OpenAPI document; RequestGuard checks it.
 BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
 
 async def api_key(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 ) -> ApiKeyRecord:
-    keys: KeyCache = request.app.state.keys
-    return await authenticate(keys, request)
+    # Authenticated by RequestGuard, before the body was read.
+    return api_key_of(request.scope)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 
 
-@router.post("/api/generate/submit", **answers(SubmittedData, 400, 401, 402, 409, 429, 503))
+SUBMIT_PATH = "/api/generate/submit"
+
+
+@router.post(SUBMIT_PATH, **answers(SubmittedData, 400, 401, 402, 409, 413, 429, 503))
 async def submit(
     body: SubmitBody,
     key: KeyDep,
@@ -79,9 +81,15 @@ async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     return status_body(task, rt.storage, position)
 
 
-@router.get(FILES_ROUTE + "/{key:path}", response_class=Response, responses=FILE_ANSWERS)
+@router.api_route(
+    FILES_ROUTE + "/{key:path}",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses=FILE_ANSWERS,
+)
 async def download(
     key: str,
+    request: Request,
     rt: RuntimeDep,
     range_header: Annotated[str | None, Header(alias="range")] = None,
     if_range: Annotated[str | None, Header()] = None,
@@ -90,7 +98,11 @@ async def download(
     itself is the credential."""
     # Only local storage is served here; S3 hands out its own (presigned) URLs.
     path = rt.storage.path_for(key) if isinstance(rt.storage, LocalStorage) else None
-    response = None if path is None else file_response(path, range_header, if_range)
+    response = (
+        None
+        if path is None
+        else file_response(path, range_header, if_range, with_body=request.method != "HEAD")
+    )
     if response is None:
         raise NotFound("File not found")
     return response

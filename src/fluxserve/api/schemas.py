@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -36,14 +37,15 @@ STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (1.5, 10.0)
 
 
-# A character str.strip() keeps, spelled out: `\S` differs between Python's
-# regular expressions and the ECMA ones a JSON Schema pattern is read with.
-_NON_SPACE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# What str.strip() strips, spelled out: `\s` differs between Python's regular
+# expressions and the ECMA ones a JSON Schema pattern is read with.
+_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # What the checks below accept, for the OpenAPI document; the checks give the messages.
 PROMPT_SCHEMA: JsonDict = {
-    "maxLength": PROMPT_MAX,
-    "pattern": _NON_SPACE + r"[\s\S]{" + str(PROMPT_MIN - 2) + ",}" + _NON_SPACE,
-    "description": f"{PROMPT_MIN} to {PROMPT_MAX} characters, leading and trailing spaces aside",
+    "pattern": rf"^[{_SPACE}]*[^{_SPACE}][\s\S]{{{PROMPT_MIN - 2},{PROMPT_MAX - 2}}}"
+    rf"[^{_SPACE}][{_SPACE}]*$",
+    "description": f"{PROMPT_MIN} to {PROMPT_MAX} characters once leading and trailing "
+    "whitespace is stripped (the stripped text is what is kept)",
 }
 _HTTP_URL: JsonDict = {"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]", "maxLength": MAX_URL_LENGTH}
 IMAGE_URLS_SCHEMA: JsonDict = {"items": {"anyOf": [_HTTP_URL, {"pattern": "^data:"}]}}
@@ -63,6 +65,11 @@ def one_of(choices: Sequence[str], default: Any = ...) -> Any:
     """A text field whose documented schema lists `choices`; the model's own
     validator checks it, with a message naming the field."""
     return Field(default, json_schema_extra={"enum": list(choices)})
+
+
+# JSON's \ud800-style escapes can spell half of a UTF-16 pair alone: no UTF-8
+# text holds one, so the store, the tokenizer and every JSON answer would fail on it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -96,10 +103,20 @@ class SubmitInput(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SubmitInput:
-        if not PROMPT_MIN <= len(self.prompt.strip()) <= PROMPT_MAX:
+        # The text kept, counted and handed to the engine is the stripped one:
+        # surrounding whitespace means nothing to a text encoder, and counting
+        # one text while storing another let "a cat" and ten million spaces in.
+        self.prompt = self.prompt.strip()
+        if not PROMPT_MIN <= len(self.prompt) <= PROMPT_MAX:
             raise ValueError(
                 f"input.prompt must be {PROMPT_MIN} to {PROMPT_MAX} characters "
-                f"(got {len(self.prompt.strip())})"
+                f"(got {len(self.prompt)})"
+            )
+        surrogate = _LONE_SURROGATE.search(self.prompt)
+        if surrogate:
+            raise ValueError(
+                "input.prompt must be valid Unicode text: it holds a lone surrogate "
+                f"(U+{ord(surrogate.group()):04X}) at character {surrogate.start()}"
             )
         if self.size not in SIZE_CHOICES:
             raise ValueError(f"input.size {_one_of(SIZE_CHOICES)}")

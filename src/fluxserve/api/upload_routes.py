@@ -24,7 +24,8 @@ from fluxserve.store import ApiKeyRecord
 from fluxserve.store.base import UploadRecord
 from fluxserve.tasks import format_time
 from fluxserve.uploads import (
-    MAX_NAME_LENGTH,
+    MAX_NAME_BYTES,
+    MAX_PATH_LENGTH,
     Uploads,
     decode_base64,
     destination,
@@ -32,13 +33,23 @@ from fluxserve.uploads import (
 )
 from fluxserve.wire import ok
 
-router = APIRouter(prefix="/api/common/upload")
+PREFIX = "/api/common/upload"
+router = APIRouter(prefix=PREFIX)
 
 # Room for what surrounds the image in a body: multipart framing and text fields,
 # or a JSON object's other fields.
 BODY_OVERHEAD = 64 * 1024
 MAX_TEXT_FIELDS, MAX_TEXT_FIELD = 8, 4 * 1024  # well within BODY_OVERHEAD
 MAX_URL_LENGTH = 2048
+# The routes that read their bodies themselves, in chunks, within their own limits.
+SELF_BOUNDED_PATHS = (f"{PREFIX}/stream", f"{PREFIX}/base64")
+
+
+def base64_body_cap(max_bytes: int) -> int:
+    """The most bytes of JSON body that can carry an image of `max_bytes` in base64."""
+    # base64 takes 4 characters per 3 bytes; a tenth more for line breaks.
+    return max_bytes * 4 // 3 * 11 // 10 + BODY_OVERHEAD
+
 
 # What destination() accepts, for the OpenAPI document: no control characters
 # (category Cc), no backslash; a name holds no '/' and is not '.' or '..'; a
@@ -47,12 +58,14 @@ _PLAIN = r"[^\x00-\x1f\x7f-\x9f/\\]"
 _NOT_DOT = r"[^\x00-\x1f\x7f-\x9f/\\.]"
 _SEGMENT = rf"(?:{_NOT_DOT}|{_NOT_DOT}{_PLAIN}|\.{_NOT_DOT}|{_PLAIN}{{3,}})"
 UPLOAD_PATH_SCHEMA: JsonDict = {
-    "maxLength": MAX_NAME_LENGTH,
+    "maxLength": MAX_PATH_LENGTH,
     "pattern": rf"^(?:{_SEGMENT}(?:/{_SEGMENT})*)?$",
+    "description": f"Folders, '/'-separated; each name at most {MAX_NAME_BYTES} bytes of UTF-8",
 }
 FILE_NAME_SCHEMA: JsonDict = {
-    "maxLength": MAX_NAME_LENGTH,
+    "maxLength": MAX_NAME_BYTES,
     "pattern": rf"^(?:{_NOT_DOT}|\.{_NOT_DOT}|\.\.{_PLAIN}){_PLAIN}*$",
+    "description": f"At most {MAX_NAME_BYTES} bytes of UTF-8",
 }
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -86,7 +99,7 @@ class UrlUpload(BaseModel):
 
 
 async def uploads(rt: RuntimeDep) -> Uploads:
-    return Uploads(rt.store, rt.storage, rt.settings, rt.policy)
+    return rt.uploads
 
 
 UploadsDep = Annotated[Uploads, Depends(uploads)]
@@ -133,8 +146,7 @@ async def upload_stream(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
 async def upload_base64(request: Request, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
     """Store the image sent as `base64_data`: plain base64 or a data:image URL."""
     limit = up.settings.max_base64_upload_bytes
-    # base64 takes 4 characters per 3 bytes; a tenth more for line breaks.
-    cap = limit * 4 // 3 * 11 // 10 + BODY_OVERHEAD
+    cap = base64_body_cap(limit)
     body = await _read_body(
         request, cap, f"Request body is larger than {cap} bytes: base64_data too large"
     )

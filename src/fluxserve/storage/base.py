@@ -42,6 +42,8 @@ def check_key(key: str) -> str:
     """
     if any(segment in ("", ".", "..") for segment in key.split("/")):
         raise ValueError(f"invalid storage key {key!r}: empty, '.' and '..' segments are refused")
+    if "\x00" in key:
+        raise ValueError(f"invalid storage key {key!r}: no file or object name holds a NUL")
     return key
 
 

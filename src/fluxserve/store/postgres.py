@@ -113,6 +113,7 @@ class PostgresStore(SqlStore):
     """PostgreSQL; `database_url` is `postgresql://user:password@host:port/database`."""
 
     WRITES_IN_WITH = True
+    MAX_SEQ = 2**31 - 1  # `seq` is a 32-bit integer column here
 
     def __init__(self, database_url: str) -> None:
         url = sa.engine.make_url(database_url)

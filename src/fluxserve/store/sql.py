@@ -365,7 +365,9 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             statement = statement.where(tasks.c.status == status)
         if model is not None:
             statement = statement.where(tasks.c.model == model)
-        if before is not None:
+        # A cursor past every seq the column can hold leaves no task out; compared
+        # as it is, PostgreSQL would refuse it as out of range for the column.
+        if before is not None and before <= self.MAX_SEQ:
             statement = statement.where(tasks.c.seq < before)
         statement = statement.order_by(tasks.c.seq.desc()).limit(limit + 1)
         async with self._read() as conn:

@@ -33,6 +33,9 @@ class SqlBase:
     WRITES_IN_WITH = False
     """Whether one statement may write to several tables (PostgreSQL's data-modifying WITH)."""
 
+    MAX_SEQ = 2**63 - 1
+    """The largest `seq` the tasks table can hold (SQLite's integer primary key: 64 bits)."""
+
     def __init__(self, url: str) -> None:
         self._url = url
         self._engine: AsyncEngine | None = None

@@ -19,7 +19,7 @@ from fluxserve.store.base import Attempt
 from fluxserve.webhooks.counters import WebhookMetrics
 from fluxserve.webhooks.receivers import MAX_REST, Receivers
 from fluxserve.webhooks.retry import RetrySchedule
-from fluxserve.webhooks.sender import Event, Render, Sender
+from fluxserve.webhooks.sender import Event, Render, Sender, Sent
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,18 @@ class CallbackDispatcher:
             attempt = Attempt(time.time(), 0.0, None, "task no longer exists")
             await self._record(record, attempt, retry_at=None)
             return
-        event = Event(record.event_id, record.event_type, record.url, task.owner, self.render(task))
-        sent = await self.sender.send(event)
+        try:
+            body = self.render(task)
+            sent = await self.sender.send(
+                Event(record.event_id, record.event_type, record.url, task.owner, body)
+            )
+        except StoreUnavailable:
+            raise  # nothing can be recorded either; the row is claimed again later
+        except Exception as exc:
+            # A failure of ours, not the receiver's: still a failed attempt on the
+            # schedule, so the row never stays `sending` and the backlog drains.
+            logger.exception("callback %s: the attempt failed before it was sent", record.event_id)
+            sent = Sent(Attempt(time.time(), 0.0, None, f"{type(exc).__name__}: {exc}"), True)
         attempt = sent.attempt
         delay = None
         if sent.retryable:

@@ -88,7 +88,9 @@ class Sender:
             return Sent(attempt(None, f"refused: {exc}"))
         except (TimeoutError, httpx.TimeoutException):
             return Sent(attempt(None, f"timed out after {self.timeout:g}s"), retryable=True)
-        except httpx.HTTPError as exc:
+        except Exception as exc:
+            # httpx's own errors, and whatever else the client or the resolver
+            # raises: the attempt failed, and the schedule decides what follows.
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return Sent(attempt(None, reason), retryable=True)
         code = response.status_code

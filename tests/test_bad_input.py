@@ -1,0 +1,184 @@
+"""Bad input answered with a clear 4xx in the error envelope, never a 500: host names
+that are not IDNA, NULs, ranges and cursors past any number, names past the file
+system's limit; and the file route's HEAD and redirects."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import AsyncIterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import Service, fresh_postgres_database, make_settings, run_service
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def service(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Service]:
+    database = fresh_postgres_database() if request.param == "postgresql" else nullcontext()
+    async with database as url:
+        settings = make_settings(tmp_path / "data", database_url=url)
+        async with run_service(settings, run_worker=False) as running:
+            yield running
+
+
+def refusal(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == status
+    message: str = body["error"]["message"]
+    return message
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), "olive").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def upload(service: Service, **fields: str) -> httpx.Response:
+    return await service.client.post(
+        "/api/common/upload/base64",
+        json={"base64_data": base64.b64encode(png()).decode(), **fields},
+        headers=service.auth(),
+    )
+
+
+# Host names that are not IDNA ---------------------------------------------------------
+
+
+async def test_an_invalid_idna_host_is_400_in_every_url_field(service: Service) -> None:
+    prompt = {"prompt": "a lighthouse"}
+    callback = await service.submit(
+        {"model": "flux-2-pro", "callback_url": "https://xn--/", "input": prompt}
+    )
+    assert refusal(callback, 400).startswith("callback_url is not allowed: invalid URL")
+    reference = await service.submit(
+        {"model": "flux-2-pro-edit", "input": {**prompt, "image_urls": ["https://xn--/a.png"]}}
+    )
+    assert refusal(reference, 400).startswith("input.image_urls[0] is not allowed: invalid URL")
+    fetched = await service.client.post(
+        "/api/common/upload/url", json={"file_url": "https://xn--/a.png"}, headers=service.auth()
+    )
+    assert refusal(fetched, 400).startswith("file_url is not allowed: invalid URL")
+
+
+# Task ids, cursors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/generate/status/task%00x"),
+        ("POST", "/api/generate/cancel/task%00x"),
+        ("GET", "/api/generate/callbacks/task%00x"),
+        ("POST", "/api/generate/callbacks/task%00x/redeliver"),
+    ],
+)
+async def test_a_nul_in_a_task_id_is_404(service: Service, method: str, path: str) -> None:
+    response = await service.client.request(method, path, headers=service.auth())
+    assert refusal(response, 404) == "Task 'task\\x00x' not found"
+
+
+def cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "junk", ["é", "!!!", cursor("seq:²"), cursor("seq:-1"), cursor("seq:" + "9" * 5000)]
+)
+async def test_a_junk_cursor_is_400(service: Service, junk: str) -> None:
+    response = await service.client.get(
+        "/api/generate/tasks", params={"cursor": junk}, headers=service.auth()
+    )
+    assert refusal(response, 400).startswith("cursor is not one this server gave out")
+
+
+async def test_a_cursor_past_every_seq_starts_from_the_newest(service: Service) -> None:
+    """2^31 and more: past PostgreSQL's 32-bit seq, and past any seq SQLite has given."""
+    submitted = await service.submit({"model": "flux-2-pro", "input": {"prompt": "a kite"}})
+    task_id = submitted.json()["data"]["task_id"]
+    for number in (2**31, 2**63 - 1):
+        response = await service.client.get(
+            "/api/generate/tasks",
+            params={"cursor": cursor(f"seq:{number}")},
+            headers=service.auth(),
+        )
+        assert response.status_code == 200, response.text
+        assert [task["task_id"] for task in response.json()["data"]["tasks"]] == [task_id]
+
+
+# Upload names ------------------------------------------------------------------------
+
+
+async def test_a_file_name_past_255_bytes_is_400_and_leaves_no_upload(service: Service) -> None:
+    """150 characters, but 300 bytes of UTF-8: more than a file system takes."""
+    message = refusal(await upload(service, file_name="é" * 150 + ".png"), 400)
+    assert message == "file_name must be at most 255 bytes long (UTF-8)"
+    folder = refusal(await upload(service, upload_path="ok/" + "ü" * 130), 400)
+    assert folder == "upload_path must not have a folder name longer than 255 bytes (UTF-8)"
+    far_future = time.time() + 10**9
+    assert await service.runtime.store.expired_uploads(far_future, 10) == []
+    fits = await upload(service, file_name="é" * 125 + ".png")  # 254 bytes
+    assert fits.status_code == 200, fits.text
+
+
+# The file route ------------------------------------------------------------------------
+
+
+async def uploaded_url(service: Service) -> str:
+    response = await upload(service)
+    assert response.status_code == 200, response.text
+    url: str = response.json()["data"]["file_url"]
+    return url
+
+
+async def test_a_nul_in_a_file_path_is_404(service: Service) -> None:
+    refusal(await service.client.get("/files/%00"), 404)
+    refusal(await service.client.get("/files/uploads/%00/x.png"), 404)
+
+
+async def test_a_range_of_thousands_of_digits_is_answered(service: Service) -> None:
+    url = await uploaded_url(service)
+    size = len(png())
+    huge = "9" * 5000
+    past_end = await service.client.get(url, headers={"range": f"bytes={huge}-"})
+    assert past_end.status_code == 416
+    assert past_end.headers["content-range"] == f"bytes */{size}"
+    to_huge = await service.client.get(url, headers={"range": f"bytes=10-{huge}"})
+    assert to_huge.status_code == 206
+    assert to_huge.headers["content-range"] == f"bytes 10-{size - 1}/{size}"
+    assert to_huge.content == png()[10:]
+    last_huge = await service.client.get(url, headers={"range": f"bytes=-{huge}"})
+    assert last_huge.status_code == 206
+    assert last_huge.content == png()
+    zeros = await service.client.get(url, headers={"range": "bytes=" + "0" * 5000 + "3-4"})
+    assert zeros.content == png()[3:5]
+
+
+async def test_head_on_a_file_answers_as_get_without_the_body(service: Service) -> None:
+    url = await uploaded_url(service)
+    got = await service.client.get(url)
+    head = await service.client.head(url)
+    assert head.status_code == 200
+    assert head.content == b""
+    for name in ("content-length", "content-type", "etag", "last-modified", "accept-ranges"):
+        assert head.headers[name] == got.headers[name], name
+    ranged = await service.client.head(url, headers={"range": "bytes=0-9"})
+    assert ranged.status_code == 206
+    assert ranged.headers["content-length"] == "10"
+    assert (await service.client.head(url + "-missing")).status_code == 404
+
+
+async def test_the_file_route_never_redirects_to_the_host_header(service: Service) -> None:
+    for path in ("/files", "/api/generate/tasks/"):
+        response = await service.client.get(
+            path, headers={**service.auth(), "host": "evil.example"}
+        )
+        assert "location" not in response.headers
+        refusal(response, 404)
