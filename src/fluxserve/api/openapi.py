@@ -10,6 +10,7 @@ envelope.py).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import FastAPI
@@ -233,14 +234,23 @@ FILE_ANSWERS: dict[int | str, dict[str, Any]] = {
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Serve the document without FastAPI's default 422 answers, which never happen."""
+    """Serve the document without FastAPI's default 422 answers, which never happen,
+    and with one operation id per operation."""
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            with warnings.catch_warnings():
+                # FastAPI gives each method of a route (GET and HEAD of /files)
+                # the same operation id; they are told apart below.
+                warnings.filterwarnings("ignore", "Duplicate Operation ID")
+                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            ids: set[str] = set()
             for path in schema["paths"].values():
-                for operation in path.values():
+                for method, operation in path.items():
                     operation["responses"].pop("422", None)
+                    if operation["operationId"] in ids:
+                        operation["operationId"] += f"_{method}"
+                    ids.add(operation["operationId"])
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
             app.openapi_schema = schema
