@@ -21,7 +21,7 @@ MAX_PAGE = 100
 MAX_CURSOR_DIGITS = 19  # enough for any 64-bit seq; more is no cursor this server gave out
 
 
-@router.get("/api/user/balance", **answers(Balance, 401, 404, 503))
+@router.get("/api/user/balance", **answers(Balance, 404))
 async def balance(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The credits the key's account can spend now, and what its tasks hold."""
     account = None if key.account_id is None else await rt.store.get_account(key.account_id)
@@ -32,7 +32,7 @@ async def balance(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     )
 
 
-@router.post("/api/generate/cancel/{task_id}", **answers(CancelData, 401, 403, 404, 409, 503))
+@router.post("/api/generate/cancel/{task_id}", **answers(CancelData, 403, 404, 409))
 async def cancel(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Cancel a queued task (it never starts) or a running one (it stops at its next step)."""
     task = await rt.service.cancel(key, task_id)
@@ -45,7 +45,7 @@ async def cancel(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     return ok(data)
 
 
-@router.get("/api/generate/tasks", **answers(TaskPage, 400, 401, 503))
+@router.get("/api/generate/tasks", **answers(TaskPage, 400))
 async def history(
     key: KeyDep,
     rt: RuntimeDep,

@@ -2,8 +2,8 @@
 
 The routes build their JSON by hand (it is faster than validating a model on the
 way out), so the models here only describe it: a route names its success body and
-the error statuses it can answer with, `answers(Model, 401, 404)`, and the errors
-come from one table for every route. The document drops FastAPI's default 422: a
+the error statuses of its own, `answers(Model, 403, 404)`, and the errors come
+from one table for every route. The document drops FastAPI's default 422: a
 request that does not validate is answered 400 in the error envelope (see
 envelope.py).
 """
@@ -71,7 +71,7 @@ class ErrorEnvelope(BaseModel):
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for the error answers a route can give."""
-    return {status: {"model": ErrorEnvelope, **_WHEN[status]} for status in statuses}
+    return {status: {"model": ErrorEnvelope, **_WHEN[status]} for status in sorted(statuses)}
 
 
 DataT = TypeVar("DataT")
@@ -84,12 +84,19 @@ class Ok(BaseModel, Generic[DataT]):
     data: DataT
 
 
+ANY_ROUTE = (413, 503)
+"""What any route can answer: a body past its cap (RequestGuard), the store down."""
+ANY_API_ROUTE = (401, *ANY_ROUTE)
+"""And under /api/, where RequestGuard wants a key first."""
+
+
 def answers(data: type[BaseModel], *statuses: int) -> dict[str, Any]:
-    """A route's documented answers, as keyword arguments of its decorator: `data`
-    inside the success envelope, and the error statuses it can answer with."""
+    """An /api/ route's documented answers, as keyword arguments of its decorator:
+    `data` inside the success envelope, the error statuses of its own and those of
+    every /api/ route."""
     ok: dict[int | str, dict[str, Any]] = {200: {"model": Ok[data]}}  # type: ignore[valid-type]
     # No response_model: the route's dict is sent as it is, not validated again.
-    return {"response_model": None, "responses": {**ok, **errors(*statuses)}}
+    return {"response_model": None, "responses": {**ok, **errors(*statuses, *ANY_API_ROUTE)}}
 
 
 class SubmittedData(BaseModel):
@@ -229,7 +236,7 @@ FILE_ANSWERS: dict[int | str, dict[str, Any]] = {
         "headers": {**_FILE_HEADERS, **_RANGE_HEADER},
     },
     416: {"description": "The range lies past the end of the file", "headers": _RANGE_HEADER},
-    **errors(404),
+    **errors(404, 413),
 }
 
 

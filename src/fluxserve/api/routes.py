@@ -10,7 +10,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.api.file_response import file_response
 from fluxserve.api.guard import api_key_of
-from fluxserve.api.openapi import FILE_ANSWERS, Health, StatusData, SubmittedData, answers, errors
+from fluxserve.api.openapi import (
+    ANY_ROUTE,
+    FILE_ANSWERS,
+    Health,
+    StatusData,
+    SubmittedData,
+    answers,
+    errors,
+)
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
 from fluxserve.metrics import CONTENT_TYPE
@@ -48,7 +56,7 @@ KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 SUBMIT_PATH = "/api/generate/submit"
 
 
-@router.post(SUBMIT_PATH, **answers(SubmittedData, 400, 401, 402, 409, 413, 429, 503))
+@router.post(SUBMIT_PATH, **answers(SubmittedData, 400, 402, 409, 429))
 async def submit(
     body: SubmitBody,
     key: KeyDep,
@@ -74,7 +82,7 @@ async def submit(
     )
 
 
-@router.get("/api/generate/status/{task_id}", **answers(StatusData, 401, 403, 404, 503))
+@router.get("/api/generate/status/{task_id}", **answers(StatusData, 403, 404))
 async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's status, progress and, once finished, its files."""
     task, position = await rt.service.get_with_position(key, task_id)
@@ -108,13 +116,15 @@ async def download(
     return response
 
 
-@router.get("/health", response_model=None, responses={200: {"model": Health}, **errors(503)})
+@router.get(
+    "/health", response_model=None, responses={200: {"model": Health}, **errors(*ANY_ROUTE)}
+)
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness, and whether this process's worker is ready."""
     return await rt.health()
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses=errors(503))
+@router.get("/metrics", response_class=PlainTextResponse, responses=errors(*ANY_ROUTE))
 async def metrics(rt: RuntimeDep) -> Response:
     """This process's metrics in the Prometheus text format."""
     return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)

@@ -107,7 +107,7 @@ UploadsDep = Annotated[Uploads, Depends(uploads)]
 
 @router.post(
     "/stream",
-    **answers(UploadData, 400, 401, 413, 503),
+    **answers(UploadData, 400),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -135,7 +135,7 @@ async def upload_stream(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
 
 @router.post(
     "/base64",
-    **answers(UploadData, 400, 401, 413, 503),
+    **answers(UploadData, 400),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -162,7 +162,7 @@ async def upload_base64(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
     return ok(upload_data(upload, up.storage))
 
 
-@router.post("/url", **answers(UploadData, 400, 401, 413, 503))
+@router.post("/url", **answers(UploadData, 400))
 async def upload_url(body: UrlUpload, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
     """Fetch the image at `file_url` (through the net guard) and store it."""
     where = destination(body.upload_path, body.file_name)
