@@ -20,7 +20,7 @@ from fluxserve.store import open_store
 
 from conftest import fresh_postgres_database, make_settings, run_service, submit_ended
 
-EXAMPLES = 20
+EXAMPLES = 15
 # Where a request that fits the document can still be refused, with a 400 naming
 # the field, for what no schema can say: an upload must hold an image (or a URL
 # that serves one), a cursor must be one the server gave out, a URL must pass the

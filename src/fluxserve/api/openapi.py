@@ -18,21 +18,12 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from fluxserve.api.envelope import error_type
 from fluxserve.api.schemas import one_of
 from fluxserve.store.base import CallbackState
 from fluxserve.tasks import CALLBACK_EVENTS, MODELS, OUTPUT_FORMATS, TaskStatus
 from fluxserve.uploads import MIME_TYPES
 
-ERROR_TYPES = (
-    "invalid_request_error",
-    "authentication_error",
-    "insufficient_credits",
-    "permission_error",
-    "not_found_error",
-    "conflict_error",
-    "rate_limit_error",
-    "server_error",
-)
 _RETRY_AFTER = {
     "Retry-After": {
         "description": "Seconds to wait before trying again",
@@ -47,7 +38,7 @@ _WHEN: dict[int, dict[str, Any]] = {
     401: {"description": "Missing, unknown or revoked API key"},
     402: {"description": "The task's price is more than the account's available credits"},
     403: {"description": "The task belongs to another account"},
-    404: {"description": "No such task, file or route"},
+    404: {"description": "No such task, file, account or route"},
     409: {"description": "The request conflicts with the task's state or an earlier request"},
     413: {"description": "The request or the file in it is larger than allowed"},
     429: {"description": "Past the key's rate or active-task limit", "headers": _RETRY_AFTER},
@@ -59,7 +50,7 @@ Time = str  # UTC `YYYY-MM-DDTHH:MM:SS`, no zone: the wire's time format
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong; names the field at fault")
-    type: str = one_of(ERROR_TYPES)
+    type: str
 
 
 class ErrorEnvelope(BaseModel):
@@ -70,8 +61,23 @@ class ErrorEnvelope(BaseModel):
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entries for the error answers a route can give."""
-    return {status: {"model": ErrorEnvelope, **_WHEN[status]} for status in sorted(statuses)}
+    """`responses=` entries for the error answers a route can give: the error
+    envelope, with the `code` and `type` of each status."""
+    return {status: _error(status) for status in sorted(statuses)}
+
+
+def _error(status: int) -> dict[str, Any]:
+    exact = {
+        "properties": {
+            "code": {"const": status},
+            "error": {"properties": {"type": {"const": error_type(status)}}},
+        }
+    }
+    return {
+        "model": ErrorEnvelope,
+        "content": {"application/json": {"schema": exact}},
+        **_WHEN[status],
+    }
 
 
 DataT = TypeVar("DataT")
@@ -237,6 +243,13 @@ FILE_ANSWERS: dict[int | str, dict[str, Any]] = {
     },
     416: {"description": "The range lies past the end of the file", "headers": _RANGE_HEADER},
     **errors(404, 413),
+}
+METRICS_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The Prometheus text format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    **errors(*ANY_ROUTE),
 }
 
 

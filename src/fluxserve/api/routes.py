@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Security
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.api.file_response import file_response
@@ -13,6 +13,7 @@ from fluxserve.api.guard import api_key_of
 from fluxserve.api.openapi import (
     ANY_ROUTE,
     FILE_ANSWERS,
+    METRICS_ANSWERS,
     Health,
     StatusData,
     SubmittedData,
@@ -124,7 +125,9 @@ async def health(rt: RuntimeDep) -> dict[str, Any]:
     return await rt.health()
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses=errors(*ANY_ROUTE))
+# A plain Response: errors take their media type from the route's class, and
+# they are JSON whatever the route's success is.
+@router.get("/metrics", response_class=Response, responses=METRICS_ANSWERS)
 async def metrics(rt: RuntimeDep) -> Response:
     """This process's metrics in the Prometheus text format."""
     return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)
