@@ -11,7 +11,7 @@ envelope.py).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -45,7 +45,8 @@ _WHEN: dict[int, dict[str, Any]] = {
     503: {"description": "The database cannot be reached right now", "headers": _RETRY_AFTER},
 }
 
-Time = str  # UTC `YYYY-MM-DDTHH:MM:SS`, no zone: the wire's time format
+# The wire's time format: UTC, no zone (tasks.format_time).
+Time = Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$")]
 
 
 class ErrorDetail(BaseModel):
