@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from fluxserve.api.openapi import Balance, CancelData, TaskPage, answers
 from fluxserve.api.routes import KeyDep, RuntimeDep
+from fluxserve.api.schemas import one_of
 from fluxserve.errors import InvalidRequest, NotFound
 from fluxserve.tasks import MODELS, TaskStatus
 from fluxserve.wire import ok, status_data
@@ -19,7 +21,7 @@ MAX_PAGE = 100
 MAX_CURSOR_DIGITS = 19  # enough for any 64-bit seq; more is no cursor this server gave out
 
 
-@router.get("/api/user/balance")
+@router.get("/api/user/balance", **answers(Balance, 404))
 async def balance(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The credits the key's account can spend now, and what its tasks hold."""
     account = None if key.account_id is None else await rt.store.get_account(key.account_id)
@@ -30,7 +32,7 @@ async def balance(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     )
 
 
-@router.post("/api/generate/cancel/{task_id}")
+@router.post("/api/generate/cancel/{task_id}", **answers(CancelData, 403, 404, 409))
 async def cancel(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Cancel a queued task (it never starts) or a running one (it stops at its next step)."""
     task = await rt.service.cancel(key, task_id)
@@ -43,13 +45,13 @@ async def cancel(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     return ok(data)
 
 
-@router.get("/api/generate/tasks")
+@router.get("/api/generate/tasks", **answers(TaskPage, 400))
 async def history(
     key: KeyDep,
     rt: RuntimeDep,
-    status: Annotated[str | None, Query()] = None,
-    model: Annotated[str | None, Query()] = None,
-    limit: Annotated[int, Query()] = 20,
+    status: Annotated[str | None, one_of(STATUSES, None)] = None,
+    model: Annotated[str | None, one_of(MODELS, None)] = None,
+    limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": MAX_PAGE})] = 20,
     cursor: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     """The account's tasks, newest first; pass `next_cursor` back for the next page."""

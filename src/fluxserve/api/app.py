@@ -13,6 +13,7 @@ from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.guard import BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.openapi import install_openapi
 from fluxserve.api.routes import SUBMIT_PATH, router
 from fluxserve.api.schemas import MAX_IMAGES
 from fluxserve.api.upload_routes import SELF_BOUNDED_PATHS, base64_body_cap
@@ -39,6 +40,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     app.add_middleware(RequestGuard, keys=keys, caps=body_caps(runtime.settings))
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(router)
     app.include_router(callback_router)
     app.include_router(account_router)

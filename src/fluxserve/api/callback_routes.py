@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from fluxserve.api.openapi import CallbackLog, EventData, SecretData, answers
 from fluxserve.api.routes import KeyDep, RuntimeDep
 from fluxserve.store.base import Attempt, CallbackEvent, WebhookSecret
 from fluxserve.tasks import format_time
@@ -15,19 +16,19 @@ from fluxserve.wire import ok
 router = APIRouter()
 
 
-@router.get("/api/webhooks/secret")
+@router.get("/api/webhooks/secret", **answers(SecretData))
 async def webhook_secret(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The key's signing secret (`whsec_...`), made on first use."""
     return ok(_secret_data(await rt.webhooks.secrets.current(key.key_id)))
 
 
-@router.post("/api/webhooks/secret/rotate")
+@router.post("/api/webhooks/secret/rotate", **answers(SecretData))
 async def rotate_webhook_secret(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """A new signing secret; the old one keeps signing for the grace period."""
     return ok(_secret_data(await rt.webhooks.secrets.rotate(key.key_id)))
 
 
-@router.get("/api/generate/callbacks/{task_id}")
+@router.get("/api/generate/callbacks/{task_id}", **answers(CallbackLog, 403, 404))
 async def callbacks(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's callback events, each with every attempt."""
     task, events = await rt.service.callbacks(key, task_id)
@@ -41,7 +42,7 @@ async def callbacks(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]
     )
 
 
-@router.post("/api/generate/callbacks/{task_id}/redeliver")
+@router.post("/api/generate/callbacks/{task_id}/redeliver", **answers(EventData, 403, 404, 409))
 async def redeliver(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Send the ended task's callback again: the same event id, on a fresh schedule."""
     return ok(_event_data(await rt.service.redeliver(key, task_id)))

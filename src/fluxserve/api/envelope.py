@@ -28,13 +28,17 @@ _TYPES = {
 }
 
 
+def error_type(status: int) -> str:
+    """The envelope's `type` for an HTTP status."""
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The error envelope; the HTTP status equals `code`."""
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(
-        {"code": status, "error": {"message": message, "type": kind}},
+        {"code": status, "error": {"message": message, "type": error_type(status)}},
         status_code=status,
         headers=headers,
     )

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Security
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.api.file_response import file_response
 from fluxserve.api.guard import api_key_of
+from fluxserve.api.openapi import (
+    ANY_ROUTE,
+    FILE_ANSWERS,
+    METRICS_ANSWERS,
+    Health,
+    StatusData,
+    SubmittedData,
+    answers,
+    errors,
+)
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
 from fluxserve.metrics import CONTENT_TYPE
@@ -28,7 +39,13 @@ async def runtime(request: Request) -> Runtime:
     return rt
 
 
-async def api_key(request: Request) -> ApiKeyRecord:
+# Declares the key in the OpenAPI document; RequestGuard checks it.
+BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+async def api_key(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+) -> ApiKeyRecord:
     # Authenticated by RequestGuard, before the body was read.
     return api_key_of(request.scope)
 
@@ -40,7 +57,7 @@ KeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 SUBMIT_PATH = "/api/generate/submit"
 
 
-@router.post(SUBMIT_PATH)
+@router.post(SUBMIT_PATH, **answers(SubmittedData, 400, 402, 409, 429))
 async def submit(
     body: SubmitBody,
     key: KeyDep,
@@ -66,14 +83,19 @@ async def submit(
     )
 
 
-@router.get("/api/generate/status/{task_id}")
+@router.get("/api/generate/status/{task_id}", **answers(StatusData, 403, 404))
 async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """The task's status, progress and, once finished, its files."""
     task, position = await rt.service.get_with_position(key, task_id)
     return status_body(task, rt.storage, position)
 
 
-@router.api_route(FILES_ROUTE + "/{key:path}", methods=["GET", "HEAD"])
+@router.api_route(
+    FILES_ROUTE + "/{key:path}",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses=FILE_ANSWERS,
+)
 async def download(
     key: str,
     request: Request,
@@ -95,13 +117,17 @@ async def download(
     return response
 
 
-@router.get("/health")
+@router.get(
+    "/health", response_model=None, responses={200: {"model": Health}, **errors(*ANY_ROUTE)}
+)
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness, and whether this process's worker is ready."""
     return await rt.health()
 
 
-@router.get("/metrics")
+# A plain Response: errors take their media type from the route's class, and
+# they are JSON whatever the route's success is.
+@router.get("/metrics", response_class=Response, responses=METRICS_ANSWERS)
 async def metrics(rt: RuntimeDep) -> Response:
     """This process's metrics in the Prometheus text format."""
     return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)

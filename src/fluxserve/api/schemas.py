@@ -5,9 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+from pydantic.json_schema import JsonDict, JsonValue
 
 from fluxserve.sizes import SIZE_CHOICES
 from fluxserve.tasks import (
@@ -25,6 +35,36 @@ PROMPT_MIN, PROMPT_MAX = 3, 5000
 RESOLUTIONS = ("1K", "2K")
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (1.5, 10.0)
+
+
+# What str.strip() strips, spelled out: `\s` differs between Python's regular
+# expressions and the ECMA ones a JSON Schema pattern is read with.
+_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# What the checks below accept, for the OpenAPI document; the checks give the messages.
+PROMPT_SCHEMA: JsonDict = {
+    "pattern": rf"^[{_SPACE}]*[^{_SPACE}][\s\S]{{{PROMPT_MIN - 2},{PROMPT_MAX - 2}}}"
+    rf"[^{_SPACE}][{_SPACE}]*$",
+    "description": f"{PROMPT_MIN} to {PROMPT_MAX} characters once leading and trailing "
+    "whitespace is stripped (the stripped text is what is kept)",
+}
+_HTTP_URL: JsonDict = {"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]", "maxLength": MAX_URL_LENGTH}
+IMAGE_URLS_SCHEMA: JsonDict = {"items": {"anyOf": [_HTTP_URL, {"pattern": "^data:"}]}}
+CALLBACK_EVENTS_SCHEMA: JsonDict = {"minItems": 1, "items": {"enum": list(CALLBACK_EVENTS)}}
+
+
+def _whole(value: Any) -> Any:
+    # JSON does not tell 7 from 7.0, and neither does a JSON Schema "integer".
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[StrictInt, BeforeValidator(_whole)]
+"""An integer, written with or without a zero fraction; never a string or a bool."""
+
+
+def one_of(choices: Sequence[str], default: Any = ...) -> Any:
+    """A text field whose documented schema lists `choices`; the model's own
+    validator checks it, with a message naming the field."""
+    return Field(default, json_schema_extra={"enum": list(choices)})
 
 
 # JSON's \ud800-style escapes can spell half of a UTF-16 pair alone: no UTF-8
@@ -52,13 +92,13 @@ class SubmitInput(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str
-    size: str = "auto"
-    resolution: str = "1K"
-    image_urls: list[str] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] | None = None
-    output_format: str = "png"
-    steps: StrictInt | None = None
+    prompt: str = Field(json_schema_extra=PROMPT_SCHEMA)
+    size: str = one_of(SIZE_CHOICES, "auto")
+    resolution: str = one_of(RESOLUTIONS, "1K")
+    image_urls: list[str] | None = Field(None, json_schema_extra=IMAGE_URLS_SCHEMA)
+    seed: Annotated[WholeNumber, Field(ge=0, le=2**32 - 1)] | None = None
+    output_format: str = one_of(tuple(OUTPUT_FORMATS), "png")
+    steps: WholeNumber | None = None
     guidance: StrictFloat | StrictInt | None = None
 
     @model_validator(mode="after")
@@ -89,14 +129,45 @@ class SubmitInput(BaseModel):
         return self
 
 
+def _submit_rules(schema: JsonDict) -> None:
+    """The rules between fields, for the document: what each model takes in `input`,
+    and callback_events only with a callback_url."""
+    null: JsonDict = {"type": "null"}
+    images: JsonDict = {"type": "array", "minItems": 1, "maxItems": MAX_IMAGES}
+    no_images: JsonDict = {"anyOf": [null, {"type": "array", "maxItems": 0}]}
+    steps: JsonDict = {"type": "integer", "minimum": STEPS_RANGE[0], "maximum": STEPS_RANGE[1]}
+    guidance: JsonDict = {
+        "type": "number",
+        "minimum": GUIDANCE_RANGE[0],
+        "maximum": GUIDANCE_RANGE[1],
+    }
+    branches: list[JsonValue] = []
+    for model in MODELS:
+        edit, flex = model in EDIT_MODELS, model.startswith("flux-2-flex")
+        rules: JsonDict = {
+            "required": ["image_urls"] if edit else [],
+            "properties": {
+                "image_urls": images if edit else no_images,
+                "steps": {"anyOf": [steps, null]} if flex else null,
+                "guidance": {"anyOf": [guidance, null]} if flex else null,
+            },
+        }
+        branches.append({"properties": {"model": {"const": model}, "input": rules}})
+    schema["oneOf"] = branches
+    schema["anyOf"] = [
+        {"properties": {"callback_events": {"type": "null"}}},
+        {"required": ["callback_url"], "properties": {"callback_url": {"type": "string"}}},
+    ]
+
+
 class SubmitBody(BaseModel):
     """The body of POST /api/generate/submit."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_submit_rules)
 
-    model: str
-    callback_url: str | None = None
-    callback_events: list[str] | None = None
+    model: str = one_of(MODELS)
+    callback_url: str | None = Field(None, json_schema_extra=_HTTP_URL)
+    callback_events: list[str] | None = Field(None, json_schema_extra=CALLBACK_EVENTS_SCHEMA)
     input: SubmitInput
 
     @model_validator(mode="after")

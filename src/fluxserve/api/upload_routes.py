@@ -11,9 +11,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import JsonDict
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from fluxserve.api.openapi import UploadData, answers
 from fluxserve.api.routes import KeyDep, RuntimeDep
 from fluxserve.api.schemas import describe_validation_error
 from fluxserve.errors import InvalidRequest, PayloadTooLarge
@@ -21,7 +23,14 @@ from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord
 from fluxserve.store.base import UploadRecord
 from fluxserve.tasks import format_time
-from fluxserve.uploads import Uploads, decode_base64, destination, url_file_name
+from fluxserve.uploads import (
+    MAX_NAME_BYTES,
+    MAX_PATH_LENGTH,
+    Uploads,
+    decode_base64,
+    destination,
+    url_file_name,
+)
 from fluxserve.wire import ok
 
 PREFIX = "/api/common/upload"
@@ -42,13 +51,29 @@ def base64_body_cap(max_bytes: int) -> int:
     return max_bytes * 4 // 3 * 11 // 10 + BODY_OVERHEAD
 
 
+# What destination() accepts, for the OpenAPI document: no control characters
+# (category Cc), no backslash; a name holds no '/' and is not '.' or '..'; a
+# path's segments are not empty, '.' or '..'.
+_PLAIN = r"[^\x00-\x1f\x7f-\x9f/\\]"
+_NOT_DOT = r"[^\x00-\x1f\x7f-\x9f/\\.]"
+_SEGMENT = rf"(?:{_NOT_DOT}|{_NOT_DOT}{_PLAIN}|\.{_NOT_DOT}|{_PLAIN}{{3,}})"
+UPLOAD_PATH_SCHEMA: JsonDict = {
+    "maxLength": MAX_PATH_LENGTH,
+    "pattern": rf"^(?:{_SEGMENT}(?:/{_SEGMENT})*)?$",
+    "description": f"Folders, '/'-separated; each name at most {MAX_NAME_BYTES} bytes of UTF-8",
+}
+FILE_NAME_SCHEMA: JsonDict = {
+    "maxLength": MAX_NAME_BYTES,
+    "pattern": rf"^(?:{_NOT_DOT}|\.{_NOT_DOT}|\.\.{_PLAIN}){_PLAIN}*$",
+    "description": f"At most {MAX_NAME_BYTES} bytes of UTF-8",
+}
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["file"],
     "properties": {
         "file": {"type": "string", "format": "binary"},
-        "upload_path": {"type": "string"},
-        "file_name": {"type": "string"},
+        "upload_path": {"type": "string", **UPLOAD_PATH_SCHEMA},
+        "file_name": {"type": "string", **FILE_NAME_SCHEMA},
     },
 }
 
@@ -58,9 +83,9 @@ class Base64Upload(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    base64_data: str
-    upload_path: str | None = None
-    file_name: str | None = None
+    base64_data: str = Field(json_schema_extra={"minLength": 1})
+    upload_path: str | None = Field(None, json_schema_extra=UPLOAD_PATH_SCHEMA)
+    file_name: str | None = Field(None, json_schema_extra=FILE_NAME_SCHEMA)
 
 
 class UrlUpload(BaseModel):
@@ -69,8 +94,8 @@ class UrlUpload(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     file_url: str = Field(max_length=MAX_URL_LENGTH)
-    upload_path: str | None = None
-    file_name: str | None = None
+    upload_path: str | None = Field(None, json_schema_extra=UPLOAD_PATH_SCHEMA)
+    file_name: str | None = Field(None, json_schema_extra=FILE_NAME_SCHEMA)
 
 
 async def uploads(rt: RuntimeDep) -> Uploads:
@@ -82,6 +107,7 @@ UploadsDep = Annotated[Uploads, Depends(uploads)]
 
 @router.post(
     "/stream",
+    **answers(UploadData, 400),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -109,6 +135,7 @@ async def upload_stream(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
 
 @router.post(
     "/base64",
+    **answers(UploadData, 400),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -135,7 +162,7 @@ async def upload_base64(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
     return ok(upload_data(upload, up.storage))
 
 
-@router.post("/url")
+@router.post("/url", **answers(UploadData, 400))
 async def upload_url(body: UrlUpload, key: KeyDep, up: UploadsDep) -> dict[str, Any]:
     """Fetch the image at `file_url` (through the net guard) and store it."""
     where = destination(body.upload_path, body.file_name)
