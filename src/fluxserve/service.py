@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from fluxserve import reference_shape
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
+from fluxserve.logs import bind_task
 from fluxserve.netguard import NetPolicy, check_url
 from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord, Store
@@ -66,7 +67,7 @@ class TaskService:
             # lost) makes the same image and overwrites the same file.
             task_input = dataclasses.replace(task_input, seed=secrets.randbelow(2**32))
         now = time.time()
-        return await self.store.create_task(
+        task = await self.store.create_task(
             NewTask(
                 task_id=new_task_id(now),
                 owner=key.key_id,
@@ -83,6 +84,8 @@ class TaskService:
             if idempotency is None
             else IdempotencyKey(*idempotency, ttl=self.idempotency_ttl),
         )
+        bind_task(task.task_id)  # the request's later lines, its access log's too
+        return task
 
     async def get(self, key: ApiKeyRecord, task_id: str) -> Task:
         """The caller's task; 404 when unknown, 403 when another account's."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from fluxserve import __version__
 from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.observe import RequestMetrics, request_histogram, task_of_request
 from fluxserve.api.routes import router
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
@@ -28,7 +29,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="fluxserve",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(task_of_request)],
+    )
+    app.add_middleware(RequestMetrics, histogram=request_histogram(runtime.metrics))
     app.state.runtime = runtime
     app.state.keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     install_error_handlers(app)

@@ -12,7 +12,6 @@ from fluxserve.api.file_response import file_response
 from fluxserve.api.keycache import KeyCache
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
-from fluxserve.metrics import CONTENT_TYPE
 from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
@@ -95,6 +94,9 @@ async def health(rt: RuntimeDep) -> dict[str, Any]:
 
 
 @router.get("/metrics")
-async def metrics(rt: RuntimeDep) -> Response:
-    """This process's metrics in the Prometheus text format."""
-    return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(
+    rt: RuntimeDep, accept: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> Response:
+    """The metrics in the Prometheus text format (or OpenMetrics, when `Accept` asks)."""
+    body, content_type = await rt.metrics.render(accept)
+    return Response(body, headers={"content-type": content_type})
