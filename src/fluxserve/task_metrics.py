@@ -53,9 +53,12 @@ class TaskMetrics:
             ("model",),
             WAIT_BUCKETS,
         )
+        # Each label set shows as 0 before it first counts, so rate() has a start.
         for model in MODELS:
             for status in ENDINGS:
                 self.ended_total.labels(model=model, status=status)
+            for histogram in (self.queue_wait, self.run_time, self.total_time):
+                histogram.labels(model=model)
 
     def ended(self, task: Task) -> None:
         """Count `task`, which the store has just ended (at its `finished_at`)."""
