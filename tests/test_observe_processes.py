@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,3 +114,29 @@ def test_api_processes_add_up_their_metrics_in_multiprocess_mode(
     for scraped in samples:
         assert (scraped[submits], scraped[cancelled]) == (2, 2)
         assert scraped["fluxserve_workers_alive"] == 0  # the database's, read by either
+
+
+def test_a_worker_serves_its_metrics_on_metrics_port(env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    env = {**env, "FLUXSERVE_TINY_STEPS": "1"}  # the worker's one task, quickly
+    secret = fluxserve("keys", "create", "--name", "me", env=env).stdout.split()[-1]
+    api = Api(env, secret)
+    with (
+        server(env, tmp_path / "api.log", command="api"),
+        (tmp_path / "worker.log").open("ab") as out,
+        subprocess.Popen(
+            [sys.executable, "-m", "fluxserve", "worker"],
+            env={**env, "FLUXSERVE_METRICS_PORT": str(port)},
+            stdout=out,
+            stderr=out,
+        ) as worker,
+    ):
+        try:
+            task_id = api.submit()
+            assert api.wait(task_id, ("finished", "failed"))["status"] == "finished"
+            metrics = metric_samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
+    assert metrics['fluxserve_tasks_ended_total{model="flux-2-pro",status="finished"}'] == 1
+    assert metrics['fluxserve_task_run_seconds_count{model="flux-2-pro"}'] == 1

@@ -119,6 +119,9 @@ async def _run_worker(settings: Settings, models: list[str]) -> int:
 
     runtime = Runtime(settings, run_worker=True, models=models)
     await runtime.start()
+    stop_metrics = None
+    if settings.metrics_port is not None:
+        stop_metrics = runtime.metrics.serve(settings.host, settings.metrics_port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -128,6 +131,8 @@ async def _run_worker(settings: Settings, models: list[str]) -> int:
     finally:
         # The running task, if any, stops at its next step and goes back to the queue.
         await runtime.stop()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def _configure_logging(settings: Settings, *, runs_engine: bool) -> None:

@@ -18,7 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -72,12 +78,27 @@ class Metrics:
         default), and its content type."""
         encode, content_type = choose_encoder(accept or "")
         scrape = CollectorRegistry()
-        if os.environ.get(MULTIPROCESS_DIR):
-            MultiProcessCollector(scrape)
-        else:
-            scrape.register(self._registry)
+        scrape.register(self.counted())
         scrape.register(_Read([await gauge.read() for gauge in self._gauges]))
         return encode(scrape), content_type
+
+    def counted(self) -> Collector:
+        """The counters and histograms, without the database gauges: this
+        process's, or in multiprocess mode every process's."""
+        if os.environ.get(MULTIPROCESS_DIR):
+            return MultiProcessCollector(None)
+        return self._registry
+
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """Serve `counted` at http://host:port/metrics from a thread, for a
+        process without the API (a worker); returns what stops it."""
+        server, thread = start_http_server(port, host, registry=self.counted())
+
+        def stop() -> None:
+            server.shutdown()
+            thread.join()
+
+        return stop
 
 
 class _DatabaseGauge:
