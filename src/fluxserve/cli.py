@@ -118,10 +118,10 @@ async def _run_worker(settings: Settings, models: list[str]) -> int:
     from fluxserve.runtime import Runtime
 
     runtime = Runtime(settings, run_worker=True, models=models)
-    await runtime.start()
     stop_metrics = None
-    if settings.metrics_port is not None:
+    if settings.metrics_port is not None:  # first: a port in use stops the worker here
         stop_metrics = runtime.metrics.serve(settings.host, settings.metrics_port)
+    await runtime.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
