@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -346,3 +347,14 @@ async def send_until_answered(
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
     return answer_head, body, sent
+
+
+def metric_samples(exposition: str) -> dict[str, float]:
+    """Each sample of a Prometheus text exposition by its name and labels, written
+    as in the text (`name{a="x",b="y"}`, labels sorted), parsed by prometheus-client."""
+    samples = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

@@ -30,6 +30,7 @@ from conftest import (
     Service,
     callback_log,
     make_settings,
+    metric_samples,
     run_service,
     serve_asgi,
     settled_log,
@@ -472,11 +473,31 @@ async def test_delivery_metrics(tmp_path: Path) -> None:
     lines = set(response.text.splitlines())
     for line in (
         "# TYPE fluxserve_webhook_attempts_total counter",
-        'fluxserve_webhook_attempts_total{event="finished"} 3',
-        'fluxserve_webhook_delivered_total{event="finished"} 1',
-        'fluxserve_webhook_failed_total{event="finished"} 1',
-        'fluxserve_webhook_dropped_total{event="progress"} 0',
         "# TYPE fluxserve_webhook_pending gauge",
-        "fluxserve_webhook_pending 0",
+        "# TYPE fluxserve_webhook_attempt_seconds histogram",
     ):
         assert line in lines, response.text
+    samples = metric_samples(response.text)
+    assert {
+        name: samples[name]
+        for name in (
+            'fluxserve_webhook_attempts_total{event="finished"}',
+            'fluxserve_webhook_delivered_total{event="finished"}',
+            'fluxserve_webhook_failed_total{event="finished"}',
+            'fluxserve_webhook_dropped_total{event="progress"}',
+            "fluxserve_webhook_pending",
+            # Each attempt by what came of it: flaky's 503 then 2xx, gone's final 410.
+            'fluxserve_webhook_attempt_seconds_count{event="finished",outcome="2xx"}',
+            'fluxserve_webhook_attempt_seconds_count{event="finished",outcome="4xx"}',
+            'fluxserve_webhook_attempt_seconds_count{event="finished",outcome="5xx"}',
+        )
+    } == {
+        'fluxserve_webhook_attempts_total{event="finished"}': 3,
+        'fluxserve_webhook_delivered_total{event="finished"}': 1,
+        'fluxserve_webhook_failed_total{event="finished"}': 1,
+        'fluxserve_webhook_dropped_total{event="progress"}': 0,
+        "fluxserve_webhook_pending": 0,
+        'fluxserve_webhook_attempt_seconds_count{event="finished",outcome="2xx"}': 1,
+        'fluxserve_webhook_attempt_seconds_count{event="finished",outcome="4xx"}': 1,
+        'fluxserve_webhook_attempt_seconds_count{event="finished",outcome="5xx"}': 1,
+    }

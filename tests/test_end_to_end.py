@@ -17,7 +17,7 @@ from starlette.routing import Route
 from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.errors import EngineError
 
-from conftest import Receiver, Service, make_settings, run_service, serve_asgi
+from conftest import Receiver, Service, make_settings, metric_samples, run_service, serve_asgi
 
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 
@@ -223,6 +223,6 @@ async def test_health_and_metrics_show_the_queue_and_the_live_workers(service: S
     assert worker["state"] == "ready" and worker["engine"] == "tiny"
     assert worker["worker_id"] == service.runtime.worker.worker_id  # type: ignore[union-attr]
     assert health["queue"] == {}
-    metrics = (await service.client.get("/metrics")).text
-    assert "fluxserve_workers_alive 1" in metrics.splitlines()
-    assert 'fluxserve_queue_depth{model="flux-2-pro"} 0' in metrics.splitlines()
+    metrics = metric_samples((await service.client.get("/metrics")).text)
+    assert metrics["fluxserve_workers_alive"] == 1
+    assert metrics['fluxserve_queue_depth{model="flux-2-pro"}'] == 0

@@ -1,5 +1,5 @@
 """The plain logic behind callbacks: the retry schedule, Retry-After, the progress
-throttle, the per-receiver bounds, and the metrics text."""
+throttle and the per-receiver bounds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from email.utils import format_datetime
 
 import pytest
 
-from fluxserve.metrics import Registry
 from fluxserve.settings import Settings
 from fluxserve.tasks import Task, TaskInput, TaskStatus
 from fluxserve.webhooks.progress import ProgressEvents
@@ -141,37 +140,6 @@ def test_only_the_events_asked_for_are_sent() -> None:
     watch.running()
     watch.progress(50)
     assert events.sent == []
-
-
-async def test_metrics_render_in_the_prometheus_text_format() -> None:
-    registry = Registry()
-    sends = registry.counter("demo_sends_total", "Sends, by kind.\nSecond line.", ("kind",))
-    sends.declare(kind="a")
-    sends.inc(kind='b"\\')
-    sends.inc(2.5, kind='b"\\')
-    plain = registry.counter("demo_plain_total", "A counter without labels.")
-
-    async def backlog() -> float:
-        return 1234567
-
-    registry.gauge("demo_backlog", "Waiting.", backlog)
-    plain.inc()
-    assert await registry.render() == (
-        "# HELP demo_sends_total Sends, by kind.\\nSecond line.\n"
-        "# TYPE demo_sends_total counter\n"
-        'demo_sends_total{kind="a"} 0\n'
-        'demo_sends_total{kind="b\\"\\\\"} 3.5\n'
-        "# HELP demo_plain_total A counter without labels.\n"
-        "# TYPE demo_plain_total counter\n"
-        "demo_plain_total 1\n"
-        "# HELP demo_backlog Waiting.\n"
-        "# TYPE demo_backlog gauge\n"
-        "demo_backlog 1234567\n"
-    )
-    with pytest.raises(ValueError, match="already registered"):
-        registry.counter("demo_plain_total", "again")
-    with pytest.raises(ValueError, match="takes the labels"):
-        sends.inc(other="x")
 
 
 def test_a_receiver_is_busy_when_full_or_resting() -> None:

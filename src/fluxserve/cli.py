@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from fluxserve import accounts
+from fluxserve import accounts, logs
 from fluxserve.errors import ApiError, NotFound
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
@@ -118,6 +118,9 @@ async def _run_worker(settings: Settings, models: list[str]) -> int:
     from fluxserve.runtime import Runtime
 
     runtime = Runtime(settings, run_worker=True, models=models)
+    stop_metrics = None
+    if settings.metrics_port is not None:  # first: a port in use stops the worker here
+        stop_metrics = runtime.metrics.serve(settings.host, settings.metrics_port)
     await runtime.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -128,25 +131,28 @@ async def _run_worker(settings: Settings, models: list[str]) -> int:
     finally:
         # The running task, if any, stops at its next step and goes back to the queue.
         await runtime.stop()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def _configure_logging(settings: Settings, *, runs_engine: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logs.configure(settings.log_format)
+    warning = None
     if runs_engine and settings.engine == "tiny":
-        typer.secho(TINY_WARNING, fg=typer.colors.YELLOW, err=True)
+        warning = TINY_WARNING
     elif runs_engine:
         from fluxserve.checkpoints import fallback_warning, plan_engines
 
         warning = fallback_warning(plan_engines(settings, MODELS))
-        if warning:
-            typer.secho(warning, fg=typer.colors.YELLOW, err=True)
+    if warning and settings.log_format == "json":
+        logging.getLogger("fluxserve").warning(warning)
+    elif warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
 
 
 def _serve_http(settings: Settings, *, run_worker: bool) -> None:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from fluxserve.api.app import create_app
     from fluxserve.runtime import Runtime
@@ -159,6 +165,9 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
         port=settings.port,
         log_level="info",
         access_log=settings.access_log,
+        # JSON: uvicorn's loggers keep no handlers of their own, and their lines
+        # reach the root logger's JSON handler.
+        log_config=LOGGING_CONFIG if settings.log_format == "text" else None,
     )
 
 

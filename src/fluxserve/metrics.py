@@ -1,69 +1,64 @@
-"""Metrics in the Prometheus text format, served at `GET /metrics`.
+"""The process's metrics on prometheus-client, served at `GET /metrics`.
 
-Each part of fluxserve registers what it measures on the process's one
-`Registry`: counters it raises as things happen, and gauges read at scrape time
-(from the store, say), so a number that lives in the database is never cached
-here. No client library: the format is a few lines of text.
+Each part of fluxserve makes what it measures on the process's one `Metrics`:
+counters and histograms it moves as things happen, and gauges read from the
+database at each scrape, so a number that lives there is never cached here.
+Prometheus's collectors are synchronous and the store is not, so a scrape first
+awaits those reads, then renders their values beside everything else.
+
+Several processes (API processes sharing a port, an API and a worker on one
+machine) add up their counters and histograms with prometheus-client's
+multiprocess mode: with `PROMETHEUS_MULTIPROC_DIR` set before a process starts,
+each writes its values to files in that folder, and a scrape of any of them
+reads them all.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
-Labels = tuple[tuple[str, str], ...]
+# The `_created` series double every counter's and histogram's series, and
+# multiprocess mode has none: without them a scrape reads the same either way.
+disable_created_metrics()
+
 GaugeReader = Callable[[], Awaitable[float | dict[tuple[str, ...], float]]]
 
 
-class Counter:
-    """A number that only goes up, per set of label values."""
-
-    def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = labelnames
-        self._values: dict[Labels, float] = {}
-        if not labelnames:
-            self._values[()] = 0.0
-
-    def declare(self, **labels: str) -> None:
-        """Show this label set as 0 before it first counts, so rate() has a start."""
-        self._values.setdefault(self._key(labels), 0.0)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def _key(self, labels: dict[str, str]) -> Labels:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes the labels {self.labelnames}, got {tuple(labels)}")
-        return tuple((name, labels[name]) for name in self.labelnames)
-
-    def samples(self) -> list[tuple[Labels, float]]:
-        return sorted(self._values.items())
-
-
-class Registry:
-    """The metrics of one process, in registration order."""
+class Metrics:
+    """The metrics of one process: what it counts and times, and the database gauges."""
 
     def __init__(self) -> None:
-        self._counters: list[Counter] = []
-        self._gauges: list[tuple[str, str, tuple[str, ...], GaugeReader]] = []
-        self._names: set[str] = set()
+        self._registry = CollectorRegistry()
+        self._gauges: list[_DatabaseGauge] = []
 
-    def counter(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> Counter:
-        """A new counter; `name` should end in `_total`, as Prometheus expects."""
-        self._claim(name)
-        counter = Counter(name, help_text, labelnames)
-        self._counters.append(counter)
-        return counter
+    def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
+        """A new counter; `name` ends in `_total`, as Prometheus expects."""
+        return Counter(name, help_text, labelnames, registry=self._registry)
+
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+    ) -> Histogram:
+        """A new histogram; `name` ends in its unit, `_seconds`."""
+        return Histogram(name, help_text, labelnames, registry=self._registry, buckets=buckets)
 
     def gauge(
         self,
@@ -74,47 +69,62 @@ class Registry:
     ) -> None:
         """A gauge whose value `read` fetches at each scrape: a number, or with
         `labelnames` a number per tuple of label values."""
-        self._claim(name)
-        self._gauges.append((name, help_text, labelnames, read))
+        if any(gauge.name == name for gauge in self._gauges):
+            raise ValueError(f"gauge {name!r} is already registered")
+        self._gauges.append(_DatabaseGauge(name, help_text, labelnames, read))
 
-    async def render(self) -> str:
-        """The exposition text: HELP, TYPE and samples of every metric."""
-        lines: list[str] = []
-        for counter in self._counters:
-            lines += _header(counter.name, counter.help, "counter")
-            lines += [_sample(counter.name, labels, v) for labels, v in counter.samples()]
-        for name, help_text, labelnames, read in self._gauges:
-            lines += _header(name, help_text, "gauge")
-            value = await read()
-            if isinstance(value, dict):
-                lines += [
-                    _sample(name, tuple(zip(labelnames, values, strict=True)), v)
-                    for values, v in sorted(value.items())
-                ]
-            else:
-                lines.append(_sample(name, (), value))
-        return "\n".join(lines) + "\n"
+    async def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format `accept` asks for (the plain text by
+        default), and its content type."""
+        encode, content_type = choose_encoder(accept or "")
+        scrape = CollectorRegistry()
+        scrape.register(self.counted())
+        scrape.register(_Read([await gauge.read() for gauge in self._gauges]))
+        return encode(scrape), content_type
 
-    def _claim(self, name: str) -> None:
-        if not _NAME.fullmatch(name) or name in self._names:
-            raise ValueError(f"metric name {name!r} is invalid or already registered")
-        self._names.add(name)
+    def counted(self) -> Collector:
+        """The counters and histograms, without the database gauges: this
+        process's, or in multiprocess mode every process's."""
+        if os.environ.get(MULTIPROCESS_DIR):
+            return MultiProcessCollector(None)
+        return self._registry
 
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """Serve `counted` at http://host:port/metrics from a thread, for a
+        process without the API (a worker); returns what stops it."""
+        server, thread = start_http_server(port, host, registry=self.counted())
 
-def _header(name: str, help_text: str, kind: str) -> list[str]:
-    return [f"# HELP {name} {_escape(help_text, quote=False)}", f"# TYPE {name} {kind}"]
+        def stop() -> None:
+            server.shutdown()
+            thread.join()
 
-
-def _sample(name: str, labels: Labels, value: float) -> str:
-    # Integral values print as integers: counts read best that way, and repr
-    # keeps every digit of the rest (":g" would round a large counter).
-    text = str(int(value)) if float(value).is_integer() else repr(float(value))
-    if not labels:
-        return f"{name} {text}"
-    inner = ",".join(f'{key}="{_escape(val, quote=True)}"' for key, val in labels)
-    return f"{name}{{{inner}}} {text}"
+        return stop
 
 
-def _escape(text: str, *, quote: bool) -> str:
-    text = text.replace("\\", "\\\\").replace("\n", "\\n")
-    return text.replace('"', '\\"') if quote else text
+class _DatabaseGauge:
+    def __init__(
+        self, name: str, help_text: str, labelnames: tuple[str, ...], read: GaugeReader
+    ) -> None:
+        self.name = name
+        self.help = help_text
+        self.labelnames = labelnames
+        self._read = read
+
+    async def read(self) -> GaugeMetricFamily:
+        value = await self._read()
+        if not isinstance(value, dict):
+            return GaugeMetricFamily(self.name, self.help, value=value)
+        family = GaugeMetricFamily(self.name, self.help, labels=self.labelnames)
+        for labels, number in sorted(value.items()):
+            family.add_metric(labels, number)
+        return family
+
+
+class _Read(Collector):
+    """Gauges already read for one scrape, as a collector."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families

@@ -12,13 +12,14 @@ from fluxserve import retention
 from fluxserve.engines import make_engine
 from fluxserve.engines.base import Engine
 from fluxserve.errors import StoreUnavailable
-from fluxserve.metrics import Registry
+from fluxserve.metrics import Metrics
 from fluxserve.netguard import NetPolicy
 from fluxserve.service import TaskService
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage, open_storage
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import SubmitLimits
+from fluxserve.task_metrics import TaskMetrics
 from fluxserve.tasks import MODELS
 from fluxserve.uploads import Uploads
 from fluxserve.webhooks import Webhooks
@@ -44,7 +45,8 @@ class Runtime:
         self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
         self.store: Store = open_store(settings.resolved_database_url)
         self.storage: Storage = open_storage(settings)
-        self.metrics = Registry()
+        self.metrics = Metrics()
+        self.store.watch_endings(TaskMetrics(self.metrics).ended)
         self.webhooks = Webhooks(settings, self.store, self.storage, self.metrics)
         self._register_fleet_metrics()
         self.uploads = Uploads(self.store, self.storage, settings, self.policy)

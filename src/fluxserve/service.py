@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from fluxserve.data_references import is_data_url, store_data_references
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
+from fluxserve.logs import bind_task
 from fluxserve.netguard import NetPolicy, check_url
 from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord, Store
@@ -73,7 +74,7 @@ class TaskService:
             # lost) makes the same image and overwrites the same file.
             task_input = dataclasses.replace(task_input, seed=secrets.randbelow(2**32))
         now = time.time()
-        return await self.store.create_task(
+        task = await self.store.create_task(
             NewTask(
                 task_id=new_task_id(now),
                 owner=key.key_id,
@@ -90,6 +91,8 @@ class TaskService:
             if idempotency is None
             else IdempotencyKey(*idempotency, ttl=self.idempotency_ttl),
         )
+        bind_task(task.task_id)  # the request's later lines, its access log's too
+        return task
 
     async def get(self, key: ApiKeyRecord, task_id: str) -> Task:
         """The caller's task; 404 when unknown, 403 when another account's."""

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         default=True, description="Log a line per HTTP request (off behind a proxy that logs)"
     )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="fluxserve worker: serve /metrics on this port"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text: readable lines; json: one JSON object a line"
+    )
     public_url: str | None = Field(
         default=None, description="Base of every file_url; defaults to http://host:port"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
@@ -39,6 +40,7 @@ from fluxserve.errors import (
     StoreUnavailable,
     UnsafeURLError,
 )
+from fluxserve.logs import about_tasks, context_about
 from fluxserve.netguard import NetPolicy, guarded_client
 from fluxserve.references import load_references
 from fluxserve.settings import Settings
@@ -168,7 +170,8 @@ class Worker:
                         if not claims:
                             await self.store.wait_for_task(self.settings.poll_interval)
                             continue
-                        await self._run_batch(claims, client)
+                        with about_tasks(*(claim.task.task_id for claim in claims)):
+                            await self._run_batch(claims, client)
                     except StoreUnavailable as exc:
                         # The lease covers a running task meanwhile; retry once it's back.
                         logger.warning("worker %s: %s; retrying", self.worker_id, exc)
@@ -214,11 +217,15 @@ class Worker:
     async def _run_batch(self, claims: Sequence[Claim], client: httpx.AsyncClient) -> None:
         """Run `claims` in one engine call; each then ends on its own."""
         reporters = [self._reporter(claim) for claim in claims]
-        heartbeats = [asyncio.create_task(reporter.run()) for reporter in reporters]
+        heartbeats = [
+            asyncio.create_task(reporter.run(), context=context_about(claim.task.task_id))
+            for claim, reporter in zip(claims, reporters, strict=True)
+        ]
         try:
             jobs = []
             for claim, reporter in zip(claims, reporters, strict=True):
-                request = await self._prepare(claim, client)
+                with about_tasks(claim.task.task_id):
+                    request = await self._prepare(claim, client)
                 if request is not None:
                     jobs.append(_Job(claim, request, reporter))
             if jobs:
@@ -276,7 +283,8 @@ class Worker:
                 await self.store.fail_task(job.claim, _internal_error(exc))
             return
         for job, images in zip(jobs, outputs, strict=True):
-            await self._finish(job, images)
+            with about_tasks(job.task_id):
+                await self._finish(job, images)
 
     async def _request(self, claim: Claim, client: httpx.AsyncClient) -> GenerationRequest:
         task = claim.task
@@ -329,8 +337,10 @@ class Worker:
                 loop.call_soon_threadsafe(job.reporter.update, progress)
 
         requests = [job.request for job in jobs]
+        # In this context, so that the engine's log lines name the tasks too.
+        context = contextvars.copy_context()
         return await loop.run_in_executor(
-            self._executor, generate_batch, self.engine, requests, on_progress
+            self._executor, context.run, generate_batch, self.engine, requests, on_progress
         )
 
     async def _finish(self, job: _Job, images: Sequence[Image.Image]) -> None:

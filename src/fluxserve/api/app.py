@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from fluxserve import __version__
 from fluxserve.api.account_routes import router as account_router
@@ -13,6 +13,7 @@ from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.guard import BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.observe import RequestMetrics, request_histogram, task_of_request
 from fluxserve.api.openapi import install_openapi
 from fluxserve.api.routes import SUBMIT_PATH, router
 from fluxserve.api.schemas import MAX_IMAGES
@@ -35,10 +36,18 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     # No redirects to the slash-ended path: Starlette builds them from the Host
     # header, so anyone could make a fluxserve URL redirect to a host of theirs.
-    app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="fluxserve",
+        version=__version__,
+        lifespan=lifespan,
+        redirect_slashes=False,
+        dependencies=[Depends(task_of_request)],
+    )
     app.state.runtime = runtime
     keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     app.add_middleware(RequestGuard, keys=keys, caps=body_caps(runtime.settings))
+    # Added last, so outermost: it counts the guard's 401s and 413s too.
+    app.add_middleware(RequestMetrics, histogram=request_histogram(runtime.metrics))
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(router)

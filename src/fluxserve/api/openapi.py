@@ -247,8 +247,11 @@ FILE_ANSWERS: dict[int | str, dict[str, Any]] = {
 }
 METRICS_ANSWERS: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The Prometheus text format",
-        "content": {"text/plain": {"schema": {"type": "string"}}},
+        "description": "The Prometheus text format, or OpenMetrics when `Accept` asks for it",
+        "content": {
+            "text/plain": {"schema": {"type": "string"}},
+            "application/openmetrics-text": {"schema": {"type": "string"}},
+        },
     },
     **errors(*ANY_ROUTE),
 }

@@ -22,7 +22,6 @@ from fluxserve.api.openapi import (
 )
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
-from fluxserve.metrics import CONTENT_TYPE
 from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
@@ -128,6 +127,9 @@ async def health(rt: RuntimeDep) -> dict[str, Any]:
 # A plain Response: errors take their media type from the route's class, and
 # they are JSON whatever the route's success is.
 @router.get("/metrics", response_class=Response, responses=METRICS_ANSWERS)
-async def metrics(rt: RuntimeDep) -> Response:
-    """This process's metrics in the Prometheus text format."""
-    return Response(await rt.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(
+    rt: RuntimeDep, accept: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> Response:
+    """The metrics in the Prometheus text format (or OpenMetrics, when `Accept` asks)."""
+    body, content_type = await rt.metrics.render(accept)
+    return Response(body, headers={"content-type": content_type})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -194,6 +194,11 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    @abstractmethod
+    def watch_endings(self, listener: Callable[[Task], None]) -> None:
+        """Call `listener` with every task this store ends (finished, failed,
+        cancelled, given up), as it ended, once its end has committed."""
 
     # Accounts and credits ---------------------------------------------------
     @abstractmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -295,29 +295,37 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
 
     async def _end(self, claim: Claim, *, status: TaskStatus, **values: Any) -> bool:
         now = time.time()
-        async with self._write(wake=(CALLBACKS,)) as conn:
-            result = await conn.execute(
-                tasks.update()
-                .where(_held_by(claim))
-                .values(status=status.value, finished_at=now, lease_expires_at=None, **values)
-            )
-            if result.rowcount != 1:
+        async with self._ending(wake=(CALLBACKS,)) as (conn, ended):
+            row = (
+                await conn.execute(
+                    tasks.update()
+                    .where(_held_by(claim))
+                    .values(status=status.value, finished_at=now, lease_expires_at=None, **values)
+                    .returning(tasks.c.cancelled_at)
+                )
+            ).first()
+            if row is None:
                 return False
-            await self._on_end(conn, claim.task, status, now)
+            task = replace(
+                claim.task, status=status, finished_at=now, cancelled_at=row.cancelled_at
+            )
+            await self._on_end(conn, task, status, now, ended)
         return True
 
     async def _on_end(
-        self, conn: AsyncConnection, task: Task, status: TaskStatus, now: float
+        self, conn: AsyncConnection, task: Task, status: TaskStatus, now: float, ended: list[Task]
     ) -> None:
-        """What every ending writes with its status: the callback, the credits."""
+        """What every ending writes with its status: the callback, the credits; and
+        the task goes on `ended`, for the listeners."""
         if task.wants(status.value):
             await self._queue_callback(conn, task, status.value, now)
         finished = status is TaskStatus.FINISHED
         await settle_task_credits(conn, task.account_id, task.task_id, task.price, finished)
+        ended.append(task)
 
     async def cancel_task(self, task_id: str) -> Task | None:
         now = time.time()
-        async with self._write(wake=(CALLBACKS,)) as conn:
+        async with self._ending(wake=(CALLBACKS,)) as (conn, ended):
             queued = (
                 await conn.execute(
                     tasks.update()
@@ -336,7 +344,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             ).first()
             if queued is not None:
                 task = task_from_row(queued)
-                await self._on_end(conn, task, TaskStatus.FAILED, now)
+                await self._on_end(conn, task, TaskStatus.FAILED, now, ended)
                 return task
             # Running: its worker sees the mark when it next reports progress.
             await conn.execute(
@@ -378,7 +386,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
 
     async def release_task(self, claim: Claim) -> bool:
         now = time.time()
-        async with self._write(wake=(TASKS, CALLBACKS)) as conn:
+        async with self._ending(wake=(TASKS, CALLBACKS)) as (conn, ended):
             cancelled = (
                 await conn.execute(
                     tasks.update()
@@ -388,7 +396,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
                 )
             ).first()
             if cancelled is not None:
-                await self._on_end(conn, task_from_row(cancelled), TaskStatus.FAILED, now)
+                await self._on_end(conn, task_from_row(cancelled), TaskStatus.FAILED, now, ended)
                 return True
             result = await conn.execute(
                 tasks.update()
@@ -409,7 +417,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         expired = sa.and_(
             tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < now
         )
-        async with self._write(wake=(TASKS, CALLBACKS)) as conn:
+        async with self._ending(wake=(TASKS, CALLBACKS)) as (conn, ended):
             if not await self._take_sweep_turn(conn):
                 return 0, 0
             # A cancelled task whose worker was lost ends now, as cancelled.
@@ -429,7 +437,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
                 )
             ).all()
             for row in gone:
-                await self._on_end(conn, task_from_row(row), TaskStatus.FAILED, now)
+                await self._on_end(conn, task_from_row(row), TaskStatus.FAILED, now, ended)
             requeued = await conn.execute(
                 tasks.update()
                 .where(expired)

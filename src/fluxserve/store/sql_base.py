@@ -19,6 +19,7 @@ from fluxserve.errors import StoreUnavailable
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
 from fluxserve.store.group_commit import GroupCommit
 from fluxserve.store.wakeups import CALLBACKS, TASKS
+from fluxserve.tasks import Task
 
 T = TypeVar("T")
 
@@ -42,6 +43,7 @@ class SqlBase:
         self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
         self._compiled_statements: dict[tuple[Any, tuple[str, ...]], CompiledStatement] = {}
         self._submits: GroupCommit | None = None  # a dialect's group commit, if it has one
+        self._end_listeners: list[Callable[[Task], None]] = []
 
     def _create_engine(self) -> AsyncEngine:
         raise NotImplementedError
@@ -129,6 +131,22 @@ class SqlBase:
                 yield conn
                 await self._notify(conn, wake)
         self._wake_local(*wake)
+
+    def watch_endings(self, listener: Callable[[Task], None]) -> None:
+        self._end_listeners.append(listener)
+
+    @asynccontextmanager
+    async def _ending(
+        self, wake: tuple[str, ...] = ()
+    ) -> AsyncIterator[tuple[AsyncConnection, list[Task]]]:
+        """A transaction that may end tasks: those put in its list are told to the
+        `watch_endings` listeners once it commits."""
+        ended: list[Task] = []
+        async with self._write(wake) as conn:
+            yield conn, ended
+        for task in ended:
+            for listener in self._end_listeners:
+                listener(task)
 
     async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
         """Tell other processes, inside the transaction; in-process waiters need nothing."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fluxserve.metrics import Registry
+from fluxserve.metrics import Metrics
 from fluxserve.netguard import NetPolicy, guarded_client
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage
@@ -43,13 +43,13 @@ class Webhooks:
     """One process's callback machinery: secrets, the outbox dispatcher, progress events."""
 
     def __init__(
-        self, settings: Settings, store: Store, storage: Storage, registry: Registry
+        self, settings: Settings, store: Store, storage: Storage, metrics: Metrics
     ) -> None:
         self.policy = callback_policy(settings)
         self.secrets = WebhookSecrets(store, grace_seconds=settings.webhook_secret_grace)
         self._client = guarded_client(self.policy, timeout=settings.callback_timeout)
         sender = Sender(self._client, self.secrets, timeout=settings.callback_timeout)
-        metrics = WebhookMetrics(registry, store)
+        delivery = WebhookMetrics(metrics, store)
 
         def render(task: Task) -> dict[str, Any]:
             return status_body(task, storage)
@@ -58,7 +58,7 @@ class Webhooks:
             store,
             sender,
             render,
-            metrics,
+            delivery,
             schedule=RetrySchedule(
                 settings.callback_retry_delays, jitter=settings.callback_retry_jitter
             ),
@@ -67,7 +67,7 @@ class Webhooks:
             poll_interval=settings.poll_interval,
         )
         self.progress = ProgressEvents(
-            store, sender, render, metrics, concurrency=settings.callback_concurrency
+            store, sender, render, delivery, concurrency=settings.callback_concurrency
         )
 
     async def run(self) -> None:

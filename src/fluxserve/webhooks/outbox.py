@@ -14,6 +14,7 @@ import logging
 import time
 
 from fluxserve.errors import StoreUnavailable
+from fluxserve.logs import about_tasks
 from fluxserve.store import CallbackRecord, Store
 from fluxserve.store.base import Attempt
 from fluxserve.webhooks.counters import WebhookMetrics
@@ -98,7 +99,8 @@ class CallbackDispatcher:
 
     def _start(self, record: CallbackRecord) -> None:
         self._receivers.take(record.origin)
-        job = asyncio.create_task(self._deliver(record))
+        with about_tasks(record.task_id):  # the delivery's task inherits it
+            job = asyncio.create_task(self._deliver(record))
         self._in_flight.add(job)
         job.add_done_callback(lambda _: self._finished(job, record.origin))
 
@@ -136,7 +138,7 @@ class CallbackDispatcher:
         task = await self.store.get_task(record.task_id)
         if task is None:
             attempt = Attempt(time.time(), 0.0, None, "task no longer exists")
-            await self._record(record, attempt, retry_at=None)
+            await self._record(record, Sent(attempt), retry_at=None)
             return
         try:
             body = self.render(task)
@@ -168,10 +170,8 @@ class CallbackDispatcher:
                 "giving up" if delay is None else f"retrying in {delay:.3g}s",
             )
         retry_at = None if delay is None else time.time() + delay
-        await self._record(record, attempt, retry_at=retry_at)
+        await self._record(record, sent, retry_at=retry_at)
 
-    async def _record(
-        self, record: CallbackRecord, attempt: Attempt, *, retry_at: float | None
-    ) -> None:
-        await self.store.record_attempt(record.callback_id, attempt, retry_at=retry_at)
-        self.metrics.observe(record.event_type, attempt, final=retry_at is None)
+    async def _record(self, record: CallbackRecord, sent: Sent, *, retry_at: float | None) -> None:
+        await self.store.record_attempt(record.callback_id, sent.attempt, retry_at=retry_at)
+        self.metrics.observe(record.event_type, sent, final=retry_at is None)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from fluxserve.logs import about_tasks
 from fluxserve.store import Store
 from fluxserve.tasks import Task, new_event_id
 from fluxserve.webhooks.counters import WebhookMetrics
@@ -54,9 +55,10 @@ class ProgressEvents:
     def emit(self, task: Task, event_type: str) -> bool:
         """Start sending `task`'s status as `event_type`; False if skipped for the bounds."""
         if task.task_id in self._in_flight or len(self._in_flight) >= self.concurrency:
-            self.metrics.dropped.inc(event=event_type)
+            self.metrics.dropped.labels(event=event_type).inc()
             return False
-        job = asyncio.create_task(self._send(task, event_type))
+        with about_tasks(task.task_id):  # the send's task inherits it
+            job = asyncio.create_task(self._send(task, event_type))
         self._in_flight[task.task_id] = job
         job.add_done_callback(lambda _: self._in_flight.pop(task.task_id, None))
         return True
@@ -79,7 +81,7 @@ class ProgressEvents:
         except Exception:
             logger.exception("%s event of task %s could not be sent", event_type, task.task_id)
             return
-        self.metrics.observe(event_type, sent.attempt, final=True)
+        self.metrics.observe(event_type, sent, final=True)
         if not sent.attempt.delivered:
             logger.info(
                 "%s event of task %s not delivered: %s",

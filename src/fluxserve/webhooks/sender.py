@@ -44,6 +44,13 @@ class Sent:
     attempt: Attempt
     retryable: bool = False
     retry_after: float | None = None
+    unanswered: str = "error"  # without an answer: `timeout`, `refused` or `error`
+
+    @property
+    def outcome(self) -> str:
+        """What came of it, in a few words for a metric's label: `2xx` to `5xx` or `unanswered`."""
+        code = self.attempt.status_code
+        return self.unanswered if code is None else f"{code // 100}xx"
 
 
 def encode(body: dict[str, Any]) -> bytes:
@@ -85,9 +92,10 @@ class Sender:
             async with asyncio.timeout(self.timeout):
                 response = await self._post(event.url, body, headers)
         except UnsafeURLError as exc:
-            return Sent(attempt(None, f"refused: {exc}"))
+            return Sent(attempt(None, f"refused: {exc}"), unanswered="refused")
         except (TimeoutError, httpx.TimeoutException):
-            return Sent(attempt(None, f"timed out after {self.timeout:g}s"), retryable=True)
+            timed_out = attempt(None, f"timed out after {self.timeout:g}s")
+            return Sent(timed_out, retryable=True, unanswered="timeout")
         except Exception as exc:
             # httpx's own errors, and whatever else the client or the resolver
             # raises: the attempt failed, and the schedule decides what follows.
