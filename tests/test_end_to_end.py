@@ -214,15 +214,24 @@ async def test_files_outside_the_store_are_not_served(service: Service) -> None:
 
 async def test_health_reports_the_ready_worker(service: Service) -> None:
     response = await service.client.get("/health")
-    assert response.json()["worker"] == {"state": "ready", "engine": "tiny", "error": None}
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "worker": {"state": "ready", "engine": "tiny", "error": None},
+    }
 
 
-async def test_health_and_metrics_show_the_queue_and_the_live_workers(service: Service) -> None:
-    health = (await service.client.get("/health")).json()
-    [worker] = health["workers"]
+async def test_ready_and_metrics_show_the_queue_and_the_live_workers(service: Service) -> None:
+    response = await service.client.get("/ready")
+    assert response.status_code == 200
+    ready = response.json()
+    assert ready["status"] == "ready" and ready["reasons"] == []
+    assert ready["worker"] == {"state": "ready", "engine": "tiny", "error": None}
+    [worker] = ready["workers"]
     assert worker["state"] == "ready" and worker["engine"] == "tiny"
     assert worker["worker_id"] == service.runtime.worker.worker_id  # type: ignore[union-attr]
-    assert health["queue"] == {}
+    assert ready["queue"] == {}
+    assert ready["schema"]["database"] == ready["schema"]["code"] is not None
     metrics = (await service.client.get("/metrics")).text
     assert "fluxserve_workers_alive 1" in metrics.splitlines()
     assert 'fluxserve_queue_depth{model="flux-2-pro"} 0' in metrics.splitlines()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from fluxserve.api.auth import authenticate
 from fluxserve.api.file_response import file_response
@@ -13,6 +13,7 @@ from fluxserve.api.keycache import KeyCache
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
 from fluxserve.metrics import CONTENT_TYPE
+from fluxserve.probes import Probe, liveness, readiness
 from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
@@ -89,9 +90,19 @@ async def download(
 
 
 @router.get("/health")
-async def health(rt: RuntimeDep) -> dict[str, Any]:
-    """Liveness, and whether this process's worker is ready."""
-    return await rt.health()
+async def health(rt: RuntimeDep) -> JSONResponse:
+    """Liveness: 200 while the process lives, 503 once it must be restarted. No database."""
+    return _answer(liveness(rt))
+
+
+@router.get("/ready")
+async def ready(rt: RuntimeDep) -> JSONResponse:
+    """Readiness: 200 when this process should be sent work, else 503 with the reasons."""
+    return _answer(await readiness(rt))
+
+
+def _answer(probe: Probe) -> JSONResponse:
+    return JSONResponse(probe.body, status_code=probe.status_code)
 
 
 @router.get("/metrics")
