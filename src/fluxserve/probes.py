@@ -70,6 +70,8 @@ async def readiness(runtime: Runtime) -> Probe:
         reasons.append(str(exc))
     except TimeoutError:
         reasons.append(f"database unavailable: no answer within {DATABASE_TIMEOUT:g} s")
+    except Exception as exc:  # a database that answers with errors is not ready either
+        reasons.append(f"database check failed: {type(exc).__name__}: {exc}")
     return Probe(
         not reasons, {"status": "not_ready" if reasons else "ready", "reasons": reasons, **body}
     )

@@ -144,6 +144,7 @@ class Worker:
         # Task ids to stop at their next step; read on the engine thread.
         self._cancelled: set[str] = set()
         self._running: frozenset[str] = frozenset()
+        self._heartbeat_lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Load the engine, then claim and run tasks until cancelled.
@@ -207,9 +208,12 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         try:
-            await self.store.record_heartbeat(
-                self.worker_id, self.models, self.engine.name, self.state.value
-            )
+            # One at a time: the store's update-then-insert of a new worker's row
+            # is safe only when its own writes do not overlap.
+            async with self._heartbeat_lock:
+                await self.store.record_heartbeat(
+                    self.worker_id, self.models, self.engine.name, self.state.value
+                )
         except StoreUnavailable as exc:
             logger.warning("worker %s: heartbeat not saved: %s", self.worker_id, exc)
 
