@@ -146,6 +146,10 @@ async def test_an_unreachable_reference_fails_the_task_readably(service: Service
     assert "image_urls[0]" in data["error_message"] and "404" in data["error_message"]
 
 
+class Panic(BaseException):
+    """What a library written in Rust raises when it panics: not an Exception."""
+
+
 class Exploding:
     """The tiny engine, except that prompts naming a failure raise it mid-denoise."""
 
@@ -166,6 +170,8 @@ class Exploding:
                 raise EngineError("the sampler diverged at step 2")
             if done == 2 and "bug" in request.prompt:
                 raise ZeroDivisionError("division by zero")
+            if done == 2 and "panic" in request.prompt:
+                raise Panic("called `Option::unwrap()` on a `None` value")
 
         return self.inner.generate(request, progress)
 
@@ -181,17 +187,23 @@ async def test_an_engine_error_fails_that_task_and_the_next_one_runs(
     ):
         hook = f"{hook_url}/hook"
         ids = []
-        for prompt in ("an engine error please", "a bug please", "a calm sea"):
+        prompts = ("an engine error please", "a bug please", "a panic please", "a calm sea")
+        for prompt in prompts:
             response = await service.submit(
                 {"model": "flux-2-pro", "callback_url": hook, "input": {"prompt": prompt}}
             )
             ids.append(response.json()["data"]["task_id"])
         results = [await service.wait(task_id) for task_id in ids]
-        await receiver.wait_for(3)
+        await receiver.wait_for(4)
+        ready = await service.client.get("/ready")
 
-    assert [r["status"] for r in results] == ["failed", "failed", "finished"]
+    assert [r["status"] for r in results] == ["failed", "failed", "failed", "finished"]
     assert results[0]["error_message"] == "the sampler diverged at step 2"
     assert results[1]["error_message"] == "Internal error: ZeroDivisionError: division by zero"
+    assert results[2]["error_message"] == (
+        "Internal error: Panic: called `Option::unwrap()` on a `None` value"
+    )
+    assert ready.status_code == 200
     assert results[0]["files"] == [] and results[0]["credits_amount"] == 0
     assert sorted(b["data"]["task_id"] for b in receiver.bodies) == sorted(ids)
 

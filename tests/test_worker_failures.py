@@ -1,5 +1,7 @@
 """A worker cannot die silently: what a task raises fails that task, and what ends the
-worker's loop ends the process loudly, with /health and /ready saying so."""
+worker's loop ends the process loudly, with /health and /ready saying so.
+
+(An engine raising a BaseException mid-run: test_end_to_end.py, `Exploding`.)"""
 
 from __future__ import annotations
 
@@ -20,46 +22,6 @@ from conftest import make_settings, queue_task, run_service
 
 class Panic(BaseException):
     """What a library written in Rust raises when it panics: not an Exception."""
-
-
-class PanicsMidRun:
-    """The tiny engine, except that a prompt saying "panic" raises `Panic` at step 2."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def progress(done: int, total: int) -> None:
-            on_progress(done, total)
-            if done == 2 and "panic" in request.prompt:
-                raise Panic("called `Option::unwrap()` on a `None` value")
-
-        return self.inner.generate(request, progress)
-
-
-async def test_a_base_exception_mid_run_fails_that_task_and_the_next_one_runs(
-    tmp_path: Path, tiny_engine: Engine
-) -> None:
-    settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=PanicsMidRun(tiny_engine)) as service:
-        ids = []
-        for prompt in ("a panic please", "a calm sea"):
-            response = await service.submit({"model": "flux-2-pro", "input": {"prompt": prompt}})
-            ids.append(response.json()["data"]["task_id"])
-        results = [await service.wait(task_id) for task_id in ids]
-        ready = await service.client.get("/ready")
-    assert [r["status"] for r in results] == ["failed", "finished"]
-    assert results[0]["error_message"] == (
-        "Internal error: Panic: called `Option::unwrap()` on a `None` value"
-    )
-    assert ready.status_code == 200 and ready.json()["worker"]["state"] == "ready"
 
 
 async def test_the_tokenizers_panic_on_a_long_run_of_spaces_fails_only_that_task(
