@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.runtime import Runtime
+
+if TYPE_CHECKING:
+    from fluxserve.worker import Worker
 
 # The worker's states as strings (WorkerState is a StrEnum): an API process never
 # imports the worker's module.
@@ -39,12 +42,13 @@ def liveness(runtime: Runtime) -> Probe:
     """Whether this process lives: it fails only once the process must be restarted (a
     background loop ended, or its worker is defunct)."""
     worker = runtime.worker
-    defunct = worker is not None and worker.state == DEFUNCT
-    reason = runtime.failure or (worker.error if defunct and worker is not None else None)
+    reason = runtime.failure
+    if reason is None and worker is not None and worker.state == DEFUNCT:
+        reason = worker.error
     body: dict[str, Any] = {"status": "ok" if reason is None else "failing"}
     if reason is not None:
         body["reason"] = reason
-    body["worker"] = None if worker is None else _worker_view(runtime)
+    body["worker"] = _worker_view(worker)
     return Probe(reason is None, body)
 
 
@@ -58,7 +62,7 @@ async def readiness(runtime: Runtime) -> Probe:
         why = f": {worker.error}" if worker.error else ""
         reasons.append(f"this process's worker is {worker.state.value}{why}")
     body: dict[str, Any] = {
-        "worker": None if worker is None else _worker_view(runtime),
+        "worker": _worker_view(worker),
         "schema": None,
         "queue": None,
         "workers": None,
@@ -101,7 +105,7 @@ async def _database(runtime: Runtime, body: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def _worker_view(runtime: Runtime) -> dict[str, Any]:
-    worker = runtime.worker
-    assert worker is not None
+def _worker_view(worker: Worker | None) -> dict[str, Any] | None:
+    if worker is None:
+        return None
     return {"state": worker.state.value, "engine": worker.engine.name, "error": worker.error}
