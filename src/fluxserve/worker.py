@@ -202,7 +202,8 @@ class Worker:
     async def _defunct(self, reason: str) -> None:
         """This worker runs no more tasks: say why, where /ready and the fleet see it."""
         self.state, self.error = WorkerState.DEFUNCT, reason
-        logger.critical("worker %s is defunct: %s", self.worker_id, reason, exc_info=True)
+        # The traceback follows in the runtime's line about the loop that ended.
+        logger.critical("worker %s is defunct: %s", self.worker_id, reason)
         with contextlib.suppress(Exception):  # best effort: the database may be the cause
             await self._heartbeat()
 
