@@ -108,8 +108,8 @@ async def test_status_of_a_queued_task(service: Service) -> None:
     assert data["queue_position"] == 1
     second = (await service.submit(BODY)).json()["data"]["task_id"]
     assert (await service.status(second)).json()["data"]["queue_position"] == 2
-    health = (await service.client.get("/health")).json()
-    assert health["queue"] == {"flux-2-pro": 2} and health["workers"] == []
+    ready = (await service.client.get("/ready")).json()
+    assert ready["queue"] == {"flux-2-pro": 2} and ready["workers"] == []
 
 
 async def test_task_ids_are_unique(service: Service) -> None:

@@ -146,6 +146,10 @@ async def test_an_unreachable_reference_fails_the_task_readably(service: Service
     assert "image_urls[0]" in data["error_message"] and "404" in data["error_message"]
 
 
+class Panic(BaseException):
+    """What a library written in Rust raises when it panics: not an Exception."""
+
+
 class Exploding:
     """The tiny engine, except that prompts naming a failure raise it mid-denoise."""
 
@@ -166,6 +170,8 @@ class Exploding:
                 raise EngineError("the sampler diverged at step 2")
             if done == 2 and "bug" in request.prompt:
                 raise ZeroDivisionError("division by zero")
+            if done == 2 and "panic" in request.prompt:
+                raise Panic("called `Option::unwrap()` on a `None` value")
 
         return self.inner.generate(request, progress)
 
@@ -181,17 +187,23 @@ async def test_an_engine_error_fails_that_task_and_the_next_one_runs(
     ):
         hook = f"{hook_url}/hook"
         ids = []
-        for prompt in ("an engine error please", "a bug please", "a calm sea"):
+        prompts = ("an engine error please", "a bug please", "a panic please", "a calm sea")
+        for prompt in prompts:
             response = await service.submit(
                 {"model": "flux-2-pro", "callback_url": hook, "input": {"prompt": prompt}}
             )
             ids.append(response.json()["data"]["task_id"])
         results = [await service.wait(task_id) for task_id in ids]
-        await receiver.wait_for(3)
+        await receiver.wait_for(4)
+        ready = await service.client.get("/ready")
 
-    assert [r["status"] for r in results] == ["failed", "failed", "finished"]
+    assert [r["status"] for r in results] == ["failed", "failed", "failed", "finished"]
     assert results[0]["error_message"] == "the sampler diverged at step 2"
     assert results[1]["error_message"] == "Internal error: ZeroDivisionError: division by zero"
+    assert results[2]["error_message"] == (
+        "Internal error: Panic: called `Option::unwrap()` on a `None` value"
+    )
+    assert ready.status_code == 200
     assert results[0]["files"] == [] and results[0]["credits_amount"] == 0
     assert sorted(b["data"]["task_id"] for b in receiver.bodies) == sorted(ids)
 
@@ -214,15 +226,24 @@ async def test_files_outside_the_store_are_not_served(service: Service) -> None:
 
 async def test_health_reports_the_ready_worker(service: Service) -> None:
     response = await service.client.get("/health")
-    assert response.json()["worker"] == {"state": "ready", "engine": "tiny", "error": None}
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "worker": {"state": "ready", "engine": "tiny", "error": None},
+    }
 
 
-async def test_health_and_metrics_show_the_queue_and_the_live_workers(service: Service) -> None:
-    health = (await service.client.get("/health")).json()
-    [worker] = health["workers"]
+async def test_ready_and_metrics_show_the_queue_and_the_live_workers(service: Service) -> None:
+    response = await service.client.get("/ready")
+    assert response.status_code == 200
+    ready = response.json()
+    assert ready["status"] == "ready" and ready["reasons"] == []
+    assert ready["worker"] == {"state": "ready", "engine": "tiny", "error": None}
+    [worker] = ready["workers"]
     assert worker["state"] == "ready" and worker["engine"] == "tiny"
     assert worker["worker_id"] == service.runtime.worker.worker_id  # type: ignore[union-attr]
-    assert health["queue"] == {}
+    assert ready["queue"] == {}
+    assert ready["schema"]["database"] == ready["schema"]["code"] is not None
     metrics = metric_samples((await service.client.get("/metrics")).text)
     assert metrics["fluxserve_workers_alive"] == 1
     assert metrics['fluxserve_queue_depth{model="flux-2-pro"}'] == 0

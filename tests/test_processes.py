@@ -176,3 +176,51 @@ def test_the_access_log_can_be_turned_off(env: dict[str, str], tmp_path: Path) -
     written = log.read_text()
     assert "Application startup complete" in written
     assert "GET /health" not in written
+
+
+def test_a_serve_whose_worker_cannot_start_says_why_and_exits_non_zero(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # The real engine, with no weights on this machine: its load fails.
+    env = {**env, "FLUXSERVE_ENGINE": "diffusers", "HF_HOME": str(tmp_path / "hf")}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxserve", "serve"], env=env, stdout=out, stderr=out
+        )
+    try:
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    written = log.read_text()
+    assert code == 1, written
+    assert "CRITICAL fluxserve.worker: worker" in written
+    assert "is defunct: engine failed to load: EngineUnavailable" in written
+    assert "CRITICAL fluxserve.runtime: worker loop ended" in written
+
+
+def test_a_task_that_kills_its_worker_max_attempts_times_fails_and_stays_failed(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "FLUXSERVE_LEASE_SECONDS": "1", "FLUXSERVE_MAX_ATTEMPTS": "2"}
+    secret = fluxserve("keys", "create", "--name", "me", env=env).stdout.split()[-1]
+    api = Api(env, secret)
+    log = tmp_path / "serve.log"
+    poisoned = None
+    for _ in range(2):  # each run of the task ends with its worker killed
+        with server(env, log) as process:
+            poisoned = poisoned or api.submit(size="1:1", resolution="2K")
+            api.wait(poisoned, ("running",))
+            process.kill()
+            process.wait(timeout=30)
+    assert poisoned is not None
+    with server(env, log):
+        failed = api.wait(poisoned, ("finished", "failed"))
+        plain = api.wait(api.submit(size="1:1"), ("finished", "failed"))
+        again = api.status(poisoned)
+    assert failed["status"] == "failed", failed
+    assert failed["error_message"] == "The worker running this task was lost 2 times; giving up"
+    assert plain["status"] == "finished"
+    assert again["status"] == "failed"

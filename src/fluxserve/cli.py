@@ -8,7 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -28,7 +28,15 @@ app.add_typer(accounts_app, name="accounts")
 credits_app = typer.Typer(help="Add credits to an account and show its ledger.")
 app.add_typer(credits_app, name="credits")
 
+if TYPE_CHECKING:
+    import uvicorn
+
+    from fluxserve.runtime import Runtime
+
 T = TypeVar("T")
+
+STARTUP_FAILURE = 3
+"""The exit code of a server whose app did not start (as `uvicorn.run` exits)."""
 
 TINY_WARNING = (
     "WARNING: engine 'tiny' serves a FLUX.2 pipeline with random weights: "
@@ -158,9 +166,9 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
     from fluxserve.runtime import Runtime
 
     _configure_logging(settings, runs_engine=run_worker)
-    application = create_app(Runtime(settings, run_worker=run_worker))
-    uvicorn.run(
-        application,
+    runtime = Runtime(settings, run_worker=run_worker)
+    config = uvicorn.Config(
+        create_app(runtime),
         host=settings.host,
         port=settings.port,
         log_level="info",
@@ -169,6 +177,25 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
         # reach the root logger's JSON handler.
         log_config=LOGGING_CONFIG if settings.log_format == "text" else None,
     )
+    server = uvicorn.Server(config)
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        code = runner.run(_serve_until_failure(server, runtime))
+    raise typer.Exit(code)
+
+
+async def _serve_until_failure(server: uvicorn.Server, runtime: Runtime) -> int:
+    """Serve until stopped (exit code 0), or until one of the runtime's background loops
+    ends on its own (1; see `Runtime.failure`), or the app cannot start (uvicorn's 3)."""
+    serving = asyncio.create_task(server.serve())
+    failing = asyncio.create_task(runtime.wait_for_failure())
+    await asyncio.wait([serving, failing], return_when=asyncio.FIRST_COMPLETED)
+    if failing.done():
+        server.should_exit = True
+    failing.cancel()
+    await serving
+    if runtime.failure is not None:
+        return 1
+    return 0 if server.started else STARTUP_FAILURE
 
 
 @keys_app.command("create")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fluxserve import retention
 from fluxserve.engines import make_engine
@@ -74,33 +73,61 @@ class Runtime:
                 events=self.webhooks.progress,
             )
         self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.failure: str | None = None
+        """Why a background loop ended on its own, if one did: the process must go."""
+        self._failed = asyncio.Event()
 
     async def start(self) -> None:
         await self.store.start()
-        self._loops.append(asyncio.create_task(self.webhooks.run(), name="callbacks"))
-        self._loops.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
+        loops = [("callbacks", self.webhooks.run()), ("sweeper", self._sweep_forever())]
         if self.worker is not None:
-            self._loops.append(asyncio.create_task(self.worker.run(), name="worker"))
+            loops.append(("worker", self.worker.run()))
+        for name, body in loops:
+            loop = asyncio.create_task(body, name=name)
+            loop.add_done_callback(self._loop_ended)
+            self._loops.append(loop)
+
+    def _loop_ended(self, loop: asyncio.Task[None]) -> None:
+        """A background loop ends only when stopped: any other end is fatal to the process.
+
+        Nothing in the process would take over its work (a worker's tasks, the
+        sweep, callbacks) while it kept answering, so it says why and goes: a
+        supervisor starts a fresh one.
+        """
+        if loop.cancelled():
+            return
+        error = loop.exception()
+        if self._stopping:
+            return
+        ended = "returned" if error is None else f"{type(error).__name__}: {error}"
+        self.failure = f"{loop.get_name()} loop ended: {ended}"
+        logger.critical(
+            "%s; the process stops so that it can be restarted", self.failure, exc_info=error
+        )
+        self._failed.set()
+
+    async def wait_for_failure(self) -> None:
+        """Return once a background loop has ended on its own (see `failure`)."""
+        await self._failed.wait()
 
     async def wait_until(self, stopping: asyncio.Event) -> int:
-        """Run until `stopping` is set (exit code 0) or the worker dies (exit code 1)."""
-        stop = asyncio.create_task(stopping.wait())
-        watched = [loop for loop in self._loops if loop.get_name() == "worker"]
-        done, _ = await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if stop in done:
-            return 0
-        logger.error("worker stopped: %s", self.worker.error if self.worker else "unknown")
-        return 1
+        """Run until `stopping` is set (exit code 0) or a background loop ends (exit code 1)."""
+        waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(self._failed.wait())]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in pending:
+            wait.cancel()
+        return 0 if self.failure is None else 1
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.worker is not None:
             self.worker.stop_engine()
         for loop in self._loops:
             loop.cancel()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loop
+        if self._loops:
+            # Waited for, not awaited: a loop that failed was reported when it ended.
+            await asyncio.wait(self._loops)
         self._loops.clear()
         if self.worker is not None:
             await asyncio.to_thread(self.worker.close)
@@ -136,27 +163,6 @@ class Runtime:
                     swept.tasks,
                     swept.partials,
                 )
-
-    async def health(self) -> dict[str, Any]:
-        """This process's worker, the queue per model and the fleet's live workers."""
-        worker = self.worker
-        live = await self.store.live_workers(self.settings.lease_seconds)
-        return {
-            "status": "ok",
-            "worker": None
-            if worker is None
-            else {"state": worker.state.value, "engine": worker.engine.name, "error": worker.error},
-            "queue": await self.store.queue_depths(),
-            "workers": [
-                {
-                    "worker_id": w.worker_id,
-                    "state": w.state,
-                    "engine": w.engine,
-                    "models": list(w.models),
-                }
-                for w in live
-            ],
-        }
 
     def _register_fleet_metrics(self) -> None:
         async def workers_alive() -> float:

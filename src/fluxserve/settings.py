@@ -7,6 +7,7 @@ variables, the TOML file named by `FLUXSERVE_CONFIG`, the defaults below.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -123,6 +124,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     poll_interval: float = Field(default=2.0, gt=0)
+    ready_requires_models: list[str] = Field(
+        default_factory=list,
+        description="Models that need a live worker somewhere for /ready to answer 200",
+    )
 
     # Where result and uploaded files live; the s3_* settings apply to "s3" only.
     storage: Literal["local", "s3"] = "local"
@@ -170,19 +175,21 @@ class Settings(BaseSettings):
         # A TOML file that routes one model keeps the defaults of the other three.
         if not isinstance(value, dict):
             return value
-        unknown = sorted(set(value) - set(MODELS))
-        if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}")
+        _known_models(value)
         return {**{model: {} for model in MODELS}, **value}
 
     @field_validator("prices")
     @classmethod
     def _price_known_models(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-        unknown = sorted(set(value) - set(MODELS))
-        if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}")
+        _known_models(value)
         if any(price < 0 for table in value.values() for price in table.values()):
             raise ValueError("prices must be >= 0 credits")
+        return value
+
+    @field_validator("ready_requires_models")
+    @classmethod
+    def _ready_known_models(cls, value: list[str]) -> list[str]:
+        _known_models(value)
         return value
 
     def price(self, model: str, resolution: str) -> int:
@@ -233,3 +240,9 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+
+def _known_models(names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}")

@@ -1,10 +1,15 @@
 """The worker: claim tasks, run the engine off the event loop, hand back the results.
 
 States: NEW -> STARTING (engine loading) -> READY -> STOPPED, or DEFUNCT when the
-engine cannot load. One engine call at a time: a worker is one GPU's (or CPU's)
-engine. With `max_batch_size` above 1, and an engine that batches, that call
-draws up to that many queued tasks of one shape together; each task still has
-its own lease, progress, seed, files and ending.
+engine cannot load or the loop ends on an error outside any task. Whatever a task's
+own work raises (an engine's `BaseException` too, such as the panic of a tokenizer
+written in Rust) fails that task, and the worker takes the next one; only the
+process being asked to stop (`STOP_SIGNALS`) goes past a task.
+
+One engine call at a time: a worker is one GPU's (or CPU's) engine. With
+`max_batch_size` above 1, and an engine that batches, that call draws up to that
+many queued tasks of one shape together; each task still has its own lease,
+progress, seed, files and ending.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ DENOISE_SHARE = 95
 USER_ERRORS = (ReferenceImageError, FetchError, UnsafeURLError, EngineError)
 # A batch's companions come from this many times its size of the queue's front.
 BATCH_LOOKAHEAD = 4
+# What ends a task's run without ending the task: the process is being stopped.
+STOP_SIGNALS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
 class WorkerState(StrEnum):
@@ -139,54 +146,78 @@ class Worker:
         # Task ids to stop at their next step; read on the engine thread.
         self._cancelled: set[str] = set()
         self._running: frozenset[str] = frozenset()
+        self._heartbeat_lock = asyncio.Lock()
 
     async def run(self) -> None:
-        """Load the engine, then claim and run tasks until cancelled."""
+        """Load the engine, then claim and run tasks until cancelled.
+
+        Any other way out is an error outside every task: the worker turns
+        DEFUNCT, says why in a CRITICAL log, and the error goes on to the caller.
+        """
         loop = asyncio.get_running_loop()
         self.state = WorkerState.STARTING
         heartbeat = asyncio.create_task(self._heartbeat_forever())
         try:
             await loop.run_in_executor(self._executor, self.engine.load)
-        except Exception as exc:
-            self.state, self.error = WorkerState.DEFUNCT, f"engine failed to load: {exc}"
-            logger.exception("worker %s: engine failed to load", self.worker_id)
+            self.state = WorkerState.READY
+            logger.info("worker %s ready for %s", self.worker_id, ", ".join(self.models))
             await self._heartbeat()
-            heartbeat.cancel()
+            await self._claim_and_run_forever()
+        except STOP_SIGNALS:
             raise
-        self.state = WorkerState.READY
-        logger.info("worker %s ready for %s", self.worker_id, ", ".join(self.models))
-        await self._heartbeat()
-        try:
-            async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
-                while True:
-                    try:
-                        claims = await self.store.claim_batch(
-                            self.models,
-                            self.worker_id,
-                            self.settings.lease_seconds,
-                            limit=self.batch_size,
-                            window=BATCH_LOOKAHEAD * self.batch_size,
-                        )
-                        if not claims:
-                            await self.store.wait_for_task(self.settings.poll_interval)
-                            continue
-                        with about_tasks(*(claim.task.task_id for claim in claims)):
-                            await self._run_batch(claims, client)
-                    except StoreUnavailable as exc:
-                        # The lease covers a running task meanwhile; retry once it's back.
-                        logger.warning("worker %s: %s; retrying", self.worker_id, exc)
-                        await asyncio.sleep(self.settings.poll_interval)
+        except BaseException as exc:
+            if self.state is WorkerState.STARTING:
+                await self._defunct(f"engine failed to load: {_described(exc)}")
+            else:
+                await self._defunct(f"worker loop ended: {_described(exc)}")
+            raise
         finally:
-            self.state = WorkerState.STOPPED
+            if self.state is not WorkerState.DEFUNCT:
+                self.state = WorkerState.STOPPED
             heartbeat.cancel()
+            # Awaited: a heartbeat cut off mid-write must give its connection back first.
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
             with contextlib.suppress(StoreUnavailable):
                 await self.store.forget_worker(self.worker_id)
 
+    async def _claim_and_run_forever(self) -> None:
+        async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
+            while True:
+                try:
+                    claims = await self.store.claim_batch(
+                        self.models,
+                        self.worker_id,
+                        self.settings.lease_seconds,
+                        limit=self.batch_size,
+                        window=BATCH_LOOKAHEAD * self.batch_size,
+                    )
+                    if not claims:
+                        await self.store.wait_for_task(self.settings.poll_interval)
+                        continue
+                    with about_tasks(*(claim.task.task_id for claim in claims)):
+                        await self._run_batch(claims, client)
+                except StoreUnavailable as exc:
+                    # The lease covers a running task meanwhile; retry once it's back.
+                    logger.warning("worker %s: %s; retrying", self.worker_id, exc)
+                    await asyncio.sleep(self.settings.poll_interval)
+
+    async def _defunct(self, reason: str) -> None:
+        """This worker runs no more tasks: say why, where /ready and the fleet see it."""
+        self.state, self.error = WorkerState.DEFUNCT, reason
+        # The traceback follows in the runtime's line about the loop that ended.
+        logger.critical("worker %s is defunct: %s", self.worker_id, reason)
+        with contextlib.suppress(Exception):  # best effort: the database may be the cause
+            await self._heartbeat()
+
     async def _heartbeat(self) -> None:
         try:
-            await self.store.record_heartbeat(
-                self.worker_id, self.models, self.engine.name, self.state.value
-            )
+            # One at a time: the store's update-then-insert of a new worker's row
+            # is safe only when its own writes do not overlap.
+            async with self._heartbeat_lock:
+                await self.store.record_heartbeat(
+                    self.worker_id, self.models, self.engine.name, self.state.value
+                )
         except StoreUnavailable as exc:
             logger.warning("worker %s: heartbeat not saved: %s", self.worker_id, exc)
 
@@ -254,7 +285,9 @@ class Worker:
             return await self._request(claim, client)
         except USER_ERRORS as exc:
             await self.store.fail_task(claim, str(exc))
-        except Exception as exc:
+        except STOP_SIGNALS:
+            raise
+        except BaseException as exc:
             logger.exception("task %s failed", claim.task.task_id)
             await self.store.fail_task(claim, _internal_error(exc))
         return None
@@ -277,7 +310,9 @@ class Worker:
             for job in jobs:
                 await self.store.fail_task(job.claim, str(exc))
             return
-        except Exception as exc:
+        except STOP_SIGNALS:
+            raise
+        except BaseException as exc:
             logger.exception("tasks %s failed", ", ".join(job.task_id for job in jobs))
             for job in jobs:
                 await self.store.fail_task(job.claim, _internal_error(exc))
@@ -353,7 +388,9 @@ class Worker:
                 record = results.result_file(task.task_id, index, data, task.input.output_format)
                 await self.storage.put(record.key, data, record.content_type)
                 files.append(record)
-        except Exception as exc:
+        except STOP_SIGNALS:
+            raise
+        except BaseException as exc:
             logger.exception("task %s failed", task.task_id)
             await self.store.fail_task(job.claim, _internal_error(exc))
             return
@@ -368,8 +405,12 @@ class Worker:
             logger.warning("task %s: lease lost before finishing; result discarded", task.task_id)
 
 
-def _internal_error(exc: Exception) -> str:
-    return f"Internal error: {type(exc).__name__}: {exc}"
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _internal_error(exc: BaseException) -> str:
+    return f"Internal error: {_described(exc)}"
 
 
 class _ProgressReporter:

@@ -217,11 +217,36 @@ class FleetWorker(BaseModel):
     models: list[str]
 
 
-class Health(BaseModel):
-    status: Literal["ok"]
+class Liveness(BaseModel):
+    status: Literal["ok", "failing"]
+    reason: str | None = Field(default=None, description="Why the process must be restarted")
     worker: WorkerHealth | None = Field(description="This process's worker; null in `api`")
-    queue: dict[str, int] = Field(description="Queued tasks per model")
-    workers: list[FleetWorker]
+
+
+class SchemaRevisions(BaseModel):
+    database: str | None
+    code: str | None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    reasons: list[str]
+    worker: WorkerHealth | None = Field(description="This process's worker; null in `api`")
+    schema_: SchemaRevisions | None = Field(alias="schema", description="Null: no database")
+    queue: dict[str, int] | None = Field(description="Queued tasks per model")
+    workers: list[FleetWorker] | None
+
+
+def probe_answers(body: type[BaseModel]) -> dict[str, Any]:
+    """A probe's documented answers: `body` with 200 when it passes, 503 when not."""
+    return {
+        "response_model": None,
+        "responses": {
+            200: {"model": body},
+            503: {"model": body, "description": "The probe fails; the body says why"},
+            **errors(413),
+        },
+    }
 
 
 FILE_TYPES = sorted({*OUTPUT_FORMATS.values(), *MIME_TYPES.values()})

@@ -5,23 +5,24 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Security
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.api.file_response import file_response
 from fluxserve.api.guard import api_key_of
 from fluxserve.api.openapi import (
-    ANY_ROUTE,
     FILE_ANSWERS,
     METRICS_ANSWERS,
-    Health,
+    Liveness,
+    Readiness,
     StatusData,
     SubmittedData,
     answers,
-    errors,
+    probe_answers,
 )
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.errors import NotFound
+from fluxserve.probes import Probe, liveness, readiness
 from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
@@ -116,12 +117,20 @@ async def download(
     return response
 
 
-@router.get(
-    "/health", response_model=None, responses={200: {"model": Health}, **errors(*ANY_ROUTE)}
-)
-async def health(rt: RuntimeDep) -> dict[str, Any]:
-    """Liveness, and whether this process's worker is ready."""
-    return await rt.health()
+@router.get("/health", **probe_answers(Liveness))
+async def health(rt: RuntimeDep) -> JSONResponse:
+    """Liveness: 200 while the process lives, 503 once it must be restarted. No database."""
+    return _answer(liveness(rt))
+
+
+@router.get("/ready", **probe_answers(Readiness))
+async def ready(rt: RuntimeDep) -> JSONResponse:
+    """Readiness: 200 when this process should be sent work, else 503 with the reasons."""
+    return _answer(await readiness(rt))
+
+
+def _answer(probe: Probe) -> JSONResponse:
+    return JSONResponse(probe.body, status_code=probe.status_code)
 
 
 # A plain Response: errors take their media type from the route's class, and

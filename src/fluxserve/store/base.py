@@ -200,6 +200,14 @@ class Store(ABC):
         """Call `listener` with every task this store ends (finished, failed,
         cancelled, given up), as it ended, once its end has committed."""
 
+    @abstractmethod
+    async def schema_revision(self) -> str | None:
+        """The migration the database is at (None: none yet); reaches the database."""
+
+    @abstractmethod
+    def schema_head(self) -> str | None:
+        """The newest migration this version of the code knows."""
+
     # Accounts and credits ---------------------------------------------------
     @abstractmethod
     async def create_account(self, account_id: str, email: str) -> Account:

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from functools import partial
+from functools import cache, partial
 from importlib import resources
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fluxserve.errors import StoreUnavailable
@@ -53,6 +55,15 @@ class SqlBase:
         async with self._write() as conn:
             await self._before_migrations(conn)
             await conn.run_sync(_upgrade)
+
+    async def schema_revision(self) -> str | None:
+        async with self._read() as conn:
+            return await conn.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+
+    def schema_head(self) -> str | None:
+        return _head()
 
     async def _before_migrations(self, conn: AsyncConnection) -> None:
         """Make concurrent starts take turns at migrating, where the dialect needs it."""
@@ -180,10 +191,21 @@ def _unavailable_on_connection_errors() -> Iterator[None]:
         raise
 
 
-def _upgrade(connection: sa.Connection) -> None:
+def _config() -> Config:
     config = Config()
     config.set_main_option(
         "script_location", str(resources.files("fluxserve.store") / "migrations")
     )
+    return config
+
+
+@cache
+def _head() -> str | None:
+    """The newest migration this version of the code has: read from its files once."""
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def _upgrade(connection: sa.Connection) -> None:
+    config = _config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
