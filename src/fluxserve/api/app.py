@@ -12,6 +12,7 @@ from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.page_routes import install_page
 from fluxserve.api.routes import router
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
@@ -36,4 +37,5 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(callback_router)
     app.include_router(account_router)
     app.include_router(upload_router)
+    install_page(app)
     return app

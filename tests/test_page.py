@@ -1,0 +1,340 @@
+"""The page at `GET /`, clicked through in headless Chromium against a real server.
+
+Chromium is the system's (`apt-get install chromium`), driven by playwright's
+Python package; without it the browser tests skip and say how to install it.
+Set FLUXSERVE_PAGE_SCREENSHOT=docs/page.png to save the README's screenshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+
+from conftest import Service, make_settings, run_service
+
+CHROMIUM = Path("/usr/bin/chromium")
+WAIT_MS = 60_000  # an upper bound for the page to catch up, on a busy machine
+
+if CHROMIUM.exists():
+    from playwright.async_api import Browser, Page, async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)
+
+
+class HeldAtFirstStep:
+    """Wraps an engine: a task reports its first step, then waits until `go_on` is
+    set, so the page can be seen in the middle of a task."""
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.go_on = threading.Event()
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> list[Image.Image]:
+        def held(done: int, total: int) -> None:
+            on_progress(done, total)
+            if done == 1:
+                self.go_on.wait(WAIT_MS / 1000)
+
+        return self.inner.generate(request, held)
+
+
+@pytest.fixture
+def held_engine(tiny_engine: Engine) -> Iterator[HeldAtFirstStep]:
+    engine = HeldAtFirstStep(tiny_engine)
+    yield engine
+    engine.go_on.set()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` "
+            "(and the dev extra's playwright) to run the page's tests"
+        )
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+class Watched:
+    """What a page did that the user does not see: requests and script errors."""
+
+    def __init__(self, page: Page) -> None:
+        self.urls: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", lambda request: self.urls.append(request.url))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: message.type == "error"
+            and "Content Security Policy" in message.text
+            and self.errors.append(message.text),
+        )
+
+
+async def open_page(browser: Browser, url: str) -> tuple[Page, Watched]:
+    page = await browser.new_page(viewport={"width": 1000, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    watched = Watched(page)
+    await page.goto(url)
+    return page, watched
+
+
+async def save_key(page: Page, key: str) -> None:
+    await page.get_by_label("Key", exact=True).fill(key)
+    await page.get_by_role("button", name="Save key").click()
+
+
+async def image_size(page: Page, selector: str) -> tuple[int, int]:
+    await page.wait_for_function(
+        "s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0 }",
+        arg=selector,
+    )
+    size = await page.eval_on_selector(selector, "i => [i.naturalWidth, i.naturalHeight]")
+    return size[0], size[1]
+
+
+def png_file(folder: Path, name: str, width: int, height: int, color: str) -> Path:
+    path = folder / name
+    Image.new("RGB", (width, height), color).save(path)
+    return path
+
+
+# --- without a browser ---------------------------------------------------------------
+
+
+async def test_the_page_and_its_files_are_served_from_the_package(tmp_path: Path) -> None:
+    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+        page = await service.client.get("/")
+        script = await service.client.get("/page/app.js")
+        style = await service.client.get("/page/style.css")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    # The form offers what the API accepts, filled in from its definitions.
+    assert '<option value="flux-2-flex-edit">' in page.text
+    assert '<option value="16:9">' in page.text and '<option value="webp">' in page.text
+    assert "${" not in page.text
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
+
+
+# --- in Chromium ---------------------------------------------------------------------
+
+
+async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
+    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
+) -> None:
+    async with run_service(make_settings(tmp_path / "data"), engine=held_engine) as service:
+        page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
+        # The key is kept and taken out of the address bar.
+        await expect(page.get_by_label("Key", exact=True)).to_have_value(service.key)
+        assert page.url == f"{service.url}/"
+        assert await page.evaluate("localStorage.getItem('fluxserve.key')") == service.key
+
+        await page.get_by_label("Prompt").fill("A lighthouse at dawn, oil painting")
+        await page.get_by_label("Model").select_option("flux-2-pro")
+        await page.get_by_label("Size").select_option("16:9")
+        await page.get_by_label("Resolution").select_option("1K")
+        await page.get_by_label("Seed").fill("7")
+        await page.get_by_label("Output format").select_option("webp")
+        await page.get_by_role("button", name="Generate").click()
+
+        # Held at its first step: the bar shows what the status says.
+        progress = page.get_by_role("progressbar", name="Progress")
+        await page.wait_for_function("() => document.getElementById('task-progress').value > 0")
+        task_id = (await page.locator("#task-id").text_content() or "").split()[1]
+        running = (await service.status(task_id)).json()["data"]
+        assert running["status"] == "running" and 0 < running["progress"] < 100
+        assert await progress.evaluate("bar => bar.value") == running["progress"]
+        await expect(page.locator("#task-status")).to_have_text(f"Running: {running['progress']}%")
+        await expect(page.get_by_role("button", name="Cancel task")).to_be_visible()
+
+        held_engine.go_on.set()
+        await expect(page.locator("#task-status")).to_have_text("Finished")
+        assert await image_size(page, "#result-image") == (1360, 768)
+        await expect(page.locator("#result-meta")).to_contain_text("Seed 7")
+        await expect(page.get_by_role("button", name="Cancel task")).to_be_hidden()
+        done = (await service.status(task_id)).json()["data"]
+        assert done["seed"] == 7 and done["files"][0]["content_type"] == "image/webp"
+        await expect(page.locator("#result-link")).to_have_attribute(
+            "href", done["files"][0]["file_url"]
+        )
+
+        # The history lists the task with its thumbnail.
+        thumb = page.get_by_role("img", name=f"Image of task {task_id}")
+        assert await image_size(page, f"img[alt='Image of task {task_id}']") == (1360, 768)
+        await expect(thumb).to_be_visible()
+        if target := os.environ.get("FLUXSERVE_PAGE_SCREENSHOT"):
+            await page.screenshot(path=target)
+        await page.close()
+
+    # Offline: every request went to this server.
+    assert watched.urls and all(u.startswith(service.url + "/") for u in watched.urls)
+    assert watched.errors == []
+
+
+async def test_an_edit_with_a_picked_and_a_dropped_reference(
+    tmp_path: Path, browser: Browser, tiny_engine: Engine
+) -> None:
+    wide = png_file(tmp_path, "wide.png", 1600, 900, "red")
+    square = png_file(tmp_path, "square.png", 300, 300, "blue")
+    async with run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service:
+        page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
+        await page.get_by_label("Model").select_option("flux-2-pro-edit")
+        await page.get_by_label("Size").select_option("auto")
+        await page.get_by_label("Prompt").fill("The same scene at night")
+
+        await page.locator("#reference-files").set_input_files(wide)
+        dropped = await page.evaluate_handle(
+            """b64 => {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], "square.png", {type: "image/png"}));
+                return transfer;
+            }""",
+            base64.b64encode(square.read_bytes()).decode(),
+        )
+        await page.dispatch_event("#drop-zone", "drop", {"dataTransfer": dropped})
+        items = page.locator("#reference-list li")
+        await expect(items).to_have_text(
+            ["wide.png: uploaded Remove", "square.png: uploaded Remove"], use_inner_text=True
+        )
+        uploaded = [await item.get_attribute("data-file-url") for item in await items.all()]
+
+        await page.get_by_role("button", name="Generate").click()
+        await expect(page.locator("#task-status")).to_have_text("Finished")
+        # `auto` takes the first reference's ratio: 16:9.
+        assert await image_size(page, "#result-image") == (1360, 768)
+        task_id = (await page.locator("#task-id").text_content() or "").split()[1]
+        await page.close()
+        task = await service.runtime.store.get_task(task_id)
+    assert task is not None and list(task.input.image_urls) == uploaded
+    assert all(url and url.startswith(f"{service.url}/files/uploads/") for url in uploaded)
+    assert watched.errors == []
+
+
+async def test_cancel_a_running_task(
+    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
+) -> None:
+    async with run_service(make_settings(tmp_path / "data"), engine=held_engine) as service:
+        page, _ = await open_page(browser, f"{service.url}/#key={service.key}")
+        await page.get_by_label("Prompt").fill("A paper boat on a pond")
+        await page.get_by_role("button", name="Generate").click()
+        await page.wait_for_function("() => document.getElementById('task-progress').value > 0")
+
+        await page.get_by_role("button", name="Cancel task").click()
+        await expect(page.locator("#task-status")).to_have_text("Stopping…")
+        await expect(page.get_by_role("button", name="Cancel task")).to_be_disabled()
+        held_engine.go_on.set()
+        await expect(page.locator("#task-status")).to_have_text("Cancelled")
+        await expect(page.get_by_role("button", name="Cancel task")).to_be_hidden()
+        task_id = (await page.locator("#task-id").text_content() or "").split()[1]
+        data = (await service.status(task_id)).json()["data"]
+        assert data["status"] == "failed" and data["cancelled"] is True
+        await expect(page.locator("#history li").first).to_contain_text("Cancelled")
+        await page.close()
+
+
+async def test_a_bad_key_shows_the_apis_own_message(tmp_path: Path, browser: Browser) -> None:
+    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+        answer = await service.client.get(
+            "/api/generate/tasks", headers={"Authorization": "Bearer fs-not-a-key"}
+        )
+        message = answer.json()["error"]["message"]
+        page, _ = await open_page(browser, service.url + "/")
+        await save_key(page, "fs-not-a-key")
+        await expect(page.get_by_role("alert")).to_have_text(message)
+
+        await page.get_by_label("Prompt").fill("A red fox in snow")
+        await page.get_by_role("button", name="Generate").click()
+        await expect(page.get_by_role("alert")).to_have_text(message)
+        assert answer.status_code == 401
+        # A rule the API enforces is worded by the API too.
+        await save_key(page, service.key)
+        await page.get_by_label("Prompt").fill("ab")
+        await page.get_by_role("button", name="Generate").click()
+        refused = await service.submit({"model": "flux-2-pro", "input": {"prompt": "ab"}})
+        await expect(page.get_by_role("alert")).to_have_text(refused.json()["error"]["message"])
+        await page.close()
+
+
+async def test_the_event_stream_parser(tmp_path: Path, browser: Browser) -> None:
+    """Events split anywhere, every line ending, comments, multi-line data, and a
+    character split between two chunks."""
+    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+        page, _ = await open_page(browser, service.url + "/")
+        results: Any = await page.evaluate(
+            """async () => {
+                const { SseParser, readEventStream } = await import("/page/sse.js");
+                const text = ": heartbeat\\r\\nevent: status\\r\\nid: 1\\r\\ndata: {\\"a\\":\\r\\n" +
+                    "data:  1}\\r\\n\\r\\nevent: progress\\nid: 2\\ndata\\n\\nretry: 5\\r" +
+                    "data: last\\r\\r: bye\\ndata: never ended\\n";
+                const parsed = [];
+                for (const size of [1, 2, 3, 7, text.length]) {
+                    const events = [];
+                    const parser = new SseParser((event) => events.push(event));
+                    for (let at = 0; at < text.length; at += size) {
+                        parser.feed(text.slice(at, at + size));
+                    }
+                    parsed.push(events);
+                }
+                const bytes = new TextEncoder().encode("event: progress\\ndata: café ☕\\n\\n");
+                const body = new ReadableStream({
+                    start(controller) {
+                        for (const byte of bytes) controller.enqueue(new Uint8Array([byte]));
+                        controller.close();
+                    },
+                });
+                const streamed = [];
+                for await (const event of readEventStream(body)) streamed.push(event);
+                return { parsed, streamed };
+            }"""
+        )
+        await page.close()
+    expected = [
+        {"event": "status", "data": '{"a":\n 1}', "id": "1"},
+        {"event": "progress", "data": "", "id": "2"},
+        {"event": "message", "data": "last", "id": "2"},
+    ]
+    assert results["parsed"] == [expected] * 5
+    assert results["streamed"] == [{"event": "progress", "data": "café ☕", "id": ""}]
+
+
+async def test_a_status_stream_or_polling_reaches_the_end(
+    tmp_path: Path, browser: Browser, tiny_engine: Engine
+) -> None:
+    """Whichever the server offers, the page follows a task from the history to its end."""
+    async with run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service:
+        async with httpx.AsyncClient(base_url=service.url) as client:
+            submitted = await client.post(
+                "/api/generate/submit",
+                json={"model": "flux-2-flex", "input": {"prompt": "a red fox", "steps": 2}},
+                headers=service.auth(),
+            )
+        task_id = submitted.json()["data"]["task_id"]
+        page, _ = await open_page(browser, f"{service.url}/#key={service.key}")
+        await page.get_by_role("button", name=f"Show task {task_id}").click()
+        await expect(page.locator("#task-status")).to_have_text("Finished")
+        assert await image_size(page, "#result-image") == (1024, 1024)
+        await page.close()
