@@ -18,18 +18,17 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 
-from conftest import Service, make_settings, run_service
+from conftest import make_settings, run_service
 
 CHROMIUM = Path("/usr/bin/chromium")
+HAVE_CHROMIUM = CHROMIUM.exists()
 WAIT_MS = 60_000  # an upper bound for the page to catch up, on a busy machine
 
-if CHROMIUM.exists():
-    from playwright.async_api import Browser, Page, async_playwright, expect
-
-    expect.set_options(timeout=WAIT_MS)
+expect.set_options(timeout=WAIT_MS)
 
 
 class HeldAtFirstStep:
@@ -64,7 +63,7 @@ def held_engine(tiny_engine: Engine) -> Iterator[HeldAtFirstStep]:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if not CHROMIUM.exists():
+    if not HAVE_CHROMIUM:
         pytest.skip(
             f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` "
             "(and the dev extra's playwright) to run the page's tests"
@@ -87,9 +86,11 @@ class Watched:
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on(
             "console",
-            lambda message: message.type == "error"
-            and "Content Security Policy" in message.text
-            and self.errors.append(message.text),
+            lambda message: (
+                message.type == "error"
+                and "Content Security Policy" in message.text
+                and self.errors.append(message.text)
+            ),
         )
 
 
@@ -108,7 +109,7 @@ async def save_key(page: Page, key: str) -> None:
 
 async def image_size(page: Page, selector: str) -> tuple[int, int]:
     await page.wait_for_function(
-        "s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0 }",
+        "s => { const i = document.querySelector(s); return i?.complete && i.naturalWidth > 0 }",
         arg=selector,
     )
     size = await page.eval_on_selector(selector, "i => [i.naturalWidth, i.naturalHeight]")
@@ -153,7 +154,9 @@ async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
         assert await page.evaluate("localStorage.getItem('fluxserve.key')") == service.key
 
         await page.get_by_label("Prompt").fill("A lighthouse at dawn, oil painting")
-        await page.get_by_label("Model").select_option("flux-2-pro")
+        # A flex model, for its steps: the fewer, the quicker the test.
+        await page.get_by_label("Model").select_option("flux-2-flex")
+        await page.get_by_label("Steps").fill("2")
         await page.get_by_label("Size").select_option("16:9")
         await page.get_by_label("Resolution").select_option("1K")
         await page.get_by_label("Seed").fill("7")
@@ -186,7 +189,10 @@ async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
         assert await image_size(page, f"img[alt='Image of task {task_id}']") == (1360, 768)
         await expect(thumb).to_be_visible()
         if target := os.environ.get("FLUXSERVE_PAGE_SCREENSHOT"):
-            await page.screenshot(path=target)
+            # 64 colours keep the README's picture small; the tiny engine's noise
+            # would take hundreds of KB in full colour.
+            shot = Image.open(io.BytesIO(await page.screenshot())).convert("RGB")
+            shot.quantize(64).save(target, optimize=True)
         await page.close()
 
     # Offline: every request went to this server.
@@ -201,7 +207,8 @@ async def test_an_edit_with_a_picked_and_a_dropped_reference(
     square = png_file(tmp_path, "square.png", 300, 300, "blue")
     async with run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service:
         page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
-        await page.get_by_label("Model").select_option("flux-2-pro-edit")
+        await page.get_by_label("Model").select_option("flux-2-flex-edit")
+        await page.get_by_label("Steps").fill("1")
         await page.get_by_label("Size").select_option("auto")
         await page.get_by_label("Prompt").fill("The same scene at night")
 
@@ -279,17 +286,23 @@ async def test_a_bad_key_shows_the_apis_own_message(tmp_path: Path, browser: Bro
         await page.close()
 
 
+SSE_TEXT = (
+    ": heartbeat\r\nevent: status\r\nid: 1\r\n"
+    'data: {"a":\r\ndata:  1}\r\n\r\n'
+    "event: progress\nid: 2\ndata\n\n"
+    "retry: 5\rdata: last\r\r"
+    ": bye\ndata: never ended\n"
+)
+
+
 async def test_the_event_stream_parser(tmp_path: Path, browser: Browser) -> None:
     """Events split anywhere, every line ending, comments, multi-line data, and a
     character split between two chunks."""
     async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
         page, _ = await open_page(browser, service.url + "/")
         results: Any = await page.evaluate(
-            """async () => {
+            """async ([text, streamedText]) => {
                 const { SseParser, readEventStream } = await import("/page/sse.js");
-                const text = ": heartbeat\\r\\nevent: status\\r\\nid: 1\\r\\ndata: {\\"a\\":\\r\\n" +
-                    "data:  1}\\r\\n\\r\\nevent: progress\\nid: 2\\ndata\\n\\nretry: 5\\r" +
-                    "data: last\\r\\r: bye\\ndata: never ended\\n";
                 const parsed = [];
                 for (const size of [1, 2, 3, 7, text.length]) {
                     const events = [];
@@ -299,7 +312,7 @@ async def test_the_event_stream_parser(tmp_path: Path, browser: Browser) -> None
                     }
                     parsed.push(events);
                 }
-                const bytes = new TextEncoder().encode("event: progress\\ndata: café ☕\\n\\n");
+                const bytes = new TextEncoder().encode(streamedText);
                 const body = new ReadableStream({
                     start(controller) {
                         for (const byte of bytes) controller.enqueue(new Uint8Array([byte]));
@@ -309,7 +322,8 @@ async def test_the_event_stream_parser(tmp_path: Path, browser: Browser) -> None
                 const streamed = [];
                 for await (const event of readEventStream(body)) streamed.push(event);
                 return { parsed, streamed };
-            }"""
+            }""",
+            [SSE_TEXT, "event: progress\ndata: café ☕\n\n"],
         )
         await page.close()
     expected = [
@@ -329,7 +343,7 @@ async def test_a_status_stream_or_polling_reaches_the_end(
         async with httpx.AsyncClient(base_url=service.url) as client:
             submitted = await client.post(
                 "/api/generate/submit",
-                json={"model": "flux-2-flex", "input": {"prompt": "a red fox", "steps": 2}},
+                json={"model": "flux-2-flex", "input": {"prompt": "a red fox", "steps": 1}},
                 headers=service.auth(),
             )
         task_id = submitted.json()["data"]["task_id"]
