@@ -156,6 +156,14 @@ async function follow(taskId) {
 // its status answers do not.
 const stopping = new Set();
 
+// Shows a task in the task panel, in place of the one there, and follows it
+// until it ends.
+function showAndFollow(data) {
+  following?.abort();
+  showTask(data);
+  if (!TERMINAL.has(data.status)) follow(data.task_id);
+}
+
 function describe(data) {
   switch (data.status) {
     case "not_started":
@@ -253,10 +261,8 @@ async function generate(event) {
   try {
     if (isEdit()) await Promise.all(references.map((ref) => ref.upload));
     const created = await sendJson("/api/generate/submit", submitBody());
-    showTask({ ...created, model: $("model").value, progress: 0 });
-    $("result").hidden = true;
+    showAndFollow({ ...created, model: $("model").value, progress: 0 });
     loadHistory();
-    follow(created.task_id);
   } catch (error) {
     showError(error);
   } finally {
@@ -361,8 +367,7 @@ function historyItem(data) {
   show.setAttribute("aria-label", `Show task ${data.task_id}`);
   show.addEventListener("click", () => {
     clearError();
-    showTask(data);
-    if (!TERMINAL.has(data.status)) follow(data.task_id);
+    showAndFollow(data);
   });
   item.append(text, show);
   return item;
