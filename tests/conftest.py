@@ -120,13 +120,15 @@ async def run_service(
     engine: Engine | None = None,
     run_worker: bool = True,
     models: Sequence[str] = MODELS,
+    make_app: Callable[[Runtime], Any] = create_app,
 ) -> AsyncIterator[Service]:
-    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key."""
+    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key; `make_app`
+    may wrap the app, to serve it as another server would."""
     sock = _bound_socket()
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
     runtime = Runtime(settings, run_worker=run_worker, models=models, engine=engine)
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(make_app(runtime), log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:

@@ -10,17 +10,20 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from fluxserve.api.app import create_app
+from fluxserve.api.envelope import error_response
 from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.runtime import Runtime
 
 from conftest import make_settings, run_service
 
@@ -116,6 +119,11 @@ async def image_size(page: Page, selector: str) -> tuple[int, int]:
     return size[0], size[1]
 
 
+async def shown_task_id(page: Page) -> str:
+    """The id of the task the task panel shows."""
+    return (await page.locator("#task-id").text_content() or "").split()[1]
+
+
 def png_file(folder: Path, name: str, width: int, height: int, color: str) -> Path:
     path = folder / name
     Image.new("RGB", (width, height), color).save(path)
@@ -166,7 +174,7 @@ async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
         # Held at its first step: the bar shows what the status says.
         progress = page.get_by_role("progressbar", name="Progress")
         await page.wait_for_function("() => document.getElementById('task-progress').value > 0")
-        task_id = (await page.locator("#task-id").text_content() or "").split()[1]
+        task_id = await shown_task_id(page)
         running = (await service.status(task_id)).json()["data"]
         assert running["status"] == "running" and 0 < running["progress"] < 100
         assert await progress.evaluate("bar => bar.value") == running["progress"]
@@ -233,7 +241,7 @@ async def test_an_edit_with_a_picked_and_a_dropped_reference(
         await expect(page.locator("#task-status")).to_have_text("Finished")
         # `auto` takes the first reference's ratio: 16:9.
         assert await image_size(page, "#result-image") == (1360, 768)
-        task_id = (await page.locator("#task-id").text_content() or "").split()[1]
+        task_id = await shown_task_id(page)
         await page.close()
         task = await service.runtime.store.get_task(task_id)
     assert task is not None and list(task.input.image_urls) == uploaded
@@ -256,7 +264,7 @@ async def test_cancel_a_running_task(
         held_engine.go_on.set()
         await expect(page.locator("#task-status")).to_have_text("Cancelled")
         await expect(page.get_by_role("button", name="Cancel task")).to_be_hidden()
-        task_id = (await page.locator("#task-id").text_content() or "").split()[1]
+        task_id = await shown_task_id(page)
         data = (await service.status(task_id)).json()["data"]
         assert data["status"] == "failed" and data["cancelled"] is True
         await expect(page.locator("#history li").first).to_contain_text("Cancelled")
@@ -335,20 +343,40 @@ async def test_the_event_stream_parser(tmp_path: Path, browser: Browser) -> None
     assert results["streamed"] == [{"event": "progress", "data": "café ☕", "id": ""}]
 
 
-async def test_a_status_stream_or_polling_reaches_the_end(
-    tmp_path: Path, browser: Browser, tiny_engine: Engine
+STREAM_ROUTE = "/api/generate/stream/"
+
+
+def without_the_stream_route(runtime: Runtime) -> Any:
+    """The app as a server without the stream route serves it: a 404 there."""
+    app = create_app(runtime)
+
+    async def serve(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(STREAM_ROUTE):
+            await error_response(404, "Not Found")(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return serve
+
+
+async def test_a_server_without_the_stream_route_is_polled(
+    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
 ) -> None:
-    """Whichever the server offers, the page follows a task from the history to its end."""
-    async with run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service:
-        async with httpx.AsyncClient(base_url=service.url) as client:
-            submitted = await client.post(
-                "/api/generate/submit",
-                json={"model": "flux-2-flex", "input": {"prompt": "a red fox", "steps": 1}},
-                headers=service.auth(),
-            )
-        task_id = submitted.json()["data"]["task_id"]
-        page, _ = await open_page(browser, f"{service.url}/#key={service.key}")
-        await page.get_by_role("button", name=f"Show task {task_id}").click()
+    settings = make_settings(tmp_path / "data")
+    async with run_service(
+        settings, engine=held_engine, make_app=without_the_stream_route
+    ) as service:
+        page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
+        await page.get_by_label("Prompt").fill("A red fox in snow")
+        await page.get_by_label("Model").select_option("flux-2-flex")
+        await page.get_by_label("Steps").fill("2")
+        await page.get_by_role("button", name="Generate").click()
+        await expect(page.locator("#task-status")).to_have_text(re.compile(r"Running: [1-9]"))
+        held_engine.go_on.set()
         await expect(page.locator("#task-status")).to_have_text("Finished")
         assert await image_size(page, "#result-image") == (1024, 1024)
+        task_id = await shown_task_id(page)
         await page.close()
+    asked = [url.removeprefix(service.url) for url in watched.urls]
+    assert f"{STREAM_ROUTE}{task_id}" in asked
+    assert asked.count(f"/api/generate/status/{task_id}") >= 2
