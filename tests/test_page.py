@@ -380,3 +380,21 @@ async def test_a_server_without_the_stream_route_is_polled(
     asked = [url.removeprefix(service.url) for url in watched.urls]
     assert f"{STREAM_ROUTE}{task_id}" in asked
     assert asked.count(f"/api/generate/status/{task_id}") >= 2
+
+
+async def test_a_task_opened_from_the_history_is_followed_over_its_event_stream(
+    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
+) -> None:
+    async with run_service(make_settings(tmp_path / "data"), engine=held_engine) as service:
+        body = {"model": "flux-2-flex", "input": {"prompt": "a red fox in snow", "steps": 2}}
+        task_id = (await service.submit(body)).json()["data"]["task_id"]
+        page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
+        await page.get_by_role("button", name=f"Show task {task_id}").click()
+        await expect(page.locator("#task-status")).to_have_text(re.compile(r"Running: [1-9]"))
+        held_engine.go_on.set()
+        await expect(page.locator("#task-status")).to_have_text("Finished")
+        assert await image_size(page, "#result-image") == (1024, 1024)
+        await page.close()
+    asked = [url.removeprefix(service.url) for url in watched.urls]
+    assert f"{STREAM_ROUTE}{task_id}" in asked
+    assert f"/api/generate/status/{task_id}" not in asked, "followed by the stream alone"
