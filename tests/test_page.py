@@ -274,11 +274,11 @@ async def test_cancel_a_running_task(
 async def test_a_bad_key_shows_the_apis_own_message(tmp_path: Path, browser: Browser) -> None:
     async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
         answer = await service.client.get(
-            "/api/generate/tasks", headers={"Authorization": "Bearer fs-not-a-key"}
+            "/api/generate/tasks", headers={"Authorization": "Bearer fsk_not-a-key"}
         )
         message = answer.json()["error"]["message"]
         page, _ = await open_page(browser, service.url + "/")
-        await save_key(page, "fs-not-a-key")
+        await save_key(page, "fsk_not-a-key")
         await expect(page.get_by_role("alert")).to_have_text(message)
 
         await page.get_by_label("Prompt").fill("A red fox in snow")
