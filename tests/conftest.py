@@ -7,6 +7,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,7 +26,7 @@ from starlette.routing import Route
 
 from fluxserve.accounts import create_key
 from fluxserve.api.app import create_app
-from fluxserve.engines.base import Engine
+from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
@@ -181,6 +183,28 @@ class Receiver:
 @pytest.fixture
 def receiver_factory() -> Callable[..., Receiver]:
     return Receiver
+
+
+class Paused:
+    """The tiny engine, paused after its first step's progress until `go` is set."""
+
+    name = "tiny"
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.go = threading.Event()
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> list[Image.Image]:
+        def progress(done: int, total: int) -> None:
+            on_progress(done, total)
+            self.go.wait(60)
+
+        return self.inner.generate(request, progress)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import base64
 import io
 import os
 import re
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,10 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from fluxserve.api.app import create_app
 from fluxserve.api.envelope import error_response
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 from fluxserve.runtime import Runtime
 
-from conftest import make_settings, run_service
+from conftest import Paused, make_settings, run_service
 
 CHROMIUM = Path("/usr/bin/chromium")
 HAVE_CHROMIUM = CHROMIUM.exists()
@@ -34,34 +33,12 @@ WAIT_MS = 60_000  # an upper bound for the page to catch up, on a busy machine
 expect.set_options(timeout=WAIT_MS)
 
 
-class HeldAtFirstStep:
-    """Wraps an engine: a task reports its first step, then waits until `go_on` is
-    set, so the page can be seen in the middle of a task."""
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.go_on = threading.Event()
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def held(done: int, total: int) -> None:
-            on_progress(done, total)
-            if done == 1:
-                self.go_on.wait(WAIT_MS / 1000)
-
-        return self.inner.generate(request, held)
-
-
 @pytest.fixture
-def held_engine(tiny_engine: Engine) -> Iterator[HeldAtFirstStep]:
-    engine = HeldAtFirstStep(tiny_engine)
+def held_engine(tiny_engine: Engine) -> Iterator[Paused]:
+    """The tiny engine, paused after its first step so the page can be seen mid-task."""
+    engine = Paused(tiny_engine)
     yield engine
-    engine.go_on.set()
+    engine.go.set()
 
 
 @pytest.fixture
@@ -152,7 +129,7 @@ async def test_the_page_and_its_files_are_served_from_the_package(tmp_path: Path
 
 
 async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
-    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
+    tmp_path: Path, browser: Browser, held_engine: Paused
 ) -> None:
     async with run_service(make_settings(tmp_path / "data"), engine=held_engine) as service:
         page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
@@ -181,7 +158,7 @@ async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
         await expect(page.locator("#task-status")).to_have_text(f"Running: {running['progress']}%")
         await expect(page.get_by_role("button", name="Cancel task")).to_be_visible()
 
-        held_engine.go_on.set()
+        held_engine.go.set()
         await expect(page.locator("#task-status")).to_have_text("Finished")
         assert await image_size(page, "#result-image") == (1360, 768)
         await expect(page.locator("#result-meta")).to_contain_text("Seed 7")
@@ -249,9 +226,7 @@ async def test_an_edit_with_a_picked_and_a_dropped_reference(
     assert watched.errors == []
 
 
-async def test_cancel_a_running_task(
-    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
-) -> None:
+async def test_cancel_a_running_task(tmp_path: Path, browser: Browser, held_engine: Paused) -> None:
     async with run_service(make_settings(tmp_path / "data"), engine=held_engine) as service:
         page, _ = await open_page(browser, f"{service.url}/#key={service.key}")
         await page.get_by_label("Prompt").fill("A paper boat on a pond")
@@ -261,7 +236,7 @@ async def test_cancel_a_running_task(
         await page.get_by_role("button", name="Cancel task").click()
         await expect(page.locator("#task-status")).to_have_text("Stopping…")
         await expect(page.get_by_role("button", name="Cancel task")).to_be_disabled()
-        held_engine.go_on.set()
+        held_engine.go.set()
         await expect(page.locator("#task-status")).to_have_text("Cancelled")
         await expect(page.get_by_role("button", name="Cancel task")).to_be_hidden()
         task_id = await shown_task_id(page)
@@ -360,7 +335,7 @@ def without_the_stream_route(runtime: Runtime) -> Any:
 
 
 async def test_a_server_without_the_stream_route_is_polled(
-    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
+    tmp_path: Path, browser: Browser, held_engine: Paused
 ) -> None:
     settings = make_settings(tmp_path / "data")
     async with run_service(
@@ -372,7 +347,7 @@ async def test_a_server_without_the_stream_route_is_polled(
         await page.get_by_label("Steps").fill("2")
         await page.get_by_role("button", name="Generate").click()
         await expect(page.locator("#task-status")).to_have_text(re.compile(r"Running: [1-9]"))
-        held_engine.go_on.set()
+        held_engine.go.set()
         await expect(page.locator("#task-status")).to_have_text("Finished")
         assert await image_size(page, "#result-image") == (1024, 1024)
         task_id = await shown_task_id(page)
@@ -383,7 +358,7 @@ async def test_a_server_without_the_stream_route_is_polled(
 
 
 async def test_a_task_opened_from_the_history_is_followed_over_its_event_stream(
-    tmp_path: Path, browser: Browser, held_engine: HeldAtFirstStep
+    tmp_path: Path, browser: Browser, held_engine: Paused
 ) -> None:
     async with run_service(make_settings(tmp_path / "data"), engine=held_engine) as service:
         body = {"model": "flux-2-flex", "input": {"prompt": "a red fox in snow", "steps": 2}}
@@ -391,7 +366,7 @@ async def test_a_task_opened_from_the_history_is_followed_over_its_event_stream(
         page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
         await page.get_by_role("button", name=f"Show task {task_id}").click()
         await expect(page.locator("#task-status")).to_have_text(re.compile(r"Running: [1-9]"))
-        held_engine.go_on.set()
+        held_engine.go.set()
         await expect(page.locator("#task-status")).to_have_text("Finished")
         assert await image_size(page, "#result-image") == (1024, 1024)
         await page.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -13,36 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
-from PIL import Image
 
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 from fluxserve.settings import Settings
 
-from conftest import Service, fresh_postgres_database, make_settings, run_service
+from conftest import Paused, Service, fresh_postgres_database, make_settings, run_service
 
 PROMPT = {"prompt": "a lighthouse at dawn"}
-
-
-class Paused:
-    """The tiny engine, paused after its first step's progress until `go` is set."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.go = threading.Event()
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def progress(done: int, total: int) -> None:
-            on_progress(done, total)
-            self.go.wait(60)
-
-        return self.inner.generate(request, progress)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
