@@ -8,6 +8,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,7 +28,7 @@ from starlette.routing import Route
 
 from fluxserve.accounts import create_key
 from fluxserve.api.app import create_app
-from fluxserve.engines.base import Engine
+from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
@@ -122,13 +124,15 @@ async def run_service(
     engine: Engine | None = None,
     run_worker: bool = True,
     models: Sequence[str] = MODELS,
+    make_app: Callable[[Runtime], Any] = create_app,
 ) -> AsyncIterator[Service]:
-    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key."""
+    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key; `make_app`
+    may wrap the app, to serve it as another server would."""
     sock = _bound_socket()
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
     runtime = Runtime(settings, run_worker=run_worker, models=models, engine=engine)
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(make_app(runtime), log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
@@ -181,6 +185,28 @@ class Receiver:
 @pytest.fixture
 def receiver_factory() -> Callable[..., Receiver]:
     return Receiver
+
+
+class Paused:
+    """The tiny engine, paused after its first step's progress until `go` is set."""
+
+    name = "tiny"
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.go = threading.Event()
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> list[Image.Image]:
+        def progress(done: int, total: int) -> None:
+            on_progress(done, total)
+            self.go.wait(60)
+
+        return self.inner.generate(request, progress)
 
 
 @pytest.fixture(scope="session")

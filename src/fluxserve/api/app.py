@@ -15,8 +15,10 @@ from fluxserve.api.guard import BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
 from fluxserve.api.observe import RequestMetrics, request_histogram, task_of_request
 from fluxserve.api.openapi import install_openapi
+from fluxserve.api.page_routes import install_page
 from fluxserve.api.routes import SUBMIT_PATH, router
 from fluxserve.api.schemas import MAX_IMAGES
+from fluxserve.api.stream_routes import router as stream_router
 from fluxserve.api.upload_routes import SELF_BOUNDED_PATHS, base64_body_cap
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
@@ -51,9 +53,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(router)
+    app.include_router(stream_router)
     app.include_router(callback_router)
     app.include_router(account_router)
     app.include_router(upload_router)
+    install_page(app)
     return app
 
 
