@@ -139,7 +139,7 @@ class AsyncClient:
             except StopIteration as stop:
                 result: T = stop.value
                 return result
-            reply = self._perform(step)
+            reply = await self._perform(step)
 
     async def _perform(self, step: flows.Step) -> Any:
         if isinstance(step, flows.Pause):
