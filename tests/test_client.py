@@ -136,6 +136,8 @@ async def test_cancel_and_a_wait_that_times_out(queue: Service) -> None:
             await client.wait(task.task_id, timeout=0.3)
         assert timed_out.value.task is not None
         assert timed_out.value.task.status is TaskStatus.NOT_STARTED
+        assert timed_out.value.task.queue_position == 1
+        declared_only(timed_out.value.task)
         cancelled = await client.cancel(task.task_id)
         assert cancelled.status is TaskStatus.FAILED and cancelled.cancelled
         ended = await client.wait(task.task_id, timeout=10)

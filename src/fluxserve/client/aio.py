@@ -10,7 +10,6 @@ from typing import Any, TypeVar, Unpack
 import httpx
 from httpx_sse import EventSource
 
-from fluxserve import __version__
 from fluxserve.client import flows
 from fluxserve.client.flows import Flow, GeneratedImage, Progress, TaskOptions
 from fluxserve.protocol import Balance, FileInfo, SubmittedTask, TaskData, TaskPage, UploadedFile
@@ -19,16 +18,8 @@ T = TypeVar("T")
 
 
 class AsyncClient:
-    """A fluxserve (or any server of the same wire shape) from asyncio code: `Client`'s
-    methods, awaited.
-
-    `base_url` and `api_key` default to FLUXSERVE_URL and FLUXSERVE_API_KEY.
-    Reads and downloads are retried `max_retries` times on a connection error or
-    a 503, submits too (under an Idempotency-Key); `wait` follows the task's
-    event stream when `use_stream` and the server has one, else reads its status
-    every `poll_interval` seconds. `transport` is handed to httpx (for instance
-    `httpx.ASGITransport`, or a mock).
-    """
+    """`Client` for asyncio code: the same arguments and methods, awaited; `transport`
+    is an httpx async transport (`httpx.ASGITransport` runs an app in process)."""
 
     def __init__(
         self,
@@ -41,15 +32,15 @@ class AsyncClient:
         use_stream: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        url, key = flows.connection(base_url, api_key)
-        self._http = httpx.AsyncClient(
-            base_url=url,
-            timeout=timeout,
-            transport=transport,
-            headers={"User-Agent": f"fluxserve-client/{__version__}"},
-        )
-        self._cfg = flows.Config(
-            self._http.build_request, key, max_retries, poll_interval, use_stream
+        self._http, self._cfg = flows.connect(
+            httpx.AsyncClient,
+            base_url,
+            api_key,
+            timeout,
+            transport,
+            max_retries,
+            poll_interval,
+            use_stream,
         )
 
     async def submit(

@@ -23,6 +23,7 @@ import httpx
 from httpx_sse import ServerSentEvent
 from pydantic import ValidationError
 
+from fluxserve import __version__
 from fluxserve.client.errors import (
     APIConnectionError,
     FluxserveError,
@@ -121,6 +122,30 @@ def connection(base_url: str | None, api_key: str | None) -> tuple[str, str | No
     the server defaults to `fluxserve serve`'s own address."""
     url = base_url or os.environ.get("FLUXSERVE_URL") or DEFAULT_URL
     return url.rstrip("/"), api_key or os.environ.get("FLUXSERVE_API_KEY") or None
+
+
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
+
+
+def connect(
+    http_class: type[H],
+    base_url: str | None,
+    api_key: str | None,
+    timeout: float,
+    transport: Any,
+    max_retries: int,
+    poll_interval: float,
+    use_stream: bool,
+) -> tuple[H, Config]:
+    """A client's httpx client and Config, from its constructor's arguments."""
+    url, key = connection(base_url, api_key)
+    http = http_class(
+        base_url=url,
+        timeout=timeout,
+        transport=transport,
+        headers={"User-Agent": f"fluxserve-client/{__version__}"},
+    )
+    return http, Config(http.build_request, key, max_retries, poll_interval, use_stream)
 
 
 @dataclass(frozen=True)

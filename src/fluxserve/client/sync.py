@@ -10,7 +10,6 @@ from typing import Any, TypeVar, Unpack
 import httpx
 from httpx_sse import EventSource
 
-from fluxserve import __version__
 from fluxserve.client import flows
 from fluxserve.client.flows import Flow, GeneratedImage, Progress, TaskOptions
 from fluxserve.protocol import Balance, FileInfo, SubmittedTask, TaskData, TaskPage, UploadedFile
@@ -40,15 +39,15 @@ class Client:
         use_stream: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        url, key = flows.connection(base_url, api_key)
-        self._http = httpx.Client(
-            base_url=url,
-            timeout=timeout,
-            transport=transport,
-            headers={"User-Agent": f"fluxserve-client/{__version__}"},
-        )
-        self._cfg = flows.Config(
-            self._http.build_request, key, max_retries, poll_interval, use_stream
+        self._http, self._cfg = flows.connect(
+            httpx.Client,
+            base_url,
+            api_key,
+            timeout,
+            transport,
+            max_retries,
+            poll_interval,
+            use_stream,
         )
 
     def submit(self, model: str, prompt: str, **options: Unpack[TaskOptions]) -> SubmittedTask:
