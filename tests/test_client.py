@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -247,3 +249,11 @@ def test_the_client_imports_nothing_of_the_server() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert loaded.strip() == "[]"
+
+
+def test_the_base_install_brings_the_client_and_no_torch() -> None:
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    needs = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[; ]", need, maxsplit=1)[0].lower() for need in needs}
+    assert {"httpx", "httpx-sse", "pydantic"} <= names
+    assert not names & {"torch", "diffusers", "transformers", "accelerate"}
