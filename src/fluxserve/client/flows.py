@@ -372,11 +372,12 @@ def wait(
         if isinstance(reply, httpx.Response) and reply.status_code != 503:
             if reply.is_error and reply.status_code not in (404, 405):
                 raise error_from(reply)
-            # No stream here (a hosted server, an older fluxserve): read the status
-            # instead; a 404 for an unknown task then says so from the status route.
-            poll_only = True
+            # A 204: nothing after the event last seen. A 404, 405 or a page that is no
+            # event stream: no stream here (a hosted server, an older fluxserve). The
+            # status says the rest; for an unknown task, its 404 says so.
             yield from _poll_once(cfg, watch)
-            cfg.stream_missing = True
+            if reply.status_code != 204:
+                poll_only = cfg.stream_missing = True
         elif not watch.ended and watch.remaining() > 0:
             # Lost, or ended early (a restart): reopen after the event last seen. Failing
             # again and again with no event: the status read says what is wrong.
