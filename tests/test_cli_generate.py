@@ -99,7 +99,7 @@ async def test_failures_exit_non_zero_with_the_servers_message(
     code, out, err = await fluxserve(
         *base, "--image", missing, cwd=tmp_path, FLUXSERVE_API_KEY=service.key
     )
-    assert code == 1 and "missing.png" in err and out == ""
+    assert code == 1 and "failed: " in err and "missing.png" in err and out == ""
     code, _, err = await fluxserve(*base, "--image", "nowhere.png", cwd=tmp_path)
     assert code == 2 and "nowhere.png: no such file" in err
     assert not [p for p in os.listdir(tmp_path) if p.startswith("task-")], "no file written"

@@ -25,7 +25,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from fluxserve.client import AsyncClient, FluxserveError, GeneratedImage, TaskData
+from fluxserve.client import (
+    AsyncClient,
+    FluxserveError,
+    GeneratedImage,
+    TaskData,
+    TaskFailedError,
+)
 from fluxserve.client.flows import TaskOptions
 from fluxserve.protocol import EDIT_MODELS, OUTPUT_FORMATS
 from fluxserve.settings import Settings
@@ -124,7 +130,8 @@ def generate(
             saved = key_file.read_text().strip() if key_file.is_file() else None
             made = asyncio.run(_in_process(settings, saved, run))
     except FluxserveError as exc:
-        typer.secho(f"fluxserve: {exc}", fg="red", err=True)
+        task = f"task {exc.task.task_id} failed: " if isinstance(exc, TaskFailedError) else ""
+        typer.secho(f"fluxserve: {task}{exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
     path = made.save(output or Path(f"{made.task_id}.{_extension(made.content_type)}"))
     typer.echo(f"task: {made.task_id}")
