@@ -19,8 +19,10 @@ from fluxserve.settings import Settings
 from fluxserve.storage import Storage, open_storage
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import SubmitLimits
-from fluxserve.tasks import MODELS
+from fluxserve.task_feed import TaskFeed
+from fluxserve.tasks import MODELS, Task
 from fluxserve.webhooks import Webhooks
+from fluxserve.wire import encode, status_body
 
 if TYPE_CHECKING:
     from fluxserve.worker import Worker
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class Runtime:
-    """Store, storage and service; plus, when asked, a worker and the callback dispatcher."""
+    """Store, storage, service and the stream feed; plus, when asked, a worker and the
+    callback dispatcher."""
 
     def __init__(
         self,
@@ -55,6 +58,7 @@ class Runtime:
             idempotency_ttl=settings.idempotency_ttl,
             storage=self.storage,
         )
+        self.feed = TaskFeed(self.store, self.render_status, wait=settings.poll_interval)
         self.worker: Worker | None = None
         if run_worker:
             # Imported here: an API-only process never loads the worker's image code.
@@ -101,7 +105,12 @@ class Runtime:
         if self.worker is not None:
             await asyncio.to_thread(self.worker.close)
         await self.webhooks.aclose()
+        await self.feed.close()
         await self.store.close()
+
+    def render_status(self, task: Task, queue_position: int | None) -> str:
+        """The status answer's JSON: what GET status writes, and a stream event's data."""
+        return encode(status_body(task, self.storage, queue_position)).decode()
 
     async def _sweep_forever(self) -> None:
         """Hand back the tasks of lost workers, one process at a time; delete expired files."""

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds an API key, once looked up, is reused; a revoke takes this long",
     )
+    stream_heartbeat: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds between comment lines on an idle progress stream, for proxies",
+    )
 
     callback_timeout: float = Field(default=10.0, gt=0)
     # 1, 2 and 4 s as the hosted API retries, then minutes, then hours: about a

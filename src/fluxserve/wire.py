@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fluxserve.storage import Storage
@@ -54,3 +55,8 @@ def status_data(task: Task, storage: Storage, queue_position: int | None = None)
 def status_body(task: Task, storage: Storage, queue_position: int | None = None) -> dict[str, Any]:
     """The whole status answer: what GET status returns and a callback POSTs."""
     return ok(status_data(task, storage, queue_position))
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """A body's bytes: how GET status, a callback and a stream event all write the same JSON."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

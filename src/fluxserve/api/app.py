@@ -13,6 +13,7 @@ from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.keycache import KeyCache
 from fluxserve.api.routes import router
+from fluxserve.api.stream_routes import router as stream_router
 from fluxserve.api.upload_routes import router as upload_router
 from fluxserve.runtime import Runtime
 
@@ -33,6 +34,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(stream_router)
     app.include_router(callback_router)
     app.include_router(account_router)
     app.include_router(upload_router)

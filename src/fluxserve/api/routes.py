@@ -17,9 +17,10 @@ from fluxserve.runtime import Runtime
 from fluxserve.storage.local import FILES_ROUTE, LocalStorage
 from fluxserve.store import ApiKeyRecord
 from fluxserve.tasks import format_time
-from fluxserve.wire import ok, status_body
+from fluxserve.wire import ok
 
 router = APIRouter()
+JSON = "application/json"
 
 
 async def runtime(request: Request) -> Runtime:
@@ -65,10 +66,11 @@ async def submit(
 
 
 @router.get("/api/generate/status/{task_id}")
-async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
+async def status(task_id: str, key: KeyDep, rt: RuntimeDep) -> Response:
     """The task's status, progress and, once finished, its files."""
     task, position = await rt.service.get_with_position(key, task_id)
-    return status_body(task, rt.storage, position)
+    # Rendered by the runtime, not FastAPI: a stream event carries these same bytes.
+    return Response(rt.render_status(task, position), media_type=JSON)
 
 
 @router.get(FILES_ROUTE + "/{key:path}")

@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from fluxserve.tasks import Claim, NewTask, ResultFile, Task
+from fluxserve.tasks import Claim, NewTask, ResultFile, Task, TaskStatus
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,20 @@ class Store(ABC):
         The position is 1 for the next task of its model to be claimed, 2 for the one
         after, in claim order; None unless the task is queued.
         """
+
+    @abstractmethod
+    async def task_changes(self, at_most: float) -> frozenset[str] | None:
+        """The ids of tasks whose status or progress changed since the last call, in
+        this process or any other, once there are some (empty after `at_most` seconds).
+
+        None when any task may have changed: where a backend cannot name them, or
+        after a gap in which names may have been lost (a LISTEN reconnecting).
+        One reader per process (its stream feed); the first call answers None.
+        """
+
+    @abstractmethod
+    async def task_states(self, task_ids: Collection[str]) -> dict[str, tuple[TaskStatus, int]]:
+        """The status and progress of each of these tasks that exists, read together."""
 
     @abstractmethod
     async def claim_task(

@@ -32,7 +32,7 @@ from fluxserve.store.group_commit import GroupCommit, Write
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.sql import TASK_AND_POSITION, SqlStore
-from fluxserve.store.wakeups import CALLBACKS, TASKS
+from fluxserve.store.wakeups import CALLBACKS, TASK_CHANGES, TASKS
 from fluxserve.tasks import Task, TaskStatus
 
 try:
@@ -90,6 +90,9 @@ def _tasks_and_positions() -> sa.Select[Any]:
 
 
 _TASKS_AND_POSITIONS = _tasks_and_positions()
+_ANNOUNCE = sa.text(
+    "SELECT pg_notify(:channel, task_id) FROM unnest(:task_ids) AS task_id"
+).bindparams(sa.bindparam("task_ids", type_=ARRAY(sa.String)))
 
 
 def _notify_sql(channels: tuple[str, ...]) -> str:
@@ -255,6 +258,13 @@ class PostgresStore(SqlStore):
         for channel in channels:
             await conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": channel})
 
+    async def _announce(self, conn: AsyncConnection, task_ids: list[str]) -> None:
+        await conn.execute(_ANNOUNCE, {"channel": TASK_CHANGES, "task_ids": task_ids})
+
+    def _changed_locally(self, task_ids: list[str]) -> None:
+        """Nothing: the NOTIFY comes back to this process's LISTEN too, and a second
+        wake-up for the same change would cost a second read."""
+
     async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
         taken = await conn.scalar(
             sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK}
@@ -269,6 +279,10 @@ class PostgresStore(SqlStore):
         self._listen_to(CALLBACKS)
         await super().wait_for_callback(at_most)
 
+    async def task_changes(self, at_most: float) -> frozenset[str] | None:
+        self._listen_to(TASK_CHANGES)
+        return await super().task_changes(at_most)
+
     def _listen_to(self, channel: str) -> None:
         """LISTEN on `channel` from now on (the first wait on it asks)."""
         if channel in self._channels:
@@ -278,8 +292,11 @@ class PostgresStore(SqlStore):
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen_forever(), name="pg-listen")
 
-    def _on_notification(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
-        self._wake_local(channel)
+    def _on_notification(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        if channel == TASK_CHANGES:
+            self._task_changes.add((payload,))
+        else:
+            self._wake_local(channel)
 
     async def _listen_forever(self) -> None:
         failures = 0

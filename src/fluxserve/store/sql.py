@@ -1,9 +1,9 @@
 """The store on SQLAlchemy Core (async), shared by the SQLite and PostgreSQL backends.
 
 This module holds API keys, the task queue and the fleet; accounts
-(`sql_accounts.py`), the callback outbox (`sql_callbacks.py`) and files
-(`sql_files.py`) are mixed in, each on the connection handling of `sql_base.py`,
-and a submit's checks are in `admission.py`.
+(`sql_accounts.py`), the callback outbox (`sql_callbacks.py`), task changes
+(`sql_changes.py`) and files (`sql_files.py`) are mixed in, each on the
+connection handling of `sql_base.py`, and a submit's checks are in `admission.py`.
 The dialects differ only in how an engine is made, how writers take turns, how
 a write wakes the waiting workers and dispatchers, and how hot reads reach the
 driver: see `sqlite.py` and `postgres.py`.
@@ -43,6 +43,7 @@ from fluxserve.store.sql_accounts import (
     settle_task_credits,
 )
 from fluxserve.store.sql_callbacks import CallbackQueries
+from fluxserve.store.sql_changes import ChangeQueries
 from fluxserve.store.sql_files import FileQueries
 from fluxserve.store.wakeups import CALLBACKS, TASKS, wait
 from fluxserve.tasks import (
@@ -146,7 +147,7 @@ async def _claim_companions(
     return list((await conn.execute(lease.claim(tasks.c.seq.in_(alike[:limit])))).all())
 
 
-class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
+class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, Store):
     """Everything but the dialect's engine, write turns and wake-ups."""
 
     # API keys ---------------------------------------------------------------
@@ -242,13 +243,15 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        async with self._write() as conn:
+        changes: list[str] = []
+        async with self._write(changes=changes) as conn:
             head = (await conn.execute(lease.claim(tasks.c.seq == oldest))).first()
             if head is None:
                 return []
             rows = [head]
             if limit > 1:
                 rows += await _claim_companions(conn, head, lease, limit - 1, window)
+            changes.extend(row.task_id for row in rows)
         # In queue order: a task skipped while another claim had it locked for a
         # look may come back as a companion of a later head.
         rows.sort(key=lambda row: (row.vtime, row.seq))
@@ -260,7 +263,8 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
     async def report_progress(
         self, claim: Claim, progress: int, lease_seconds: float
     ) -> LeaseState:
-        async with self._write() as conn:
+        changes: list[str] = []
+        async with self._write(changes=changes) as conn:
             row = (
                 await conn.execute(
                     tasks.update()
@@ -274,6 +278,8 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
                     .returning(tasks.c.cancelled_at)
                 )
             ).first()
+            if row is not None:
+                changes.append(claim.task.task_id)
         if row is None:
             return LeaseState.LOST
         return LeaseState.HELD if row.cancelled_at is None else LeaseState.CANCEL_REQUESTED
@@ -295,7 +301,8 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
 
     async def _end(self, claim: Claim, *, status: TaskStatus, **values: Any) -> bool:
         now = time.time()
-        async with self._write(wake=(CALLBACKS,)) as conn:
+        changes: list[str] = []
+        async with self._write(wake=(CALLBACKS,), changes=changes) as conn:
             result = await conn.execute(
                 tasks.update()
                 .where(_held_by(claim))
@@ -303,6 +310,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             )
             if result.rowcount != 1:
                 return False
+            changes.append(claim.task.task_id)
             await self._on_end(conn, claim.task, status, now)
         return True
 
@@ -317,7 +325,8 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
 
     async def cancel_task(self, task_id: str) -> Task | None:
         now = time.time()
-        async with self._write(wake=(CALLBACKS,)) as conn:
+        changes: list[str] = []
+        async with self._write(wake=(CALLBACKS,), changes=changes) as conn:
             queued = (
                 await conn.execute(
                     tasks.update()
@@ -337,6 +346,7 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             if queued is not None:
                 task = task_from_row(queued)
                 await self._on_end(conn, task, TaskStatus.FAILED, now)
+                changes.append(task_id)
                 return task
             # Running: its worker sees the mark when it next reports progress.
             await conn.execute(
@@ -376,7 +386,8 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
 
     async def release_task(self, claim: Claim) -> bool:
         now = time.time()
-        async with self._write(wake=(TASKS, CALLBACKS)) as conn:
+        changes = [claim.task.task_id]
+        async with self._write(wake=(TASKS, CALLBACKS), changes=changes) as conn:
             cancelled = (
                 await conn.execute(
                     tasks.update()
@@ -407,7 +418,8 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
         expired = sa.and_(
             tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < now
         )
-        async with self._write(wake=(TASKS, CALLBACKS)) as conn:
+        changes: list[str] = []
+        async with self._write(wake=(TASKS, CALLBACKS), changes=changes) as conn:
             if not await self._take_sweep_turn(conn):
                 return 0, 0
             # A cancelled task whose worker was lost ends now, as cancelled.
@@ -428,18 +440,22 @@ class SqlStore(AccountQueries, CallbackQueries, FileQueries, Store):
             ).all()
             for row in gone:
                 await self._on_end(conn, task_from_row(row), TaskStatus.FAILED, now)
-            requeued = await conn.execute(
-                tasks.update()
-                .where(expired)
-                .values(
-                    status=TaskStatus.NOT_STARTED.value,
-                    progress=0,
-                    worker_id=None,
-                    lease_token=None,
-                    lease_expires_at=None,
+            requeued = (
+                await conn.execute(
+                    tasks.update()
+                    .where(expired)
+                    .values(
+                        status=TaskStatus.NOT_STARTED.value,
+                        progress=0,
+                        worker_id=None,
+                        lease_token=None,
+                        lease_expires_at=None,
+                    )
+                    .returning(tasks.c.task_id)
                 )
-            )
-        return requeued.rowcount, len(gone)
+            ).all()
+            changes.extend(row.task_id for row in [*gone, *requeued])
+        return len(requeued), len(gone)
 
     # The fleet --------------------------------------------------------------
     async def queue_depths(self) -> dict[str, int]:

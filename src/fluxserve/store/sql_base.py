@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
 from fluxserve.store.group_commit import GroupCommit
-from fluxserve.store.wakeups import CALLBACKS, TASKS
+from fluxserve.store.wakeups import CALLBACKS, TASK_CHANGES, TASKS, TaskChanges
 
 T = TypeVar("T")
 
@@ -37,6 +37,7 @@ class SqlBase:
         self._url = url
         self._engine: AsyncEngine | None = None
         self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
+        self._task_changes = TaskChanges()
         self._compiled_statements: dict[tuple[Any, tuple[str, ...]], CompiledStatement] = {}
         self._submits: GroupCommit | None = None  # a dialect's group commit, if it has one
 
@@ -119,21 +120,40 @@ class SqlBase:
             return await run(program(), partial(_execute, conn))
 
     @asynccontextmanager
-    async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
-        """A transaction; when it commits, wake whoever waits on the `wake` channels."""
+    async def _write(
+        self, wake: tuple[str, ...] = (), changes: list[str] | None = None
+    ) -> AsyncIterator[AsyncConnection]:
+        """A transaction; when it commits, wake whoever waits on the `wake` channels,
+        and whoever watches the tasks whose ids the transaction put in `changes`
+        (those whose status or progress it changed)."""
         with _unavailable_on_connection_errors():
             async with self.engine.begin() as conn:
                 yield conn
                 await self._notify(conn, wake)
+                if changes:
+                    await self._announce(conn, changes)
         self._wake_local(*wake)
+        if changes:
+            self._changed_locally(changes)
 
     async def _notify(self, conn: AsyncConnection, channels: tuple[str, ...]) -> None:
         """Tell other processes, inside the transaction; in-process waiters need nothing."""
 
+    async def _announce(self, conn: AsyncConnection, task_ids: list[str]) -> None:
+        """Tell other processes, inside the transaction, that these tasks changed."""
+
+    def _changed_locally(self, task_ids: list[str]) -> None:
+        """Tell this process's watchers, once committed, that these tasks changed."""
+        self._task_changes.add(task_ids)
+
     def _wake_local(self, *channels: str) -> None:
-        """Wake this process's waiters on `channels`."""
+        """Wake this process's waiters on `channels`. A wake-up on TASK_CHANGES
+        without ids says that any task may have changed."""
         for channel in channels:
-            self._events[channel].set()
+            if channel == TASK_CHANGES:
+                self._task_changes.set()
+            else:
+                self._events[channel].set()
 
     async def _take_sweep_turn(self, conn: AsyncConnection) -> bool:
         """Whether this transaction may sweep now; one sweeper at a time."""

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 COMMIT_POLL = 0.005
 """Seconds between looks for another process's commit while a worker waits for a task."""
+CHANGE_POLL = 0.05
+"""Seconds between looks for another process's commit while streams watch tasks: what
+they show is for people, and each commit seen costs one read of the watched tasks."""
 CHECKPOINT_EVERY = 200
 """Commits on the loop between two checkpoints of the WAL, which run on a thread."""
 BEGIN_RETRIES = (0.0005, 0.001, 0.002, 0.004)
@@ -100,6 +103,8 @@ class SqliteStore(SqlStore):
         self._commits_since_checkpoint = 0
         self._checkpointing: asyncio.Task[None] | None = None
         self._seen_version = 0
+        self._changes_seen_version = 0
+        self._commit_watcher: asyncio.Task[None] | None = None
         self._submits = GroupCommit(self._transact_alone, per_key=False)
 
     def _create_engine(self) -> AsyncEngine:
@@ -112,10 +117,14 @@ class SqliteStore(SqlStore):
         await super().start()
         self._reader = _open_reader(self._path)
         self._writer = _open_writer(self._path)
-        self._seen_version = self._data_version()
+        self._seen_version = self._changes_seen_version = self._data_version()
 
     async def close(self) -> None:
         await self._stop_submits()
+        if self._commit_watcher is not None:
+            self._commit_watcher.cancel()
+            await asyncio.gather(self._commit_watcher, return_exceptions=True)
+            self._commit_watcher = None
         if self._checkpointing is not None:
             await self._checkpointing
         for connection in (self._reader, self._writer):
@@ -131,8 +140,10 @@ class SqliteStore(SqlStore):
         return self._reader
 
     @asynccontextmanager
-    async def _write(self, wake: tuple[str, ...] = ()) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock, super()._write(wake) as conn:
+    async def _write(
+        self, wake: tuple[str, ...] = (), changes: list[str] | None = None
+    ) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock, super()._write(wake, changes) as conn:
             yield conn
 
     async def _transact_alone(self, program: Callable[[], Program[T]], wake: tuple[str, ...]) -> T:
@@ -223,6 +234,22 @@ class SqliteStore(SqlStore):
                 self._wake_local(TASKS)
                 return
             await asyncio.sleep(COMMIT_POLL)
+
+    async def task_changes(self, at_most: float) -> frozenset[str] | None:
+        if self._commit_watcher is None:
+            self._commit_watcher = asyncio.create_task(self._watch_commits())
+        return await super().task_changes(at_most)
+
+    async def _watch_commits(self) -> None:
+        """Say that any task may have changed whenever another connection has committed:
+        another process's commit names no task here. (This process's own commits count
+        too; their tasks are named as well, so a look finds those changes done.)"""
+        while True:
+            await asyncio.sleep(CHANGE_POLL)
+            version = self._data_version()
+            if version != self._changes_seen_version:
+                self._changes_seen_version = version
+                self._task_changes.set()
 
     def _data_version(self) -> int:
         """Changes whenever another connection commits to the database."""

@@ -1,4 +1,5 @@
-"""Wake-up channels, and waiting on one: a task became claimable; a callback became due.
+"""Wake-up channels, and waiting on one: a task became claimable; a callback became due;
+a task's status or progress changed.
 
 A write names the channels it wakes; each backend carries the wake-up to the
 waiters of other processes its own way (see `sqlite.py` and `postgres.py`).
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 
 TASKS = "fluxserve_tasks"
 CALLBACKS = "fluxserve_callbacks"
 """Wake-up channels: a task became claimable; a callback became due."""
+TASK_CHANGES = "fluxserve_task_changes"
+"""A task's status or progress changed; the NOTIFY's payload is its id."""
 
 
 async def wait(event: asyncio.Event, at_most: float) -> None:
@@ -20,3 +24,39 @@ async def wait(event: asyncio.Event, at_most: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), at_most)
     event.clear()
+
+
+class TaskChanges:
+    """The ids of tasks whose status or progress changed, kept for the one reader
+    that takes them (a process's stream feed). Until it first asks, nothing is
+    kept: a process that streams nothing gathers no ids, and its first take says
+    that any task may have changed."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._unknown = True
+        self._asked = False
+        self._event = asyncio.Event()
+
+    def add(self, task_ids: Iterable[str]) -> None:
+        """These tasks changed."""
+        if self._asked:
+            self._ids.update(task_ids)
+            self._event.set()
+
+    def set(self) -> None:
+        """Any task may have changed: a commit whose tasks are not known, or
+        wake-ups that may have been missed."""
+        if self._asked:
+            self._unknown = True
+            self._event.set()
+
+    async def take(self, at_most: float) -> frozenset[str] | None:
+        """The ids gathered since the last take, once there are any (or empty after
+        `at_most` seconds); None when any task may have changed."""
+        if self._asked:
+            await wait(self._event, at_most)
+        self._asked = True
+        ids, unknown = self._ids, self._unknown
+        self._ids, self._unknown = set(), False
+        return None if unknown else frozenset(ids)

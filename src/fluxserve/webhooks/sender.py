@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from fluxserve.store.base import Attempt
 from fluxserve.tasks import Task
 from fluxserve.webhooks.retry import RETRY_AFTER_STATUS, is_retryable, parse_retry_after
 from fluxserve.webhooks.signing import WebhookSecrets, signature_header
+from fluxserve.wire import encode
 
 Render = Callable[[Task], dict[str, Any]]
 """A task's callback body: its status answer at that moment."""
@@ -44,11 +44,6 @@ class Sent:
     attempt: Attempt
     retryable: bool = False
     retry_after: float | None = None
-
-
-def encode(body: dict[str, Any]) -> bytes:
-    """The body's bytes, as the status endpoint writes the same JSON."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class Sender:
