@@ -257,3 +257,24 @@ def test_the_base_install_brings_the_client_and_no_torch() -> None:
     names = {re.split(r"[<>=!~\[; ]", need, maxsplit=1)[0].lower() for need in needs}
     assert {"httpx", "httpx-sse", "pydantic"} <= names
     assert not names & {"torch", "diffusers", "transformers", "accelerate"}
+
+
+async def test_wait_follows_the_servers_event_stream(service: Service) -> None:
+    seen: list[tuple[TaskStatus, int]] = []
+    async with FlakyProxy(service.url) as proxy:
+        async with AsyncClient(proxy.url, service.key) as client:
+            task = await client.submit("flux-2-pro", PROMPT, size="1:1")
+            done = await client.wait(
+                task.task_id, timeout=120, on_progress=lambda t: seen.append((t.status, t.progress))
+            )
+
+        def sync_wait() -> TaskData:
+            with Client(proxy.url, service.key) as sync_client:
+                return sync_client.wait(task.task_id, timeout=60)
+
+        again = await asyncio.to_thread(sync_wait)
+    assert done.status is TaskStatus.FINISHED and again == done
+    assert seen[-1] == (TaskStatus.FINISHED, 100) and len(seen) >= 2
+    assert [p for _, p in seen] == sorted(p for _, p in seen)
+    stream = f"/api/generate/stream/{task.task_id}"
+    assert proxy.forwarded == {"/api/generate/submit": 1, stream: 2}, "no status polling"
