@@ -1,6 +1,6 @@
 """GET /api/generate/stream/{task_id}: live progress as server-sent events, on a real
-server; and on a `fluxserve api` process that follows a `fluxserve worker` process on
-PostgreSQL, where the changes reach the stream by NOTIFY."""
+server; and on a `fluxserve api` process that follows a `fluxserve worker` process,
+where the changes reach the stream by NOTIFY (PostgreSQL) or the commit counter (SQLite)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def progress_of(event: ServerSentEvent) -> int:
 async def test_events_follow_a_real_task_in_order_and_end_with_the_status_body(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
-    # PostgreSQL's path, a worker in another process, is the last test here.
+    # A worker in another process, on either store, is the last test here.
     engine = Paused(tiny_engine)
     async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
         task_id = await submit(service, "flux-2-flex", steps=3)
@@ -297,13 +297,14 @@ async def until_healthy(base: str) -> None:
 
 @pytest.mark.slow
 async def test_a_stream_on_an_api_process_follows_a_worker_process(
-    postgres_url: str, tmp_path: Path
+    settings_on_each_store: Settings, tmp_path: Path
 ) -> None:
+    # On SQLite the api process sees the worker's commits by the commit counter.
     port = free_port()
     env = {
         **os.environ,
         "FLUXSERVE_DATA_DIR": str(tmp_path / "data"),
-        "FLUXSERVE_DATABASE_URL": postgres_url,
+        "FLUXSERVE_DATABASE_URL": settings_on_each_store.resolved_database_url,
         "FLUXSERVE_PORT": str(port),
         "FLUXSERVE_ENGINE": "tiny",
         "FLUXSERVE_POLL_INTERVAL": "0.2",
