@@ -117,9 +117,7 @@ async def download(
     return response
 
 
-@router.get(
-    "/health", response_model=None, responses={200: {"model": Health}, **errors(*ANY_ROUTE)}
-)
+@router.get("/health", responses={200: {"model": Health}, **errors(*ANY_ROUTE)})
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness, and whether this process's worker is ready."""
     return await rt.health()
