@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -311,3 +312,37 @@ async def queue_position(store: Store, task_id: str) -> int | None:
     """The task's `queue_position`, as its status read gives it."""
     found = await store.get_task_and_position(task_id)
     return None if found is None else found[1]
+
+
+async def send_until_answered(
+    url: str, head: bytes, *, chunked: bool, most: int = 12_800_000
+) -> tuple[bytes, bytes, int]:
+    """Send `head` to the server at `url`, then 64 KiB blocks of zeros (as HTTP chunks
+    when `chunked`) until it answers or `most` bytes are sent. Returns the answer's
+    head, its body, and how many bytes were sent: how far the server read before
+    it answered."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    block = bytes(64 * 1024)
+    writer.write(head)
+    answer = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
+    sent = 0
+    try:
+        while not answer.done() and sent < most:
+            writer.write(f"{len(block):x}\r\n".encode() + block + b"\r\n" if chunked else block)
+            await writer.drain()
+            sent += len(block)
+            await asyncio.sleep(0.01)
+    except ConnectionError:
+        pass  # the server stopped reading and closed the connection
+    answer_head = await asyncio.wait_for(answer, 30)
+    lengths = [
+        int(line.split(b":", 1)[1])
+        for line in answer_head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ]
+    body = await reader.readexactly(lengths[0]) if lengths else b""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return answer_head, body, sent

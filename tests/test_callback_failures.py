@@ -15,11 +15,11 @@ from starlette.routing import Route
 from conftest import Service, make_settings, run_service, serve_asgi, settled_log, submit_ended
 
 
-async def pending_gauge(service: Service) -> str:
+async def pending_gauge(service: Service) -> float:
+    """fluxserve_webhook_pending: events in the outbox not yet delivered or given up."""
     metrics = (await service.client.get("/metrics")).text
-    return next(
-        line for line in metrics.splitlines() if line.startswith("fluxserve_webhook_pending")
-    )
+    [line] = [line for line in metrics.splitlines() if line.startswith("fluxserve_webhook_pending")]
+    return float(line.split()[-1])
 
 
 def outcomes(event: dict[str, Any]) -> list[tuple[int | None, str | None]]:

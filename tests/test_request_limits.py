@@ -3,9 +3,7 @@ they arrive, prompts counted as they are stored, data: references moved into sto
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import io
 import json
 import random
@@ -17,9 +15,7 @@ from PIL import Image
 
 from fluxserve.tasks import Task
 
-from conftest import Service, make_settings, run_service
-
-CHUNK = bytes(64 * 1024)
+from conftest import Service, make_settings, run_service, send_until_answered
 
 
 @pytest.fixture
@@ -29,48 +25,13 @@ async def service(tmp_path: Path) -> Any:
         yield running
 
 
-async def raw_exchange(
-    service: Service, head: str, first: bytes = b"", *, chunked: bool, most: int = 12_800_000
-) -> tuple[bytes, bytes, int]:
-    """Send `head`, then `first`, then zeros (as HTTP chunks when `chunked`) until the
-    server answers or `most` bytes are sent; the answer's head, its body, bytes sent."""
-    host, port = service.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-
-    def framed(data: bytes) -> bytes:
-        return f"{len(data):x}\r\n".encode() + data + b"\r\n" if chunked else data
-
-    writer.write(head.encode() + (framed(first) if first else b""))
-    answer = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
-    sent = len(first)
-    try:
-        while not answer.done() and sent < most:
-            writer.write(framed(CHUNK))
-            await writer.drain()
-            sent += len(CHUNK)
-            await asyncio.sleep(0.01)
-    except ConnectionError:
-        pass  # the server stopped reading and closed the connection
-    answer_head = await asyncio.wait_for(answer, 30)
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in answer_head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    body = await reader.readexactly(length)
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
-    return answer_head, body, sent
-
-
-def request_head(service: Service, path: str, *, key: str | None, length: int | None) -> str:
+def request_head(service: Service, path: str, *, key: str | None, length: int | None) -> bytes:
     host = service.url.removeprefix("http://")
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
     if key is not None:
         lines.append(f"Authorization: Bearer {key}")
     lines.append("Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}")
-    return "\r\n".join(lines) + "\r\n\r\n"
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def envelope(head: bytes, body: bytes, status: int) -> str:
@@ -91,7 +52,7 @@ async def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(
     """200 MB announced: the 401 comes while the body has barely begun, and the
     connection is closed rather than drained."""
     head = request_head(service, "/api/generate/submit", key=key, length=200_000_000)
-    answer, body, sent = await raw_exchange(service, head, chunked=False)
+    answer, body, sent = await send_until_answered(service.url, head, chunked=False)
     assert "API key" in envelope(answer, body, 401)
     assert b"connection: close" in answer.lower()
     assert sent <= 1024 * 1024, f"the server took {sent} bytes before refusing"
@@ -102,7 +63,7 @@ async def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(
 
 async def test_a_declared_length_past_the_cap_is_refused_at_once(service: Service) -> None:
     head = request_head(service, "/api/common/upload/url", key=service.key, length=10**9)
-    answer, body, sent = await raw_exchange(service, head, chunked=False)
+    answer, body, sent = await send_until_answered(service.url, head, chunked=False)
     message = envelope(answer, body, 413)
     assert message == f"Request body is larger than {16 * 1024} bytes, the most this route accepts"
     assert sent <= 1024 * 1024
@@ -112,14 +73,14 @@ async def test_a_chunked_body_is_cut_off_once_it_passes_the_cap(service: Service
     """No length to refuse up front: the 413 comes while the body is still arriving,
     before any of it is parsed."""
     head = request_head(service, "/api/common/upload/url", key=service.key, length=None)
-    answer, body, sent = await raw_exchange(service, head, b'{"file_url": "', chunked=True)
+    answer, body, sent = await send_until_answered(service.url, head, chunked=True)
     assert "larger than 16384 bytes" in envelope(answer, body, 413)
     assert sent <= 1024 * 1024, f"the server took {sent} bytes before refusing"
 
 
 async def test_routes_that_take_no_body_are_capped_too(service: Service) -> None:
     head = request_head(service, "/api/generate/cancel/task-x", key=service.key, length=10**8)
-    answer, body, _ = await raw_exchange(service, head, chunked=False)
+    answer, body, _ = await send_until_answered(service.url, head, chunked=False)
     envelope(answer, body, 413)
 
 
@@ -129,7 +90,7 @@ async def test_a_submit_has_room_for_its_data_references_and_no_more(service: Se
     assert fits == 200
     huge = 9 * settings.max_base64_upload_bytes * 4 // 3 + settings.max_body_bytes
     head = request_head(service, "/api/generate/submit", key=service.key, length=huge)
-    answer, body, _ = await raw_exchange(service, head, chunked=False)
+    answer, body, _ = await send_until_answered(service.url, head, chunked=False)
     envelope(answer, body, 413)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import os
 import re
@@ -34,7 +33,7 @@ from fluxserve.storage.local import LocalStorage
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import ResultFile
 
-from conftest import Service, make_settings, run_service, serve_asgi
+from conftest import Service, make_settings, run_service, send_until_answered, serve_asgi
 
 WIRE_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$")
 UPLOAD_FIELDS = [
@@ -387,18 +386,16 @@ async def test_a_stream_without_content_length_is_cut_off_past_the_limit(tmp_pat
     being sent, long before its end."""
     settings = settings_for(tmp_path, max_stream_upload_bytes=20_000)
     boundary = "fluxserve-test-boundary"
-    chunk = bytes(64 * 1024)
     async with run_service(settings, run_worker=False) as service:
-        host, port = service.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        host = service.url.removeprefix("http://")
         preamble = (
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="endless.png"\r\nContent-Type: image/png\r\n\r\n'
         ).encode()
-        writer.write(
+        request = (
             (
                 "POST /api/common/upload/stream HTTP/1.1\r\n"
-                f"Host: {host}:{port}\r\n"
+                f"Host: {host}\r\n"
                 f"Authorization: Bearer {service.key}\r\n"
                 f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
                 "Transfer-Encoding: chunked\r\n\r\n"
@@ -407,20 +404,7 @@ async def test_a_stream_without_content_length_is_cut_off_past_the_limit(tmp_pat
             + preamble
             + b"\r\n"
         )
-        answer = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
-        sent = 0
-        try:
-            while not answer.done() and sent < 200 * len(chunk):  # 12.8 MB at most
-                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-                await writer.drain()
-                sent += len(chunk)
-                await asyncio.sleep(0.01)
-        except ConnectionError:
-            pass  # the server stopped reading and closed the connection
-        head = await asyncio.wait_for(answer, 10)
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        head, _, sent = await send_until_answered(service.url, request, chunked=True)
     assert head.startswith(b"HTTP/1.1 413 ")
     assert sent <= 1024 * 1024, f"the server took {sent} bytes before refusing"
 

@@ -2,10 +2,10 @@
 
 The check runs twice. At submit, for `data:` URLs only: their bytes are in the
 request (see data_references), so a bad reference is a 400. http(s) references
-are not fetched at submit: that would put
-a third party's latency and failures into every submit and make the API process
-fetch each image twice (the worker needs the pixels later anyway). The worker
-checks them once fetched, and the task fails with the same message.
+are not fetched at submit: that would put a third party's latency and failures
+into every submit and make the API process fetch each image twice (the worker
+needs the pixels later anyway). The worker checks them once fetched, and the
+task fails with the same message.
 """
 
 from __future__ import annotations
