@@ -22,7 +22,7 @@ from fluxserve.store import open_store
 
 from conftest import fresh_postgres_database, make_settings, run_service, submit_ended
 
-EXAMPLES = 15
+EXAMPLES = 10
 # Every operation that needs neither a stored file nor a real image.
 ANSWERED = {
     "POST /api/generate/submit",

@@ -201,6 +201,7 @@ def test_a_serve_whose_worker_cannot_start_says_why_and_exits_non_zero(
     assert "CRITICAL fluxserve.runtime: worker loop ended" in written
 
 
+@pytest.mark.timeout(600)  # three servers start, one after the other
 def test_a_task_that_kills_its_worker_max_attempts_times_fails_and_stays_failed(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -1,11 +1,12 @@
 """The OpenAPI document: what each route answers, as it really answers it.
 
-The routes build their JSON by hand (it is faster than validating a model on the
-way out), so the models here only describe it: a route names its success body and
-the error statuses of its own, `answers(Model, 403, 404)`, and the errors come
-from one table for every route. The document drops FastAPI's default 422: a
-request that does not validate is answered 400 in the error envelope (see
-envelope.py).
+The routes build their answers as dicts, which FastAPI serializes by their
+`dict[str, Any]` annotation (in pydantic's core: faster than validating a model
+on the way out), so the models here only describe them. A route names its
+success body and the error statuses of its own, `answers(Model, 403, 404)`, and
+the errors come from one table for every route. The document drops FastAPI's
+default 422: a request that does not validate is answered 400 in the error
+envelope (see envelope.py).
 """
 
 from __future__ import annotations
@@ -102,8 +103,7 @@ def answers(data: type[BaseModel], *statuses: int) -> dict[str, Any]:
     `data` inside the success envelope, the error statuses of its own and those of
     every /api/ route."""
     ok: dict[int | str, dict[str, Any]] = {200: {"model": Ok[data]}}  # type: ignore[valid-type]
-    # No response_model: the route's dict is sent as it is, not validated again.
-    return {"response_model": None, "responses": {**ok, **errors(*statuses, *ANY_API_ROUTE)}}
+    return {"responses": {**ok, **errors(*statuses, *ANY_API_ROUTE)}}
 
 
 class SubmittedData(BaseModel):
@@ -284,7 +284,8 @@ METRICS_ANSWERS: dict[int | str, dict[str, Any]] = {
 
 def install_openapi(app: FastAPI) -> None:
     """Serve the document without FastAPI's default 422 answers, which never happen,
-    and with one operation id per operation."""
+    with one operation id per operation, and with each success schema as documented
+    alone, not merged with the bare object of the route's `dict` annotation."""
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -297,6 +298,9 @@ def install_openapi(app: FastAPI) -> None:
             for path in schema["paths"].values():
                 for method, operation in path.items():
                     operation["responses"].pop("422", None)
+                    ok = operation["responses"]["200"].get("content", {}).get("application/json")
+                    if ok and "$ref" in ok["schema"]:
+                        ok["schema"] = {"$ref": ok["schema"]["$ref"]}
                     if operation["operationId"] in ids:
                         operation["operationId"] += f"_{method}"
                     ids.add(operation["operationId"])
