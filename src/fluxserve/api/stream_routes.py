@@ -13,20 +13,47 @@ EventSource to stop reconnecting.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
+from fluxserve.api.openapi import ANY_API_ROUTE, errors
 from fluxserve.api.routes import KeyDep, RuntimeDep
 from fluxserve.task_feed import Snapshot, Subscription
 
 router = APIRouter()
 
+STREAM_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events, each with the status answer as its data",
+        # Per event (OpenAPI 3.2 calls it itemSchema); `data` is the status answer's JSON.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["event", "id", "data"],
+                    "properties": {
+                        "event": {"enum": ["status", "progress", "finished", "failed"]},
+                        "id": {"type": "string"},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                }
+            }
+        },
+    },
+    204: {"description": "`Last-Event-ID` names the terminal state: nothing more to send"},
+    **errors(400, 403, 404, *ANY_API_ROUTE),
+}
 
-@router.get("/api/generate/stream/{task_id}", response_class=EventSourceResponse)
+
+@router.get(
+    "/api/generate/stream/{task_id}",
+    response_class=EventSourceResponse,
+    responses=STREAM_ANSWERS,
+)
 async def stream(
     task_id: str,
     key: KeyDep,
