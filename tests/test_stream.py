@@ -1,11 +1,16 @@
-"""GET /api/generate/stream/{task_id}: live progress as server-sent events, on a real server."""
+"""GET /api/generate/stream/{task_id}: live progress as server-sent events, on a real
+server; and on a `fluxserve api` process that follows a `fluxserve worker` process on
+PostgreSQL, where the changes reach the stream by NOTIFY."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +65,7 @@ def progress_of(event: ServerSentEvent) -> int:
 async def test_events_follow_a_real_task_in_order_and_end_with_the_status_body(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
-    # PostgreSQL's path, a worker in another process, is in test_stream_processes.py.
+    # PostgreSQL's path, a worker in another process, is the last test here.
     engine = Paused(tiny_engine)
     async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
         task_id = await submit(service, "flux-2-flex", steps=3)
@@ -253,3 +258,85 @@ async def test_many_streams_on_one_task_cost_one_read_per_change(
         # The claim and three steps: each read once for all 20 streams (a change
         # arriving while its read runs may cost one more).
         assert 20 + 4 <= reads <= 20 + 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def process(*args: str, env: dict[str, str], log: Path) -> AsyncIterator[None]:
+    """`fluxserve ARGS` as a child process, killed at the end."""
+    with log.open("ab") as out:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fluxserve", *args, env=env, stdout=out, stderr=out
+        )
+    try:
+        yield
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+
+
+async def until_healthy(base: str) -> None:
+    async with asyncio.timeout(90), httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(base + "/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+# --- separate processes --------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_stream_on_an_api_process_follows_a_worker_process(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLUXSERVE_DATA_DIR": str(tmp_path / "data"),
+        "FLUXSERVE_DATABASE_URL": postgres_url,
+        "FLUXSERVE_PORT": str(port),
+        "FLUXSERVE_ENGINE": "tiny",
+        "FLUXSERVE_POLL_INTERVAL": "0.2",
+    }
+    created = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fluxserve", "keys", "create", "--name", "me",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    key = (await created.communicate())[0].decode().split()[-1]
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "processes.log"
+    auth = {"Authorization": f"Bearer {key}"}
+    async with (
+        process("api", env=env, log=log),
+        httpx.AsyncClient(base_url=base, headers=auth, timeout=60) as client,
+    ):
+        await until_healthy(base)
+        submitted = await client.post(
+            "/api/generate/submit",
+            json={"model": "flux-2-flex", "input": {"prompt": "a fox", "steps": 2}},
+        )
+        task_id = submitted.json()["data"]["task_id"]
+        events = []
+        async with aconnect_sse(client, "GET", f"/api/generate/stream/{task_id}") as source:
+            stream = events_of(source)
+            events.append(await anext(stream))  # queued: no worker runs yet
+            async with process("worker", env=env, log=log):
+                events += [event async for event in stream]
+                final = await client.get(f"/api/generate/status/{task_id}")
+
+    names = [(event.event, event.id) for event in events]
+    assert names[0] == ("status", "not_started.0"), log.read_text()
+    assert names[-1] == ("finished", "finished.100"), names
+    assert ("progress", "running.0") in names and len(names) >= 4, names
+    assert events[-1].data.encode() == final.content
+    assert json.loads(final.content)["data"]["engine"] == "tiny"

@@ -299,7 +299,9 @@ def _when(epoch: float) -> str:
 
 
 # Registered last: cli_models reads settings through _settings above.
+from fluxserve.cli_generate import generate  # noqa: E402
 from fluxserve.cli_models import doctor, models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
 app.command()(doctor)
+app.command()(generate)

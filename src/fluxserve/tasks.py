@@ -7,30 +7,15 @@ import string
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
-MODELS: tuple[str, ...] = ("flux-2-pro", "flux-2-pro-edit", "flux-2-flex", "flux-2-flex-edit")
-EDIT_MODELS = frozenset(m for m in MODELS if m.endswith("-edit"))
-OUTPUT_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-# What a task's callback_url can be told, in the order a task meets them. The
-# terminal two go through the durable outbox; the others are best effort.
-CALLBACK_EVENTS: tuple[str, ...] = ("running", "progress", "finished", "failed")
-TERMINAL_EVENTS: tuple[str, ...] = ("finished", "failed")
-"""The default `callback_events`: what the hosted API sends."""
-
-
-class TaskStatus(StrEnum):
-    NOT_STARTED = "not_started"
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (TaskStatus.FINISHED, TaskStatus.FAILED)
-
+# The wire's words live in protocol, which the client shares; named here too.
+from fluxserve.protocol import CALLBACK_EVENTS as CALLBACK_EVENTS
+from fluxserve.protocol import EDIT_MODELS as EDIT_MODELS
+from fluxserve.protocol import MODELS as MODELS
+from fluxserve.protocol import OUTPUT_FORMATS as OUTPUT_FORMATS
+from fluxserve.protocol import TERMINAL_EVENTS as TERMINAL_EVENTS
+from fluxserve.protocol import TaskStatus as TaskStatus
 
 # Every status write is checked against this table, in the store's WHERE clause.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
