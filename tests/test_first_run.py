@@ -1,0 +1,156 @@
+"""The first start: `fluxserve serve` on a fresh data directory prints a key inside the
+page's URL, once; the page opened there makes an image with nothing else to do; and
+`fluxserve generate --server` finds the key by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import stat
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Browser, expect
+
+from fluxserve.local_key import first_start_key, local_key, new_local_key, saved_key
+from fluxserve.store import Store, open_store
+
+from conftest import fresh_postgres_database
+from test_page import browser, image_size, open_page  # noqa: F401 (browser: a fixture)
+from test_processes import env, fluxserve, server  # noqa: F401 (env: a fixture)
+
+KEY_IN_URL = re.compile(r"(http://127\.0\.0\.1:\d+/)#key=(fsk_[\w-]+)")
+PAGE_WITHOUT_KEY = re.compile(r"the page is at (http://127\.0\.0\.1:\d+/)\n")
+
+
+def welcome(log: Path, start: int) -> str:
+    """What the serve process that started at byte `start` of its log printed once it
+    listened (it prints after it starts answering, so wait for it)."""
+    deadline = time.monotonic() + 60
+    while True:
+        text = log.read_text()[start:]
+        if KEY_IN_URL.search(text) or PAGE_WITHOUT_KEY.search(text):
+            return text
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+
+
+def every_api_operation(base: str) -> list[tuple[str, str]]:
+    """(method, path) of each /api route in the server's own OpenAPI document, its path
+    parameters filled with made-up ids."""
+    document = httpx.get(base + "/openapi.json").json()
+    return [
+        (method.upper(), re.sub(r"\{[^}]+\}", "task-unified-1-nosuchtask", path))
+        for path, operations in document["paths"].items()
+        if path.startswith("/api/")
+        for method in operations
+    ]
+
+
+@pytest.mark.slow
+def test_the_first_start_prints_a_key_that_works_everywhere_and_the_second_none(
+    env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env = {**env, "FLUXSERVE_TINY_STEPS": "1"}
+    log = tmp_path / "serve.log"
+    with server(env, log):
+        first = welcome(log, 0)
+        found = KEY_IN_URL.search(first)
+        assert found, first
+        page, key = found.groups()
+        assert page == f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/"
+        data = tmp_path / "data"
+        assert saved_key(data) == key
+        assert stat.S_IMODE((data / "local.key").stat().st_mode) == 0o600
+        assert key.encode() not in (data / "fluxserve.db").read_bytes(), "stored hashed"
+
+        operations = every_api_operation(page.rstrip("/"))
+        assert len(operations) >= 8, operations
+        auth = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=page, timeout=60) as client:
+            for method, path in operations:
+                anonymous = client.request(method, path, json={})
+                keyed = client.request(method, path, json={}, headers=auth)
+                assert anonymous.status_code == 401, (method, path, anonymous.text)
+                # Past the key's check: the made-up ids and empty bodies get 4xx of their own.
+                assert keyed.status_code not in (401, 403, 500), (method, path, keyed.text)
+
+        # `fluxserve generate --server` with no key: the first start's, from the data dir.
+        made = subprocess.run(
+            [sys.executable, "-m", "fluxserve", "generate", "a red fox", "--server", page],
+            env={k: v for k, v in env.items() if k != "FLUXSERVE_API_KEY"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert made.returncode == 0, made.stderr
+        image = tmp_path / made.stdout.split("file: ")[1].split()[0]
+        assert image.read_bytes().startswith(b"\x89PNG")
+
+    restarted = len(log.read_text())
+    with server(env, log):
+        second = welcome(log, restarted)
+    assert "#key=" not in second and "fsk_" not in second
+    assert PAGE_WITHOUT_KEY.search(second), second
+    assert "fluxserve keys create" in second
+    listed = fluxserve("keys", "list", env=env).stdout.splitlines()
+    assert len(listed) == 1 and "first start" in listed[0], listed
+
+
+@pytest.mark.slow
+async def test_the_page_at_the_printed_url_makes_an_image_with_nothing_else_to_do(
+    env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    browser: Browser,  # noqa: F811
+) -> None:
+    env = {**env, "FLUXSERVE_TINY_STEPS": "1"}
+    log = tmp_path / "serve.log"
+    with server(env, log):
+        found = KEY_IN_URL.search(await asyncio.to_thread(welcome, log, 0))
+        assert found
+        page, watched = await open_page(browser, found.group(0))
+        await page.get_by_label("Prompt").fill("A lighthouse at dawn, oil painting")
+        await page.get_by_role("button", name="Generate").click()
+        await expect(page.locator("#task-status")).to_have_text("Finished")
+        assert await image_size(page, "#result-image") == (1024, 1024)
+        assert page.url == found.group(1)  # the key left the address bar
+        await page.close()
+    assert watched.errors == []
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_of_starts_at_once_on_an_empty_database_one_makes_the_key(
+    database: str, tmp_path: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+        if database == "postgresql":
+            url = await stack.enter_async_context(fresh_postgres_database())
+        stores = [open_store(url) for _ in range(4)]
+        for store in stores:  # one at a time: each start runs the migrations
+            await store.start()
+            stack.push_async_callback(store.close)
+        await one_makes_the_key(stores, tmp_path)
+
+
+async def one_makes_the_key(stores: list[Store], tmp_path: Path) -> None:
+    made = await asyncio.gather(
+        *(first_start_key(store, tmp_path / f"dir{i}") for i, store in enumerate(stores))
+    )
+    [key] = [k for k in made if k is not None]
+    assert saved_key(tmp_path / f"dir{made.index(key)}") == key
+    [record] = await stores[0].list_keys()
+    assert record.name == "first start" and record.revoked_at is None
+    # Later starts make none; --new-key and generate's run add keys to the same account.
+    assert await first_start_key(stores[0], tmp_path / "later") is None
+    again = await new_local_key(stores[0], tmp_path / "later", "serve --new-key")
+    assert await local_key(stores[1], tmp_path / "later", "fluxserve generate") == again
+    keys = await stores[0].list_keys()
+    assert len(keys) == 2 and len({k.account_id for k in keys}) == 1, keys
