@@ -5,6 +5,7 @@ page's URL, once; the page opened there makes an image with nothing else to do; 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import stat
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from playwright.async_api import Browser, expect
 
 from fluxserve.local_key import first_start_key, local_key, new_local_key, saved_key
@@ -24,6 +26,7 @@ from conftest import fresh_postgres_database
 from test_page import browser, image_size, open_page  # noqa: F401 (browser: a fixture)
 from test_processes import env, fluxserve, server  # noqa: F401 (env: a fixture)
 
+README = Path(__file__).parents[1] / "README.md"
 KEY_IN_URL = re.compile(r"(http://127\.0\.0\.1:\d+/)#key=(fsk_[\w-]+)")
 PAGE_WITHOUT_KEY = re.compile(r"the page is at (http://127\.0\.0\.1:\d+/)\n")
 
@@ -52,10 +55,53 @@ def every_api_operation(base: str) -> list[tuple[str, str]]:
     ]
 
 
+def run_the_quick_start(
+    base: str, served: dict[str, str], tmp_path: Path, mp: pytest.MonkeyPatch
+) -> None:
+    """The README's quick start after the first start, as written (on this server's
+    port), from the folder that holds the default data directory, `data`."""
+    text = README.read_text()
+    section = text[text.index("## Quick start\n") : text.index("## In the browser")]
+    [generate, curl] = re.findall(r"```bash\n(.*?)```", section, re.S)[1:3]
+    [python] = re.findall(r"```python\n(.*?)```", section, re.S)
+    as_run = {
+        k: v for k, v in served.items() if k not in ("FLUXSERVE_DATA_DIR", "FLUXSERVE_API_KEY")
+    }
+
+    def shell(block: str) -> str:
+        command = block.replace("http://127.0.0.1:8000", base)
+        command = command.replace(".venv/bin/fluxserve", f"{sys.executable} -m fluxserve")
+        done = subprocess.run(
+            ["bash", "-euc", command],
+            env=as_run,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "file: lighthouse.png" in shell(generate)
+    assert image_file_size(tmp_path / "lighthouse.png") == (1024, 1024)
+    submitted = json.loads(shell(curl))
+    assert submitted["code"] == 200 and submitted["data"]["task_id"].startswith("task-")
+    (tmp_path / "lighthouse.png").unlink()
+    mp.chdir(tmp_path)
+    exec(compile(python.replace("http://127.0.0.1:8000", base), str(README), "exec"), {})
+    assert image_file_size(tmp_path / "lighthouse.png") == (1024, 1024)
+
+
+def image_file_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
 @pytest.mark.slow
 def test_the_first_start_prints_a_key_that_works_everywhere_and_the_second_none(
     env: dict[str, str],  # noqa: F811
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env = {**env, "FLUXSERVE_TINY_STEPS": "1"}
     log = tmp_path / "serve.log"
@@ -81,18 +127,7 @@ def test_the_first_start_prints_a_key_that_works_everywhere_and_the_second_none(
                 # Past the key's check: the made-up ids and empty bodies get 4xx of their own.
                 assert keyed.status_code not in (401, 403, 500), (method, path, keyed.text)
 
-        # `fluxserve generate --server` with no key: the first start's, from the data dir.
-        made = subprocess.run(
-            [sys.executable, "-m", "fluxserve", "generate", "a red fox", "--server", page],
-            env={k: v for k, v in env.items() if k != "FLUXSERVE_API_KEY"},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert made.returncode == 0, made.stderr
-        image = tmp_path / made.stdout.split("file: ")[1].split()[0]
-        assert image.read_bytes().startswith(b"\x89PNG")
+        run_the_quick_start(page.rstrip("/"), env, tmp_path, monkeypatch)
 
     restarted = len(log.read_text())
     with server(env, log):
