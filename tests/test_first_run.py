@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 from PIL import Image
 from playwright.async_api import Browser, expect
 
+from fluxserve.cli_welcome import page_url
 from fluxserve.local_key import first_start_key, local_key, new_local_key, saved_key
 from fluxserve.store import Store, open_store
 
@@ -189,3 +192,34 @@ async def one_makes_the_key(stores: list[Store], tmp_path: Path) -> None:
     assert await local_key(stores[1], tmp_path / "later", "fluxserve generate") == again
     keys = await stores[0].list_keys()
     assert len(keys) == 2 and len({k.account_id for k in keys}) == 1, keys
+
+
+@pytest.mark.slow
+def test_an_api_process_makes_no_key(
+    env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "api.log"
+    with server(env, log, command="api") as process:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert "fsk_" not in log.read_text() and "Application startup complete" in log.read_text()
+    assert fluxserve("keys", "list", env=env).stdout == ""
+    assert saved_key(tmp_path / "data") is None
+
+
+@pytest.mark.parametrize(
+    ("family", "host", "shown"),
+    [
+        (socket.AF_INET, "127.0.0.1", "http://127.0.0.1:{port}/"),
+        (socket.AF_INET, "0.0.0.0", "http://127.0.0.1:{port}/"),
+        (socket.AF_INET6, "::", "http://[::1]:{port}/"),
+    ],
+)
+def test_the_page_url_is_one_a_browser_on_this_machine_opens(
+    family: socket.AddressFamily, host: str, shown: str
+) -> None:
+    with socket.socket(family) as listening:
+        listening.bind((host, 0))
+        port = listening.getsockname()[1]
+        assert page_url(listening) == shown.format(port=port)
