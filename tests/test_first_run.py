@@ -141,6 +141,19 @@ def test_the_first_start_prints_a_key_that_works_everywhere_and_the_second_none(
     listed = fluxserve("keys", "list", env=env).stdout.splitlines()
     assert len(listed) == 1 and "first start" in listed[0], listed
 
+    # Asked for, a start makes a new key for the same account and keeps it instead.
+    restarted = len(log.read_text())
+    with server(env, log, "serve", "--new-key"):
+        found = KEY_IN_URL.search(welcome(log, restarted))
+        assert found and found.group(2) != key
+        assert saved_key(tmp_path / "data") == found.group(2)
+        balance = httpx.get(
+            page + "api/user/balance",
+            headers={"Authorization": f"Bearer {found.group(2)}"},
+        )
+    assert balance.status_code == 200, balance.text
+    assert len(fluxserve("keys", "list", env=env).stdout.splitlines()) == 2
+
 
 @pytest.mark.slow
 async def test_the_page_at_the_printed_url_makes_an_image_with_nothing_else_to_do(
