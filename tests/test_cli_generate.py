@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fluxserve.cli_generate import _local_key
 from fluxserve.engines.base import Engine
+from fluxserve.local_key import local_key, saved_key
 from fluxserve.store import open_store
 
 from conftest import Service, make_settings, run_service
@@ -123,7 +123,7 @@ async def test_generate_in_process_with_nothing_running(tmp_path: Path) -> None:
     shown = printed(out)
     assert shown["file"] == f"{shown['task']}.png"
     assert Image.open(io.BytesIO((tmp_path / shown["file"]).read_bytes())).size == (1024, 1024)
-    key_file = data / "generate.key"
+    key_file = data / "local.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
 
@@ -131,14 +131,13 @@ async def test_the_in_process_key_is_kept_until_revoked(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'fluxserve.db'}")
     await store.start()
     try:
-        path = tmp_path / "generate.key"
-        first = await _local_key(store, None, path)
-        assert path.read_text().strip() == first
-        assert await _local_key(store, first, path) == first
+        first = await local_key(store, tmp_path, "fluxserve generate")
+        assert saved_key(tmp_path) == first
+        assert await local_key(store, tmp_path, "fluxserve generate") == first
         [record] = await store.list_keys()
         assert record.name == "fluxserve generate"
         await store.revoke_key(record.key_id)
-        second = await _local_key(store, first, path)
-        assert second != first and path.read_text().strip() == second
+        second = await local_key(store, tmp_path, "fluxserve generate")
+        assert second != first and saved_key(tmp_path) == second
     finally:
         await store.close()

@@ -48,12 +48,12 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 @contextmanager
 def server(
-    env: dict[str, str], log: Path, command: str = "serve"
+    env: dict[str, str], log: Path, command: str = "serve", *options: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`fluxserve serve` (or `api`) as a child process, yielded once it is ready."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fluxserve", command], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "fluxserve", command, *options], env=env, stdout=out, stderr=out
         )
     url = f"http://127.0.0.1:{env['FLUXSERVE_PORT']}/health"
     try:

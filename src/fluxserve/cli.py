@@ -31,6 +31,7 @@ app.add_typer(credits_app, name="credits")
 if TYPE_CHECKING:
     import uvicorn
 
+    from fluxserve.cli_welcome import Welcome
     from fluxserve.runtime import Runtime
 
 T = TypeVar("T")
@@ -81,10 +82,21 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     data_dir: DataDir = None,
     engine: Annotated[str | None, typer.Option(help="Engine: auto, diffusers or tiny.")] = None,
+    new_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-key",
+            help="Make a key for the first account and print the page's URL with it, "
+            "as the first start does.",
+        ),
+    ] = False,
 ) -> None:
-    """Run the API and a worker in one process (the embedded default)."""
+    """Run the API and a worker in one process (the embedded default). The first start
+    on an empty database prints a key, inside the page's URL."""
+    from fluxserve.cli_welcome import Welcome
+
     settings = _settings(host=host, port=port, data_dir=data_dir, engine=engine)
-    _serve_http(settings, run_worker=True)
+    _serve_http(settings, run_worker=True, welcome=Welcome(settings, new_key=new_key))
 
 
 @app.command()
@@ -158,7 +170,7 @@ def _configure_logging(settings: Settings, *, runs_engine: bool) -> None:
         typer.secho(warning, fg=typer.colors.YELLOW, err=True)
 
 
-def _serve_http(settings: Settings, *, run_worker: bool) -> None:
+def _serve_http(settings: Settings, *, run_worker: bool, welcome: Welcome | None = None) -> None:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -177,7 +189,7 @@ def _serve_http(settings: Settings, *, run_worker: bool) -> None:
         # reach the root logger's JSON handler.
         log_config=LOGGING_CONFIG if settings.log_format == "text" else None,
     )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(config) if welcome is None else welcome.server(config, runtime)
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         code = runner.run(_serve_until_failure(server, runtime))
     raise typer.Exit(code)

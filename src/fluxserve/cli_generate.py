@@ -1,20 +1,18 @@
 """`fluxserve generate`: one image from the shell, from a running server or in this process.
 
 Both ways run the same `AsyncClient` code. With `--server` or `--key` (or their
-environment variables) it talks to that server. With neither, it starts the
-service inside the command, on the same settings and data directory as
-`fluxserve serve`, and sends its requests to the app in memory (httpx's
-`ASGITransport`): nothing has to be running. That run authenticates with a key
-of its own, made on first use and kept in `<data_dir>/generate.key` (readable by
-its owner alone): the data directory's database grants as much already, and the
-key appears in `fluxserve keys list` like any other, so it can be revoked.
+environment variables) it talks to that server, with the data directory's own key
+(see `local_key`) when no key is given. With neither, it starts the service inside
+the command, on the same settings and data directory as `fluxserve serve`, and
+sends its requests to the app in memory (httpx's `ASGITransport`): nothing has to
+be running. That run authenticates with the data directory's key too, made on
+first use if `serve` has not made it, so its tasks are in the same account's history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,11 +31,10 @@ from fluxserve.client import (
     TaskFailedError,
 )
 from fluxserve.client.flows import TaskOptions
+from fluxserve.local_key import local_key, saved_key
 from fluxserve.protocol import EDIT_MODELS, OUTPUT_FORMATS
 from fluxserve.settings import Settings
-from fluxserve.store import Store
 
-KEY_FILE = "generate.key"
 IN_PROCESS_URL = "http://fluxserve.local"
 # In process, status reads cost no network: read often, for a smooth bar.
 IN_PROCESS_POLL = 0.2
@@ -79,11 +76,16 @@ def generate(
         ),
     ] = None,
     key: Annotated[
-        str | None, typer.Option(envvar="FLUXSERVE_API_KEY", help="Its API key.")
+        str | None,
+        typer.Option(
+            envvar="FLUXSERVE_API_KEY",
+            help="Its API key; default: the one serve made at its first start on --data-dir.",
+        ),
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the image.")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="In process: SQLite file and results.")
+        Path | None,
+        typer.Option("--data-dir", help="SQLite file and results; where the key is kept."),
     ] = None,
 ) -> None:
     """Make one image: submit, follow its progress, download it."""
@@ -123,12 +125,12 @@ def generate(
 
     try:
         if server or key:
+            from fluxserve.cli import _settings as settings_of
+
+            key = key or saved_key(settings_of(data_dir=data_dir).data_dir)
             made = asyncio.run(_remote(server, key, run))
         else:
-            settings = _settings(data_dir)
-            key_file = settings.data_dir / KEY_FILE
-            saved = key_file.read_text().strip() if key_file.is_file() else None
-            made = asyncio.run(_in_process(settings, saved, run))
+            made = asyncio.run(_in_process(_settings(data_dir), run))
     except FluxserveError as exc:
         task = f"task {exc.task.task_id} failed: " if isinstance(exc, TaskFailedError) else ""
         typer.secho(f"fluxserve: {task}{exc}", fg="red", err=True)
@@ -184,7 +186,7 @@ def _settings(data_dir: Path | None) -> Settings:
     return settings
 
 
-async def _in_process(settings: Settings, saved_key: str | None, run: Run) -> GeneratedImage:
+async def _in_process(settings: Settings, run: Run) -> GeneratedImage:
     """The service in this process, the client talking to it in memory."""
     from fluxserve.api.app import create_app
     from fluxserve.runtime import Runtime
@@ -192,7 +194,7 @@ async def _in_process(settings: Settings, saved_key: str | None, run: Run) -> Ge
     runtime = Runtime(settings, run_worker=True)
     app = create_app(runtime)
     async with app.router.lifespan_context(app):
-        key = await _local_key(runtime.store, saved_key, settings.data_dir / KEY_FILE)
+        key = await local_key(runtime.store, settings.data_dir, "fluxserve generate")
         client = AsyncClient(
             IN_PROCESS_URL,
             key,
@@ -206,21 +208,3 @@ async def _in_process(settings: Settings, saved_key: str | None, run: Run) -> Ge
             return await run(client)
         finally:
             await client.aclose()
-
-
-async def _local_key(store: Store, saved: str | None, path: Path) -> str:
-    """The in-process run's key: the one saved in `path` while the store still honours
-    it, else a new one, saved there."""
-    from fluxserve.accounts import create_key
-    from fluxserve.keys import hash_key
-
-    if saved:
-        record = await store.key_for_hash(hash_key(saved))
-        if record is not None and record.revoked_at is None:
-            return saved
-    made, _ = await create_key(store, "fluxserve generate")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(made.secret + "\n")
-    return made.secret

@@ -214,6 +214,13 @@ class Store(ABC):
         """A new account with no credits; Conflict if the email has one already."""
 
     @abstractmethod
+    async def create_first_key(
+        self, account_id: str, email: str, key_id: str, name: str, key_hash: str, prefix: str
+    ) -> bool:
+        """The database's first account, with one key, if it has no account yet; False
+        (and nothing written) if it has one, made by another process meanwhile included."""
+
+    @abstractmethod
     async def get_account(self, account_id: str) -> Account | None: ...
 
     @abstractmethod

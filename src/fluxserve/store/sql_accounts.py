@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fluxserve.errors import Conflict, NotFound
 from fluxserve.store.base import Account, LedgerEntry
-from fluxserve.store.schema import accounts, credit_ledger
+from fluxserve.store.schema import accounts, api_keys, credit_ledger
 from fluxserve.store.sql_base import SqlBase
 
 
@@ -44,6 +44,33 @@ class AccountQueries(SqlBase):
         made = await self.get_account(account_id)
         assert made is not None
         return made
+
+    async def create_first_key(
+        self, account_id: str, email: str, key_id: str, name: str, key_hash: str, prefix: str
+    ) -> bool:
+        # One transaction: a crash leaves no account without its key, and of two
+        # processes that found no account at once, the unique email lets one through.
+        now = time.time()
+        try:
+            async with self._write() as conn:
+                if (await conn.execute(sa.select(accounts.c.account_id).limit(1))).first():
+                    return False
+                await conn.execute(
+                    accounts.insert().values(account_id=account_id, email=email, created_at=now)
+                )
+                await conn.execute(
+                    api_keys.insert().values(
+                        key_id=key_id,
+                        name=name,
+                        key_hash=key_hash,
+                        prefix=prefix,
+                        created_at=now,
+                        account_id=account_id,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            return False
+        return True
 
     async def get_account(self, account_id: str) -> Account | None:
         return await self._account(accounts.c.account_id == account_id)
