@@ -18,6 +18,7 @@ import pytest
 from fluxserve.errors import StoreUnavailable
 from fluxserve.runtime import Runtime
 from fluxserve.store import sqlite as sqlite_module
+from fluxserve.store.base import SqliteSynchronous
 from fluxserve.store.sqlite import SqliteStore
 from fluxserve.tasks import TaskStatus
 
@@ -276,3 +277,29 @@ def test_the_sync_setting_takes_sqlites_spelling_and_refuses_other_modes(tmp_pat
     assert done.returncode == 2
     assert "setting sqlite_synchronous: Input should be 'full' or 'normal'" in done.stderr
     assert not (tmp_path / "fluxserve.db").exists()
+
+
+@pytest.mark.parametrize(("synchronous", "on_the_loop"), [("full", False), ("normal", True)])
+async def test_a_commit_that_waits_for_the_disk_leaves_the_loop_free(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    synchronous: SqliteSynchronous,
+    on_the_loop: bool,
+) -> None:
+    committed_on: list[threading.Thread] = []
+    commit = sqlite_module._commit
+
+    def watched_commit(connection: sqlite3.Connection) -> None:
+        commit(connection)
+        committed_on.append(threading.current_thread())
+
+    monkeypatch.setattr(sqlite_module, "_commit", watched_commit)
+    store = SqliteStore(f"sqlite:///{tmp_path / 'store.db'}", synchronous)
+    await store.start()
+    try:
+        together = await asyncio.gather(*(queue_task(store) for _ in range(4)))
+        assert [await queue_position(store, task_id) for task_id in together] == [1, 2, 3, 4]
+    finally:
+        await store.close()
+    assert committed_on
+    assert all((thread is threading.main_thread()) is on_the_loop for thread in committed_on)

@@ -102,7 +102,8 @@ class SqliteStore(SqlStore):
     sleeping busy handler. A hot read (a key or a task by its id) is an indexed
     lookup that takes microseconds on WAL, less than one hand-off to a thread; one
     that would wait for a lock goes to a thread instead. A submit's transaction
-    is a few such statements: it runs on the loop too. While another process
+    is a few such statements: it runs on the loop too, but for a COMMIT that
+    syncs, which waits for the disk on a thread. While another process
     holds the write lock, it tries again after short pauses, and after a few
     milliseconds waits for the lock on a thread. Submits that arrive while
     others are written share one transaction (see `group_commit.py`). A worker
@@ -165,7 +166,7 @@ class SqliteStore(SqlStore):
             if writer is not None:
                 try:
                     value = await run(program(), partial(self._execute, writer))
-                    _commit(writer)
+                    await self._commit(writer)
                     self._count_commit()
                 except BaseException:
                     if writer.in_transaction:
@@ -175,6 +176,22 @@ class SqliteStore(SqlStore):
             return await super()._transact_alone(program, wake)
         self._wake_local(*wake)
         return value
+
+    async def _commit(self, writer: sqlite3.Connection) -> None:
+        """COMMIT the loop's writer. A commit that syncs waits for the disk (from a
+        fraction of a millisecond to milliseconds), so it runs on a thread: the loop
+        serves requests meanwhile, and the submits that arrive gather for the next
+        group commit. One that does not sync takes microseconds, on the loop."""
+        if self._synchronous != "full":
+            _commit(writer)
+            return
+        committing = asyncio.ensure_future(asyncio.to_thread(_commit, writer))
+        try:
+            await asyncio.shield(committing)
+        except asyncio.CancelledError:
+            # The writer is the thread's until COMMIT returns: no ROLLBACK meanwhile.
+            await asyncio.wait([committing])
+            raise
 
     def _count_commit(self) -> None:
         self._commits_since_checkpoint += 1
