@@ -8,7 +8,8 @@ Compares, in one run, on this machine:
               64 concurrent keep-alive clients, for
                 bare      bench/bare_app.py: the same two routes and JSON shapes on
                           FastAPI + uvicorn, no storage (the ceiling)
-                sqlite    `fluxserve api`, SQLite store
+                sqlite-M  `fluxserve api`, SQLite store with `sqlite_synchronous` M
+                          (--sqlite-synchronous: full, normal or both, side by side)
                 postgres  `fluxserve api`, PostgreSQL store (a fresh database)
               each with 1 and 2 server processes on separate ports; the client
               spreads its connections round-robin over them. No worker runs, so
@@ -25,7 +26,8 @@ or httpx with --client httpx: measured at the start, httpx is many times slower
 here). Client, servers and PostgreSQL share the machine's cores, so each row says
 where the cores went during its window (client/servers/db/other processes) and
 the server + database CPU per answer, which does not depend on what else ran.
-Throughput runs --rounds times, bare beside the stores, and shows each row's best.
+Throughput runs --rounds times, bare beside the stores, and shows each row's best
+and median; so does dispatch, interleaving its setups the same way.
 Dispatch on SQLite is measured twice: `api` + `worker` processes (the worker
 learns of a task by polling, `poll_interval`) and `serve` (one process, woken at
 once). The bench makes its own PostgreSQL database and drops it; it connects as
@@ -33,6 +35,7 @@ $BENCH_PG_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/test).
 
     .venv/bin/python bench/throughput.py [--duration 5] [--warmup 1] [--clients 64]
         [--tasks 50] [--queue-depth 2000] [--accounts 1] [--rounds 2]
+        [--sqlite-synchronous full [normal]]
         [--only throughput dispatch memory]
 
 To pin the code under test while src/ changes, run a copy of it:
@@ -216,13 +219,16 @@ BARE_KEY = BenchKey("bare", "bare-key")  # the bare app checks only that a key i
 
 
 class SqliteBench:
-    name = "sqlite"
-
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, synchronous: str) -> None:
         self.data_dir = data_dir
+        self.synchronous = synchronous
+        self.name = f"sqlite-{synchronous}"
 
     def env(self) -> dict[str, str]:
-        return {"FLUXSERVE_DATA_DIR": str(self.data_dir)}
+        return {
+            "FLUXSERVE_DATA_DIR": str(self.data_dir),
+            "FLUXSERVE_SQLITE_SYNCHRONOUS": self.synchronous,
+        }
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.data_dir / "fluxserve.db", timeout=30)
@@ -840,8 +846,9 @@ def print_throughput(rows: Sequence[Row]) -> None:
     bare = {(row.op, row.procs): row.tally for row in rows if row.server == "bare"}
     print()
     print(
-        f"{'op':<7}{'server':<9}{'procs':>5}{'rate/s':>8}{'vs bare':>8}{'target':>7}{'met':>4}"
-        f"  {'rounds':<16}{'ms cpu/req':>11}{'cost vs bare':>13}  {'cores c/s/db/oth':<20}"
+        f"{'op':<7}{'server':<14}{'procs':>5}{'rate/s':>8}{'vs bare':>8}{'target':>7}{'met':>4}"
+        f"{'median':>7}  {'rounds':<24}{'ms cpu/req':>11}{'cost vs bare':>13}"
+        f"  {'cores c/s/db/oth':<20}"
         f"{'queued':>6}  errors"
     )
     for row in rows:
@@ -854,29 +861,36 @@ def print_throughput(rows: Sequence[Row]) -> None:
             if row.tally.cpu_ms() and ceiling.cpu_ms():
                 cost = f"{ceiling.cpu_ms() / row.tally.cpu_ms():.0%}"
         rounds = ",".join(f"{rate:.0f}" for rate in row.rounds)
+        median = statistics.median(row.rounds)
         queued = str(row.queued) if row.server != "bare" else "-"
         print(
-            f"{row.op:<7}{row.server:<9}{row.procs:>5}{row.tally.rate:>8.0f}{ratio:>8}"
-            f"{target:>7}{met:>4}  {rounds:<16}{row.tally.server_ms():>11}{cost:>13}  "
+            f"{row.op:<7}{row.server:<14}{row.procs:>5}{row.tally.rate:>8.0f}{ratio:>8}"
+            f"{target:>7}{met:>4}{median:>7.0f}  {rounds:<24}"
+            f"{row.tally.server_ms():>11}{cost:>13}  "
             f"{row.tally.cpu!s:<20}{queued:>6}  {row.tally.error_text()}"
         )
     print(
-        "rate/s: best of the rounds; ms cpu/req: server + database CPU per 2xx answer;\n"
-        "cost vs bare: bare's CPU per answer / this one's, the rate ratio to expect when the\n"
-        "cores are the limit (it does not depend on what else ran during the window)."
+        "rate/s: best of the rounds; median: the rounds' median; ms cpu/req: server + database\n"
+        "CPU per 2xx answer; cost vs bare: bare's CPU per answer / this one's, the rate ratio to\n"
+        "expect when the cores are the limit (it does not depend on what else ran meanwhile)."
     )
 
 
-def print_dispatch(results: dict[str, list[float]], tasks: int) -> None:
+def print_dispatch(results: dict[str, list[list[float]]], tasks: int) -> None:
     print()
-    print(f"dispatch: submit -> running on an idle worker, {tasks} tasks, server timestamps")
-    print(f"{'setup':<36}{'median ms':>10}{'p99 ms':>9}{'target':>9}{'met':>5}")
-    for name, delays in results.items():
+    print(
+        f"dispatch: submit -> running on an idle worker, {tasks} tasks a round, "
+        "server timestamps; median and p99 of all rounds' tasks"
+    )
+    print(f"{'setup':<44}{'median ms':>10}{'p99 ms':>9}{'target':>9}{'met':>5}  round medians ms")
+    for name, rounds in results.items():
+        delays = [delay for one in rounds for delay in one]
         median = statistics.median(delays) * 1000
         met = "yes" if median < DISPATCH_TARGET_MS else "NO"
+        each = ",".join(f"{statistics.median(one) * 1000:.1f}" for one in rounds)
         print(
-            f"{name:<36}{median:>10.1f}{p99(delays) * 1000:>9.1f}"
-            f"{f'<{DISPATCH_TARGET_MS:g}':>9}{met:>5}"
+            f"{name:<44}{median:>10.1f}{p99(delays) * 1000:>9.1f}"
+            f"{f'<{DISPATCH_TARGET_MS:g}':>9}{met:>5}  {each}"
         )
 
 
@@ -917,25 +931,35 @@ async def throughput_section(
 
 
 async def dispatch_section(
-    sqlite: BenchStore,
+    sqlites: Sequence[BenchStore],
     postgres: BenchStore,
     keys: dict[str, list[BenchKey]],
     args: argparse.Namespace,
     logs: Path,
 ) -> None:
+    """Each setup `args.rounds` times, the setups taking turns."""
     setups = [
-        ("sqlite, api + worker processes", sqlite, False),
-        ("sqlite, serve (embedded worker)", sqlite, True),
+        *(
+            (f"{sqlite.name}, {layout}", sqlite, embedded)
+            for sqlite in sqlites
+            for layout, embedded in (
+                ("api + worker processes", False),
+                ("serve (embedded worker)", True),
+            )
+        ),
         ("postgres, api + worker processes", postgres, False),
     ]
-    results = {}
-    for name, store, embedded in setups:
-        try:
-            results[name] = await dispatch_delays(
-                store, keys[store.name][0].secret, args, logs, embedded=embedded
-            )
-        except RuntimeError as exc:
-            print(f"dispatch, {name}: failed: {exc}")
+    results: dict[str, list[list[float]]] = {}
+    for _ in range(args.rounds):
+        for name, store, embedded in setups:
+            try:
+                delays = await dispatch_delays(
+                    store, keys[store.name][0].secret, args, logs, embedded=embedded
+                )
+            except RuntimeError as exc:
+                print(f"dispatch, {name}: failed: {exc}")
+            else:
+                results.setdefault(name, []).append(delays)
     print_dispatch(results, args.tasks)
 
 
@@ -944,7 +968,7 @@ async def memory_section(
 ) -> None:
     print_memory(
         {
-            "fluxserve api (sqlite)": await idle_memory(sqlite, keys["sqlite"][0].secret, logs),
+            "fluxserve api (sqlite)": await idle_memory(sqlite, keys[sqlite.name][0].secret, logs),
             "fluxserve api (postgres)": await idle_memory(
                 postgres, keys["postgres"][0].secret, logs
             ),
@@ -963,19 +987,19 @@ async def run(args: argparse.Namespace) -> None:
         root = Path(tmp)
         logs = root / "logs"
         logs.mkdir()
-        sqlite = SqliteBench(root / "sqlite")
+        sqlites = [SqliteBench(root / f"sqlite-{mode}", mode) for mode in args.sqlite_synchronous]
         postgres = PostgresBench(f"postgresql://postgres@{HOST}:5432/{database}", root / "pg")
         try:
             keys = {
                 store.name: [create_key(store) for _ in range(args.accounts)]
-                for store in (sqlite, postgres)
+                for store in (*sqlites, postgres)
             }
             if "throughput" in args.only:
-                await throughput_section((sqlite, postgres), keys, args, logs)
+                await throughput_section((*sqlites, postgres), keys, args, logs)
             if "dispatch" in args.only:
-                await dispatch_section(sqlite, postgres, keys, args, logs)
+                await dispatch_section(sqlites, postgres, keys, args, logs)
             if "memory" in args.only:
-                await memory_section(sqlite, postgres, keys, logs)
+                await memory_section(sqlites[0], postgres, keys, logs)
         finally:
             await drop_database(database)
     print()
@@ -1001,7 +1025,16 @@ def main() -> None:
         help="status reads run over the first this many queued tasks (the rest are deleted)",
     )
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
-    parser.add_argument("--rounds", type=int, default=2, help="throughput rounds; best is shown")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="throughput and dispatch rounds, interleaved"
+    )
+    parser.add_argument(
+        "--sqlite-synchronous",
+        nargs="+",
+        choices=("full", "normal"),
+        default=["full"],
+        help="the SQLite store's sqlite_synchronous; with both, each is measured beside the other",
+    )
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run"
     )

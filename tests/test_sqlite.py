@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,11 +16,14 @@ from typing import Any
 import pytest
 
 from fluxserve.errors import StoreUnavailable
+from fluxserve.runtime import Runtime
 from fluxserve.store import sqlite as sqlite_module
+from fluxserve.store.base import SqliteSynchronous
 from fluxserve.store.sqlite import SqliteStore
 from fluxserve.tasks import TaskStatus
 
-from conftest import queue_position, queue_task
+import sqlite_connections
+from conftest import make_settings, queue_position, queue_task
 
 
 @pytest.fixture
@@ -113,8 +120,8 @@ async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
     done = threading.Event()
     checkpoint = sqlite_module._checkpoint
 
-    def watched_checkpoint(path: Path) -> None:
-        checkpoint(path)
+    def watched_checkpoint(*args: Any) -> None:
+        checkpoint(*args)
         checkpointed_on.append(threading.current_thread())
         done.set()
 
@@ -203,3 +210,96 @@ async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
     finally:
         store._reader = reader
     assert task is not None and task.task_id == task_id
+
+
+def connections_of_another_process(data_dir: Path, synchronous: str, out: Path) -> list[Any]:
+    """The connections `fluxserve keys create`, run as a process of its own on the
+    same database, opened; with the setting from its environment."""
+    tests = Path(__file__).parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+        "FLUXSERVE_DATA_DIR": str(data_dir),
+        "FLUXSERVE_SQLITE_SYNCHRONOUS": synchronous,
+    }
+    command = [sys.executable, str(tests / "sqlite_connections.py"), str(out)]
+    subprocess.run(
+        [*command, "keys", "create", "--name", "other"], env=env, timeout=120, check=True
+    )
+    return [sqlite_connections.Opened(**each) for each in json.loads(out.read_text())]
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+async def test_the_sync_setting_reaches_every_connection_of_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    # SQLite keeps `synchronous` per connection: one that misses the setting runs
+    # with SQLite's own default (full) or a mode of its own.
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 3)
+    opened = sqlite_connections.record(monkeypatch.setattr)
+    settings = make_settings(tmp_path / "data", sqlite_synchronous=synchronous)
+    runtime = Runtime(settings, run_worker=False)
+    await runtime.start()
+    try:
+        for _ in range(3):
+            await queue_task(runtime.store)  # the third commit checkpoints, on a thread
+        engine = runtime.store.engine  # type: ignore[attr-defined]
+        async with engine.connect() as first, engine.connect() as second:
+            for conn in (first, second):
+                assert (await conn.exec_driver_sql("SELECT count(*) FROM tasks")).scalar() == 3
+        other = await asyncio.to_thread(
+            connections_of_another_process, settings.data_dir, synchronous, tmp_path / "other.json"
+        )
+    finally:
+        await runtime.stop()
+    # Each path the store opens connections on, with the mode its connections ran in.
+    every_path = ["_checkpoint", "_open_reader", "_open_writer", "engine"]
+    assert sorted({(each.opened_by, each.synchronous) for each in opened}) == [
+        (path, synchronous) for path in every_path
+    ]
+    assert sum(each.opened_by == "engine" for each in opened) >= 2, "not only the first"
+    assert sorted({(each.opened_by, each.synchronous) for each in other}) == [
+        (path, synchronous) for path in ["_open_reader", "_open_writer", "engine"]
+    ]
+
+
+def test_the_sync_setting_takes_sqlites_spelling_and_refuses_other_modes(tmp_path: Path) -> None:
+    assert make_settings(tmp_path, sqlite_synchronous="NORMAL").sqlite_synchronous == "normal"
+    assert make_settings(tmp_path).sqlite_synchronous == "full"
+    env = {**os.environ, "FLUXSERVE_DATA_DIR": str(tmp_path), "FLUXSERVE_SQLITE_SYNCHRONOUS": "off"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fluxserve", "keys", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "setting sqlite_synchronous: Input should be 'full' or 'normal'" in done.stderr
+    assert not (tmp_path / "fluxserve.db").exists()
+
+
+@pytest.mark.parametrize(("synchronous", "on_the_loop"), [("full", False), ("normal", True)])
+async def test_a_commit_that_waits_for_the_disk_leaves_the_loop_free(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    synchronous: SqliteSynchronous,
+    on_the_loop: bool,
+) -> None:
+    committed_on: list[threading.Thread] = []
+    commit = sqlite_module._commit
+
+    def watched_commit(connection: sqlite3.Connection) -> None:
+        commit(connection)
+        committed_on.append(threading.current_thread())
+
+    monkeypatch.setattr(sqlite_module, "_commit", watched_commit)
+    store = SqliteStore(f"sqlite:///{tmp_path / 'store.db'}", synchronous)
+    await store.start()
+    try:
+        together = await asyncio.gather(*(queue_task(store) for _ in range(4)))
+        assert [await queue_position(store, task_id) for task_id in together] == [1, 2, 3, 4]
+    finally:
+        await store.close()
+    assert committed_on
+    assert all((thread is threading.main_thread()) is on_the_loop for thread in committed_on)

@@ -59,7 +59,9 @@ def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> 
     """Run `action` on the store; an ApiError (no such account...) exits 1 with its message."""
 
     async def run() -> T:
-        store = open_store(settings.resolved_database_url)
+        store = open_store(
+            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+        )
         await store.start()
         try:
             return await action(store)

@@ -45,7 +45,9 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
-        self.store: Store = open_store(settings.resolved_database_url)
+        self.store: Store = open_store(
+            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+        )
         self.storage: Storage = open_storage(settings)
         self.metrics = Metrics()
         self.store.watch_endings(TaskMetrics(self.metrics).ended)

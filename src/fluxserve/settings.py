@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from fluxserve.checkpoints import ModelRoute, default_routes
+from fluxserve.store.base import SqliteSynchronous
 from fluxserve.tasks import MODELS
 
 EngineName = Literal["auto", "diffusers", "tiny"]
@@ -47,6 +48,11 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         default=None, description="sqlite:///path; defaults to data_dir/fluxserve.db"
+    )
+    sqlite_synchronous: SqliteSynchronous = Field(
+        default="full",
+        description="full: each SQLite commit is on the disk before it is answered; "
+        "normal: a power cut can lose the last ones",
     )
     engine: EngineName = Field(
         default="auto",
@@ -208,6 +214,12 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() == "forever":
             return None
         return value
+
+    @field_validator("sqlite_synchronous", mode="before")
+    @classmethod
+    def _synchronous_any_case(cls, value: object) -> object:
+        # SQLite's own documentation spells the modes in capitals.
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("callback_retry_delays")
     @classmethod

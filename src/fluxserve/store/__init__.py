@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from fluxserve.errors import ConfigError
-from fluxserve.store.base import ApiKeyRecord, CallbackRecord, Store
+from fluxserve.store.base import ApiKeyRecord, CallbackRecord, SqliteSynchronous, Store
 
 
-def open_store(database_url: str) -> Store:
-    """The store for `database_url` (`sqlite:///path`), not yet started."""
+def open_store(database_url: str, *, sqlite_synchronous: SqliteSynchronous = "full") -> Store:
+    """The store for `database_url` (`sqlite:///path`), not yet started.
+
+    `sqlite_synchronous` applies to SQLite alone; PostgreSQL syncs as its server says."""
     scheme = database_url.partition(":")[0].lower()
     if scheme == "sqlite":
         from fluxserve.store.sqlite import SqliteStore
 
-        return SqliteStore(database_url)
+        return SqliteStore(database_url, sqlite_synchronous)
     if scheme in ("postgresql", "postgres"):
         from fluxserve.store.postgres import PostgresStore
 

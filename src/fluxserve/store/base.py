@@ -6,8 +6,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from fluxserve.tasks import Claim, NewTask, ResultFile, Task, TaskStatus
+
+SqliteSynchronous = Literal["full", "normal"]
+"""Whether each SQLite commit is synced to the disk before it returns (`full`), or
+only at checkpoints (`normal`): see `sqlite._configure`."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from fluxserve.errors import StoreUnavailable
+from fluxserve.store.base import SqliteSynchronous
 from fluxserve.store.direct import Program, Step, run
 from fluxserve.store.group_commit import GroupCommit
 from fluxserve.store.sql import SqlStore
@@ -35,27 +36,44 @@ BEGIN_RETRIES = (0.0005, 0.001, 0.002, 0.004)
 a longer wait goes to a thread, on SQLite's own busy handler."""
 
 
-def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers run beside the one writer; busy_timeout makes a second
-    # process (an `api` beside a `worker`) wait for the lock instead of failing.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+LOCK_WAIT = 10.0
+"""Seconds a connection off the loop waits for a lock another connection holds
+(an `api` process beside a `worker`), instead of failing at once."""
 
 
-def _open_on_loop(path: Path) -> sqlite3.Connection:
-    """A connection for the event loop: autocommit until BEGIN, never waits for a lock."""
-    connection = sqlite3.connect(path, timeout=0, isolation_level=None)
-    connection.execute("PRAGMA synchronous=NORMAL")
+def _configure(connection: Any, synchronous: SqliteSynchronous, lock_wait: float) -> None:
+    """Set the PRAGMAs of a connection; every connection the store opens, on whatever
+    path and in whatever process, gets them here, since SQLite keeps them per connection.
+
+    WAL lets readers run beside the one writer. `synchronous`: with `full`, each
+    commit syncs the WAL to the disk before it returns, so it survives a power cut;
+    with `normal`, the WAL is synced only at checkpoints, so a power cut or an OS
+    crash can lose the last commits (a process crash cannot).
+    """
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cursor.execute(f"PRAGMA busy_timeout={round(lock_wait * 1000)}")
+    finally:
+        cursor.close()
+
+
+def _connect(path: Path, synchronous: SqliteSynchronous, lock_wait: float) -> sqlite3.Connection:
+    """A sqlite3 connection, autocommit until BEGIN; usable from one thread at a time,
+    whichever (the store's locks make sure of that)."""
+    connection = sqlite3.connect(
+        path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False
+    )
+    _configure(connection, synchronous, lock_wait)
     return connection
 
 
-def _open_writer(path: Path) -> sqlite3.Connection:
-    """The loop's writer. It leaves checkpoints, which write the WAL back into the
-    database file and sync it (milliseconds), to a thread: see `_checkpoint`."""
-    writer = _open_on_loop(path)
+def _open_writer(path: Path, synchronous: SqliteSynchronous) -> sqlite3.Connection:
+    """The loop's writer: it never waits for a lock (see `_begin_on_loop`). It leaves
+    checkpoints, which write the WAL back into the database file and sync it
+    (milliseconds), to a thread: see `_checkpoint`."""
+    writer = _connect(path, synchronous, lock_wait=0)
     writer.execute("PRAGMA wal_autocheckpoint=0")
     return writer
 
@@ -67,14 +85,15 @@ def _commit(connection: sqlite3.Connection) -> None:
         raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
-def _checkpoint(path: Path) -> None:
+def _checkpoint(path: Path, synchronous: SqliteSynchronous) -> None:
     """Copy what the WAL holds into the database file, as far as readers allow."""
-    with closing(sqlite3.connect(path, timeout=10)) as connection:
+    with closing(_connect(path, synchronous, LOCK_WAIT)) as connection:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _open_reader(path: Path) -> sqlite3.Connection:
-    reader = _open_on_loop(path)
+def _open_reader(path: Path, synchronous: SqliteSynchronous) -> sqlite3.Connection:
+    """The loop's reader: it never waits for a lock (see `_fetch_one`)."""
+    reader = _connect(path, synchronous, lock_wait=0)
     reader.execute("PRAGMA query_only=ON")
     return reader
 
@@ -86,7 +105,8 @@ class SqliteStore(SqlStore):
     sleeping busy handler. A hot read (a key or a task by its id) is an indexed
     lookup that takes microseconds on WAL, less than one hand-off to a thread; one
     that would wait for a lock goes to a thread instead. A submit's transaction
-    is a few such statements: it runs on the loop too. While another process
+    is a few such statements: it runs on the loop too, but for a COMMIT that
+    syncs, which waits for the disk on a thread. While another process
     holds the write lock, it tries again after short pauses, and after a few
     milliseconds waits for the lock on a thread. Submits that arrive while
     others are written share one transaction (see `group_commit.py`). A worker
@@ -94,8 +114,9 @@ class SqliteStore(SqlStore):
     `PRAGMA data_version`.
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, synchronous: SqliteSynchronous = "full") -> None:
         self._path = Path(database_url.removeprefix("sqlite:///"))
+        self._synchronous = synchronous
         super().__init__(f"sqlite+aiosqlite:///{self._path}")
         self._write_lock = asyncio.Lock()
         self._reader: sqlite3.Connection | None = None
@@ -110,13 +131,17 @@ class SqliteStore(SqlStore):
     def _create_engine(self) -> AsyncEngine:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(self._url)
-        sa.event.listen(engine.sync_engine, "connect", _on_connect)
+        sa.event.listen(
+            engine.sync_engine,
+            "connect",
+            lambda connection, _record: _configure(connection, self._synchronous, LOCK_WAIT),
+        )
         return engine
 
     async def start(self) -> None:
         await super().start()
-        self._reader = _open_reader(self._path)
-        self._writer = _open_writer(self._path)
+        self._reader = _open_reader(self._path, self._synchronous)
+        self._writer = _open_writer(self._path, self._synchronous)
         self._seen_version = self._changes_seen_version = self._data_version()
 
     async def close(self) -> None:
@@ -152,7 +177,7 @@ class SqliteStore(SqlStore):
             if writer is not None:
                 try:
                     value = await run(program(), partial(self._execute, writer))
-                    _commit(writer)
+                    await self._commit(writer)
                     self._count_commit()
                 except BaseException:
                     if writer.in_transaction:
@@ -163,6 +188,22 @@ class SqliteStore(SqlStore):
         self._wake_local(*wake)
         return value
 
+    async def _commit(self, writer: sqlite3.Connection) -> None:
+        """COMMIT the loop's writer. A commit that syncs waits for the disk (from a
+        fraction of a millisecond to milliseconds), so it runs on a thread: the loop
+        serves requests meanwhile, and the submits that arrive gather for the next
+        group commit. One that does not sync takes microseconds, on the loop."""
+        if self._synchronous != "full":
+            _commit(writer)
+            return
+        committing = asyncio.ensure_future(asyncio.to_thread(_commit, writer))
+        try:
+            await asyncio.shield(committing)
+        except asyncio.CancelledError:
+            # The writer is the thread's until COMMIT returns: no ROLLBACK meanwhile.
+            await asyncio.wait([committing])
+            raise
+
     def _count_commit(self) -> None:
         self._commits_since_checkpoint += 1
         if self._commits_since_checkpoint >= CHECKPOINT_EVERY and self._checkpointing is None:
@@ -171,7 +212,7 @@ class SqliteStore(SqlStore):
 
     async def _checkpoint_on_thread(self) -> None:
         try:
-            await asyncio.to_thread(_checkpoint, self._path)
+            await asyncio.to_thread(_checkpoint, self._path, self._synchronous)
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint failed (%s); the next one tries again", exc)
         finally:
