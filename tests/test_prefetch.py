@@ -76,6 +76,25 @@ async def test_a_plain_task_runs_while_the_task_ahead_of_it_fetches(
     assert slow_done["status"] == "finished", slow_done
 
 
+async def test_a_batch_of_plain_tasks_runs_while_the_task_ahead_of_it_fetches(
+    tmp_path: Path, tiny_engine: Engine
+) -> None:
+    reference = SlowReference()
+    settings = make_settings(tmp_path / "data", max_batch_size=3)
+    async with reference.serving() as url, run_service(settings, engine=tiny_engine) as service:
+        slow = await submit(service, image_urls=[url])
+        await reference.asked.wait()
+        plain = [await submit(service, seed=seed) for seed in (1, 2)]
+        plain_done = [await service.wait(task_id) for task_id in plain]
+        fetching = (await service.status(slow)).json()["data"]
+        reference.gate.set()
+        slow_done = await service.wait(slow)
+    assert [data["status"] for data in plain_done] == ["finished"] * 2
+    assert [data["seed"] for data in plain_done] == [1, 2]
+    assert fetching["status"] == "running", fetching
+    assert slow_done["status"] == "finished", slow_done
+
+
 async def test_cancelling_a_task_while_it_fetches_fails_it_as_cancelled(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
