@@ -259,12 +259,8 @@ class Worker:
         self._stopping.set()
 
     def cancel(self, task_id: str) -> bool:
-        """Stop `task_id` at its next denoising step, or its downloads now; it fails
-        as cancelled.
-
-        The rest of its batch goes back to the queue. Returns whether this worker
-        holds the task now.
-        """
+        """Stop `task_id` at its next denoising step, or its downloads now; it fails as
+        cancelled, the rest of its batch goes back to the queue. Whether this worker holds it."""
         if task_id not in self._running and not self._prefetch.holds(task_id):
             return False
         self._cancelled.add(task_id)
@@ -277,14 +273,23 @@ class Worker:
     async def _run_batch(self, claims: Sequence[Claim], client: httpx.AsyncClient) -> None:
         """Run `claims` in one engine call, each then ending on its own; a task with
         references goes to the background to fetch them first."""
-        jobs = []
+        ready = []
         for claim in claims:
             reporter = self._reporter(claim)
             if claim.task.input.image_urls:
-                fetch = self._fetch(claim, reporter, client)
-                self._prefetch.start(claim.task.task_id, fetch)
-            elif (job := await self._prepare(claim, reporter, client)) is not None:
-                jobs.append(job)
+                self._prefetch.start(claim.task.task_id, self._fetch(claim, reporter, client))
+            else:
+                ready.append((claim, reporter))
+        try:
+            jobs = [
+                job
+                for claim, reporter in ready
+                if (job := await self._prepare(claim, reporter, client))
+            ]
+        except asyncio.CancelledError:
+            for claim, reporter in ready:  # those that ended already stay as they are
+                await self._let_go(claim, reporter, None)
+            raise
         if jobs:
             await self._run_jobs(jobs)
 
