@@ -33,7 +33,7 @@ from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import Outcome
-from fluxserve.tasks import MODELS, NewTask, ResultFile, TaskInput, new_task_id
+from fluxserve.tasks import MODELS, NewTask, ResultFile, Task, TaskInput, new_task_id
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -384,3 +384,13 @@ def metric_samples(exposition: str) -> dict[str, float]:
             labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+async def ended(store: Store, task_id: str) -> Task:
+    """The task once it has ended, read from the store as its owner's status would."""
+    async with asyncio.timeout(120):
+        while True:
+            task = await store.get_task(task_id)
+            if task is not None and task.status.terminal:
+                return task
+            await asyncio.sleep(0.05)

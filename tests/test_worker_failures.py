@@ -5,7 +5,6 @@ worker's loop ends the process loudly, with /health and /ready saying so.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -14,10 +13,9 @@ import pytest
 from PIL import Image
 
 from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
-from fluxserve.store import Store
-from fluxserve.tasks import Task, TaskStatus
+from fluxserve.tasks import TaskStatus
 
-from conftest import make_settings, queue_task, run_service
+from conftest import ended, make_settings, queue_task, run_service
 
 
 class Panic(BaseException):
@@ -40,16 +38,6 @@ async def test_the_tokenizers_panic_on_a_long_run_of_spaces_fails_only_that_task
     assert failed.error_message.startswith("Internal error: PanicException: ")
     assert "retry-limit-in-match" in failed.error_message
     assert finished.status is TaskStatus.FINISHED
-
-
-async def ended(store: Store, task_id: str) -> Task:
-    """The task once it has ended, read from the store as its owner's status would."""
-    async with asyncio.timeout(120):
-        while True:
-            task = await store.get_task(task_id)
-            if task is not None and task.status.terminal:
-                return task
-            await asyncio.sleep(0.05)
 
 
 class FailsToLoad:

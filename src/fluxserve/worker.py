@@ -9,7 +9,8 @@ process being asked to stop (`STOP_SIGNALS`) goes past a task.
 One engine call at a time: a worker is one GPU's (or CPU's) engine. With
 `max_batch_size` above 1, and an engine that batches, that call draws up to that
 many queued tasks of one shape together; each task still has its own lease,
-progress, seed, files and ending.
+progress, seed, files and ending. A task with reference images is prepared in the
+background while the engine runs others (see `prefetch`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,7 +31,7 @@ from enum import StrEnum
 import httpx
 from PIL import Image
 
-from fluxserve import reference_shape, results
+from fluxserve import results
 from fluxserve.engines.base import (
     Engine,
     GenerationRequest,
@@ -45,16 +46,16 @@ from fluxserve.errors import (
     StoreUnavailable,
     UnsafeURLError,
 )
-from fluxserve.logs import about_tasks, context_about
+from fluxserve.logs import about_tasks
 from fluxserve.netguard import NetPolicy, guarded_client
-from fluxserve.references import load_references
+from fluxserve.prefetch import Prefetch, engine_request
+from fluxserve.progress_reporter import ProgressReporter
 from fluxserve.settings import Settings
-from fluxserve.sizes import dimensions, size_ratio
 from fluxserve.storage import Storage
 from fluxserve.store import Store
-from fluxserve.store.base import LeaseState, Outcome
+from fluxserve.store.base import Outcome
 from fluxserve.tasks import CANCELLED_MESSAGE, MODELS, Claim
-from fluxserve.webhooks.progress import ProgressEvents, TaskEvents
+from fluxserve.webhooks.progress import ProgressEvents
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ USER_ERRORS = (ReferenceImageError, FetchError, UnsafeURLError, EngineError)
 BATCH_LOOKAHEAD = 4
 # What ends a task's run without ending the task: the process is being stopped.
 STOP_SIGNALS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+# Claimed tasks whose references download while the engine runs others: a few, as
+# each is taken from the queue, where another worker could have run it.
+PREFETCH_LIMIT = 4
 
 
 class WorkerState(StrEnum):
@@ -107,7 +111,7 @@ class _Job:
 
     claim: Claim
     request: GenerationRequest
-    reporter: _ProgressReporter
+    reporter: ProgressReporter
 
     @property
     def task_id(self) -> str:
@@ -147,6 +151,7 @@ class Worker:
         self._cancelled: set[str] = set()
         self._running: frozenset[str] = frozenset()
         self._heartbeat_lock = asyncio.Lock()
+        self._prefetch: Prefetch[_Job] = Prefetch(PREFETCH_LIMIT)
 
     async def run(self) -> None:
         """Load the engine, then claim and run tasks until cancelled.
@@ -183,24 +188,46 @@ class Worker:
 
     async def _claim_and_run_forever(self) -> None:
         async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
-            while True:
-                try:
-                    claims = await self.store.claim_batch(
-                        self.models,
-                        self.worker_id,
-                        self.settings.lease_seconds,
-                        limit=self.batch_size,
-                        window=BATCH_LOOKAHEAD * self.batch_size,
-                    )
-                    if not claims:
-                        await self.store.wait_for_task(self.settings.poll_interval)
-                        continue
-                    with about_tasks(*(claim.task.task_id for claim in claims)):
-                        await self._run_batch(claims, client)
-                except StoreUnavailable as exc:
-                    # The lease covers a running task meanwhile; retry once it's back.
-                    logger.warning("worker %s: %s; retrying", self.worker_id, exc)
-                    await asyncio.sleep(self.settings.poll_interval)
+            try:
+                while True:
+                    try:
+                        await self._run_next(client)
+                    except StoreUnavailable as exc:
+                        # The lease covers a running task meanwhile; retry once it's back.
+                        logger.warning("worker %s: %s; retrying", self.worker_id, exc)
+                        await asyncio.sleep(self.settings.poll_interval)
+            finally:
+                # Fetches end handing their tasks back; fetched tasks go back too.
+                for job in await self._prefetch.stop():
+                    await self._let_go(job.claim, job.reporter, None)
+
+    async def _run_next(self, client: httpx.AsyncClient) -> None:
+        """Run a task whose references are in, else claim more, else wait for either."""
+        job = self._prefetch.take()
+        if job is not None:
+            with about_tasks(job.task_id):
+                if job.task_id in self._cancelled:  # while it waited for the engine
+                    await self._let_go(job.claim, job.reporter, CANCELLED_MESSAGE)
+                else:
+                    await self._run_jobs([job])
+            return
+        claims = []
+        if not self._prefetch.full:
+            claims = await self.store.claim_batch(
+                self.models,
+                self.worker_id,
+                self.settings.lease_seconds,
+                limit=self.batch_size,
+                window=BATCH_LOOKAHEAD * self.batch_size,
+            )
+        if claims:
+            with about_tasks(*(claim.task.task_id for claim in claims)):
+                await self._run_batch(claims, client)
+            return
+        queued = (
+            None if self._prefetch.full else self.store.wait_for_task(self.settings.poll_interval)
+        )
+        await self._prefetch.wait(queued, self.settings.poll_interval)
 
     async def _defunct(self, reason: str) -> None:
         """This worker runs no more tasks: say why, where /ready and the fleet see it."""
@@ -232,67 +259,109 @@ class Worker:
         self._stopping.set()
 
     def cancel(self, task_id: str) -> bool:
-        """Stop `task_id` at its next denoising step; it fails as cancelled.
-
-        The rest of its batch goes back to the queue. Returns whether the task is
-        running on this worker now.
-        """
-        if task_id not in self._running:
+        """Stop `task_id` at its next denoising step, or its downloads now; it fails as
+        cancelled, the rest of its batch goes back to the queue. Whether this worker holds it."""
+        if task_id not in self._running and not self._prefetch.holds(task_id):
             return False
         self._cancelled.add(task_id)
+        self._prefetch.cancel(task_id)
         return True
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _run_batch(self, claims: Sequence[Claim], client: httpx.AsyncClient) -> None:
-        """Run `claims` in one engine call; each then ends on its own."""
-        reporters = [self._reporter(claim) for claim in claims]
-        heartbeats = [
-            asyncio.create_task(reporter.run(), context=context_about(claim.task.task_id))
-            for claim, reporter in zip(claims, reporters, strict=True)
-        ]
+        """Run `claims` in one engine call, each then ending on its own; a task with
+        references goes to the background to fetch them first."""
+        ready = []
+        for claim in claims:
+            reporter = self._reporter(claim)
+            if claim.task.input.image_urls:
+                self._prefetch.start(claim.task.task_id, self._fetch(claim, reporter, client))
+            else:
+                ready.append((claim, reporter))
         try:
-            jobs = []
-            for claim, reporter in zip(claims, reporters, strict=True):
-                with about_tasks(claim.task.task_id):
-                    request = await self._prepare(claim, client)
-                if request is not None:
-                    jobs.append(_Job(claim, request, reporter))
-            if jobs:
-                await self._run_jobs(jobs)
+            jobs = [
+                job
+                for claim, reporter in ready
+                if (job := await self._prepare(claim, reporter, client))
+            ]
         except asyncio.CancelledError:
-            for claim in claims:  # those that ended already stay as they are
-                await self.store.release_task(claim)
+            for claim, reporter in ready:  # those that ended already stay as they are
+                await self._let_go(claim, reporter, None)
             raise
-        finally:
-            for heartbeat in heartbeats:
-                heartbeat.cancel()
-            self._running = frozenset()
-            self._cancelled.difference_update(claim.task.task_id for claim in claims)
+        if jobs:
+            await self._run_jobs(jobs)
 
-    def _reporter(self, claim: Claim) -> _ProgressReporter:
+    def _reporter(self, claim: Claim) -> ProgressReporter:
         events = self.events.watch(claim.task) if self.events is not None else None
         if events is not None:
             events.running()
-        return _ProgressReporter(
+        reporter = ProgressReporter(
             self.store, claim, self.settings.lease_seconds, events, on_cancel=self.cancel
         )
+        reporter.start()
+        return reporter
 
-    async def _prepare(self, claim: Claim, client: httpx.AsyncClient) -> GenerationRequest | None:
-        """The engine request for `claim`; None when it failed the task instead."""
+    async def _fetch(
+        self, claim: Claim, reporter: ProgressReporter, client: httpx.AsyncClient
+    ) -> _Job | None:
+        """`_prepare`, in the background: if cancelled, the task fails as cancelled
+        when asked to, else (the worker is stopping) it goes back to the queue."""
+        task_id = claim.task.task_id
         try:
-            return await self._request(claim, client)
+            return await self._prepare(claim, reporter, client)
+        except asyncio.CancelledError:
+            cancelled = task_id in self._cancelled
+            await self._let_go(claim, reporter, CANCELLED_MESSAGE if cancelled else None)
+            raise
+
+    async def _prepare(
+        self, claim: Claim, reporter: ProgressReporter, client: httpx.AsyncClient
+    ) -> _Job | None:
+        """The engine job for `claim`; None when it failed the task instead."""
+        try:
+            request = await engine_request(
+                claim.task,
+                client=client,
+                policy=self.policy,
+                settings=self.settings,
+                storage=self.storage,
+            )
+            return _Job(claim, request, reporter)
         except USER_ERRORS as exc:
-            await self.store.fail_task(claim, str(exc))
+            message = str(exc)
         except STOP_SIGNALS:
             raise
         except BaseException as exc:
             logger.exception("task %s failed", claim.task.task_id)
-            await self.store.fail_task(claim, _internal_error(exc))
+            message = _internal_error(exc)
+        await self._let_go(claim, reporter, message)
         return None
 
+    async def _let_go(self, claim: Claim, reporter: ProgressReporter, failure: str | None) -> None:
+        """Fail a task the engine never ran with `failure`, or (None) hand it back."""
+        if failure is None:
+            await self.store.release_task(claim)
+        else:
+            await self.store.fail_task(claim, failure)
+        reporter.stop()
+        self._cancelled.discard(claim.task.task_id)
+
     async def _run_jobs(self, jobs: Sequence[_Job]) -> None:
+        try:
+            await self._run_claimed(jobs)
+        except asyncio.CancelledError:
+            for job in jobs:  # those that ended already stay as they are
+                await self.store.release_task(job.claim)
+            raise
+        finally:
+            for job in jobs:
+                job.reporter.stop()
+            self._running = frozenset()
+            self._cancelled.difference_update(job.task_id for job in jobs)
+
+    async def _run_claimed(self, jobs: Sequence[_Job]) -> None:
         try:
             outputs = await self._generate(jobs)
         except Interrupted:
@@ -320,32 +389,6 @@ class Worker:
         for job, images in zip(jobs, outputs, strict=True):
             with about_tasks(job.task_id):
                 await self._finish(job, images)
-
-    async def _request(self, claim: Claim, client: httpx.AsyncClient) -> GenerationRequest:
-        task = claim.task
-        spec = task.input
-        images = await load_references(
-            spec.image_urls,
-            client=client,
-            policy=self.policy,
-            max_bytes=self.settings.max_reference_bytes,
-            max_pixels=self.settings.max_reference_pixels,
-            total_timeout=self.settings.fetch_timeout,
-            storage=self.storage,
-        )
-        reference_shape.check_loaded(images)
-        reference = images[0].size if images else None
-        width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)
-        return GenerationRequest(
-            prompt=spec.prompt,
-            width=width,
-            height=height,
-            seed=spec.seed if spec.seed is not None else secrets.randbelow(2**32),
-            steps=spec.steps,
-            guidance=spec.guidance,
-            images=tuple(images),
-            model=task.model,
-        )
 
     async def _generate(self, jobs: Sequence[_Job]) -> list[list[Image.Image]]:
         """The engine's images for each job, in one call; stops at the next step when asked."""
@@ -411,45 +454,3 @@ def _described(exc: BaseException) -> str:
 
 def _internal_error(exc: BaseException) -> str:
     return f"Internal error: {_described(exc)}"
-
-
-class _ProgressReporter:
-    """Writes the newest progress, and renews the lease at least every third of it."""
-
-    def __init__(
-        self,
-        store: Store,
-        claim: Claim,
-        lease_seconds: float,
-        events: TaskEvents | None,
-        *,
-        on_cancel: Callable[[str], object],
-    ) -> None:
-        self._store = store
-        self._claim = claim
-        self._lease = lease_seconds
-        self._events = events
-        self._on_cancel = on_cancel
-        self._latest = 0
-        self._changed = asyncio.Event()
-
-    def update(self, progress: int) -> None:
-        self._latest = max(self._latest, progress)
-        self._changed.set()
-        if self._events is not None:
-            self._events.progress(self._latest)
-
-    async def run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._lease / 3)
-            self._changed.clear()
-            try:
-                lease = await self._store.report_progress(self._claim, self._latest, self._lease)
-                if lease is LeaseState.LOST:
-                    return
-                if lease is LeaseState.CANCEL_REQUESTED:
-                    # Asked through another process: stop at the next step.
-                    self._on_cancel(self._claim.task.task_id)
-            except StoreUnavailable as exc:
-                logger.warning("progress of %s not saved: %s", self._claim.task.task_id, exc)
