@@ -10,6 +10,7 @@ reaches no server's log; the page stores it and takes it out of the address bar.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ from fluxserve.settings import Settings
 
 if TYPE_CHECKING:
     from fluxserve.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 class Welcome:
@@ -41,19 +44,26 @@ class Welcome:
             key = await first_start_key(runtime.store, data_dir)
         page = page_url(listening)
         if key is None:
-            typer.echo(
+            self._say(
                 f"fluxserve: the page is at {page}\n"
                 "  It needs a key: make one with `fluxserve keys create --name NAME`, or\n"
                 "  start with `fluxserve serve --new-key` for a link that holds one."
             )
             return
         first = "" if self.new_key else "First start: "
-        typer.echo(
+        self._say(
             f"fluxserve: {first}made a key for the account {FIRST_ACCOUNT}, stored hashed.\n"
             f"  It is not shown again; `fluxserve generate` reads it from {key_path(data_dir)}.\n"
             "  Open the page, which keeps the key in your browser:\n\n"
             f"    {page}#key={key}\n"
         )
+
+    def _say(self, text: str) -> None:
+        # With JSON logs every line the process writes is JSON: the text goes in one.
+        if self.settings.log_format == "json":
+            logger.info(text.rstrip())
+        else:
+            typer.echo(text)
 
 
 class WelcomingServer(uvicorn.Server):
