@@ -40,6 +40,7 @@ from fluxserve.store.schema import (
 )
 from fluxserve.store.sql_accounts import (
     AccountQueries,
+    key_insert,
     settle_task_credits,
 )
 from fluxserve.store.sql_callbacks import CallbackQueries
@@ -155,16 +156,7 @@ class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, Stor
         self, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
     ) -> None:
         async with self._write() as conn:
-            await conn.execute(
-                api_keys.insert().values(
-                    key_id=key_id,
-                    name=name,
-                    key_hash=key_hash,
-                    prefix=prefix,
-                    created_at=time.time(),
-                    account_id=account_id,
-                )
-            )
+            await conn.execute(key_insert(key_id, name, key_hash, prefix, account_id))
 
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
         row = await self._fetch_one(_KEY_BY_HASH, key_hash=key_hash)

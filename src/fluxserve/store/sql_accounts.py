@@ -58,16 +58,7 @@ class AccountQueries(SqlBase):
                 await conn.execute(
                     accounts.insert().values(account_id=account_id, email=email, created_at=now)
                 )
-                await conn.execute(
-                    api_keys.insert().values(
-                        key_id=key_id,
-                        name=name,
-                        key_hash=key_hash,
-                        prefix=prefix,
-                        created_at=now,
-                        account_id=account_id,
-                    )
-                )
+                await conn.execute(key_insert(key_id, name, key_hash, prefix, account_id))
         except sa.exc.IntegrityError:
             return False
         return True
@@ -149,6 +140,18 @@ async def settle_task_credits(
         values["balance"] = accounts.c.balance - price
     await conn.execute(
         accounts.update().where(accounts.c.account_id == account_id).values(**values)
+    )
+
+
+def key_insert(key_id: str, name: str, key_hash: str, prefix: str, account_id: str) -> sa.Insert:
+    """The statement that stores a key: its hash and prefix, never the key itself."""
+    return api_keys.insert().values(
+        key_id=key_id,
+        name=name,
+        key_hash=key_hash,
+        prefix=prefix,
+        created_at=time.time(),
+        account_id=account_id,
     )
 
 
