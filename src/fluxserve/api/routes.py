@@ -1,4 +1,4 @@
-"""The routes of the wire contract (DESIGN.md §1) and the file server."""
+"""The routes of the wire contract (README.md, "The API") and the file server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The request bodies of the wire contract, with the rules of DESIGN.md §1."""
+"""The request bodies of the wire contract, with the rules README.md gives under "The API"."""
 
 from __future__ import annotations
 

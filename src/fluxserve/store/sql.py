@@ -22,30 +22,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fluxserve.store.admission import submit
 from fluxserve.store.base import (
-    ApiKeyRecord,
     IdempotencyKey,
     LeaseState,
     Outcome,
     Store,
     SubmitLimits,
     TaskPage,
-    WorkerRecord,
 )
 from fluxserve.store.direct import Program
-from fluxserve.store.rows import TASK_BY_ID, key_from_row, task_from_row
+from fluxserve.store.rows import TASK_BY_ID, task_from_row
 from fluxserve.store.schema import (
-    api_keys,
     tasks,
-    workers,
 )
 from fluxserve.store.sql_accounts import (
     AccountQueries,
-    key_insert,
     settle_task_credits,
 )
 from fluxserve.store.sql_callbacks import CallbackQueries
 from fluxserve.store.sql_changes import ChangeQueries
 from fluxserve.store.sql_files import FileQueries
+from fluxserve.store.sql_fleet import FleetQueries
 from fluxserve.store.wakeups import CALLBACKS, TASKS, wait
 from fluxserve.tasks import (
     CANCELLED_MESSAGE,
@@ -57,9 +53,6 @@ from fluxserve.tasks import (
 )
 
 LOST_WORKER_MESSAGE = "The worker running this task was lost {attempts} times; giving up"
-
-
-_KEY_BY_HASH = api_keys.select().where(api_keys.c.key_hash == sa.bindparam("key_hash"))
 
 
 def _queue_position(mine: Any) -> Any:
@@ -148,33 +141,8 @@ async def _claim_companions(
     return list((await conn.execute(lease.claim(tasks.c.seq.in_(alike[:limit])))).all())
 
 
-class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, Store):
+class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, FleetQueries, Store):
     """Everything but the dialect's engine, write turns and wake-ups."""
-
-    # API keys ---------------------------------------------------------------
-    async def create_key(
-        self, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
-    ) -> None:
-        async with self._write() as conn:
-            await conn.execute(key_insert(key_id, name, key_hash, prefix, account_id))
-
-    async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
-        row = await self._fetch_one(_KEY_BY_HASH, key_hash=key_hash)
-        return None if row is None else key_from_row(row)
-
-    async def list_keys(self) -> list[ApiKeyRecord]:
-        async with self._read() as conn:
-            rows = await conn.execute(api_keys.select().order_by(api_keys.c.created_at))
-            return [key_from_row(row) for row in rows]
-
-    async def revoke_key(self, key_id: str) -> bool:
-        async with self._write() as conn:
-            result = await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=time.time())
-            )
-        return result.rowcount == 1
 
     # Tasks ------------------------------------------------------------------
     async def create_task(
@@ -458,49 +426,6 @@ class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, Stor
             ).all()
             changes.extend(row.task_id for row in [*gone, *requeued])
         return len(requeued), len(gone)
-
-    # The fleet --------------------------------------------------------------
-    async def queue_depths(self) -> dict[str, int]:
-        statement = (
-            sa.select(tasks.c.model, sa.func.count())
-            .where(tasks.c.status == TaskStatus.NOT_STARTED.value)
-            .group_by(tasks.c.model)
-        )
-        async with self._read() as conn:
-            return {model: count for model, count in await conn.execute(statement)}
-
-    async def record_heartbeat(
-        self, worker_id: str, models: Sequence[str], engine: str, state: str
-    ) -> None:
-        now = time.time()
-        values = {"models": list(models), "engine": engine, "state": state, "last_seen": now}
-        async with self._write() as conn:
-            # Only this worker writes its row, so update-then-insert cannot race.
-            updated = await conn.execute(
-                workers.update().where(workers.c.worker_id == worker_id).values(**values)
-            )
-            if updated.rowcount == 0:
-                await conn.execute(
-                    workers.insert().values(worker_id=worker_id, started_at=now, **values)
-                )
-
-    async def forget_worker(self, worker_id: str) -> None:
-        async with self._write() as conn:
-            await conn.execute(workers.delete().where(workers.c.worker_id == worker_id))
-
-    async def live_workers(self, seen_within: float) -> list[WorkerRecord]:
-        statement = (
-            workers.select()
-            .where(workers.c.last_seen >= time.time() - seen_within)
-            .order_by(workers.c.started_at)
-        )
-        async with self._read() as conn:
-            return [
-                WorkerRecord(
-                    r.worker_id, tuple(r.models), r.engine, r.state, r.started_at, r.last_seen
-                )
-                for r in await conn.execute(statement)
-            ]
 
 
 def _failed(message: str | sa.ColumnElement[str], now: float) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fluxserve.errors import Conflict, NotFound
-from fluxserve.store.base import Account, LedgerEntry
+from fluxserve.store.base import Account, ApiKeyRecord, LedgerEntry
+from fluxserve.store.rows import key_from_row
 from fluxserve.store.schema import accounts, api_keys, credit_ledger
 from fluxserve.store.sql_base import SqlBase
 
@@ -28,9 +29,38 @@ class LedgerKind:
     RELEASE = "release"  # the hold given back, when the task fails or is cancelled
 
 
-class AccountQueries(SqlBase):
-    """Accounts, grants and the ledger; mixed into SqlStore."""
+_KEY_BY_HASH = api_keys.select().where(api_keys.c.key_hash == sa.bindparam("key_hash"))
 
+
+class AccountQueries(SqlBase):
+    """API keys, accounts, grants and the ledger; mixed into SqlStore."""
+
+    # API keys ---------------------------------------------------------------
+    async def create_key(
+        self, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
+    ) -> None:
+        async with self._write() as conn:
+            await conn.execute(_key_insert(key_id, name, key_hash, prefix, account_id))
+
+    async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        row = await self._fetch_one(_KEY_BY_HASH, key_hash=key_hash)
+        return None if row is None else key_from_row(row)
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        async with self._read() as conn:
+            rows = await conn.execute(api_keys.select().order_by(api_keys.c.created_at))
+            return [key_from_row(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+        return result.rowcount == 1
+
+    # Accounts ---------------------------------------------------------------
     async def create_account(self, account_id: str, email: str) -> Account:
         try:
             async with self._write() as conn:
@@ -58,7 +88,7 @@ class AccountQueries(SqlBase):
                 await conn.execute(
                     accounts.insert().values(account_id=account_id, email=email, created_at=now)
                 )
-                await conn.execute(key_insert(key_id, name, key_hash, prefix, account_id))
+                await conn.execute(_key_insert(key_id, name, key_hash, prefix, account_id))
         except sa.exc.IntegrityError:
             return False
         return True
@@ -143,7 +173,7 @@ async def settle_task_credits(
     )
 
 
-def key_insert(key_id: str, name: str, key_hash: str, prefix: str, account_id: str) -> sa.Insert:
+def _key_insert(key_id: str, name: str, key_hash: str, prefix: str, account_id: str) -> sa.Insert:
     """The statement that stores a key: its hash and prefix, never the key itself."""
     return api_keys.insert().values(
         key_id=key_id,
