@@ -32,6 +32,7 @@ import httpx
 from PIL import Image
 
 from fluxserve import results
+from fluxserve.engine_stops import Cancelled, Interrupted, TaskStopped
 from fluxserve.engines.base import (
     Engine,
     GenerationRequest,
@@ -77,32 +78,6 @@ class WorkerState(StrEnum):
     READY = "ready"
     DEFUNCT = "defunct"
     STOPPED = "stopped"
-
-
-class Interrupted(Exception):
-    """Raised on the engine thread at the next step when the worker must stop.
-
-    Every task of the batch goes back to the queue.
-    """
-
-
-class TaskStopped(Exception):
-    """Raised on the engine thread at the next step of a timed-out batch.
-
-    Unlike `Interrupted`, its tasks do not go back to the queue: they fail with
-    this message.
-    """
-
-
-class Cancelled(Exception):
-    """Raised on the engine thread at the next step once tasks of the batch are cancelled.
-
-    Those fail as cancelled; the others go back to the queue, to run again.
-    """
-
-    def __init__(self, task_ids: frozenset[str]) -> None:
-        super().__init__(CANCELLED_MESSAGE)
-        self.task_ids = task_ids
 
 
 @dataclass(frozen=True)
