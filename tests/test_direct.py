@@ -11,7 +11,8 @@ from fluxserve.store.admission import submit
 from fluxserve.store.base import IdempotencyKey, Outcome, SubmitLimits
 from fluxserve.store.rows import TASK_BY_ID, key_from_row, task_from_row
 from fluxserve.store.schema import credit_ledger, idempotency_keys, tasks
-from fluxserve.store.sql import _KEY_BY_HASH, SqlStore
+from fluxserve.store.sql import SqlStore
+from fluxserve.store.sql_accounts import _KEY_BY_HASH
 from fluxserve.tasks import NewTask, ResultFile, TaskInput, TaskStatus
 
 from conftest import queue_task
