@@ -64,7 +64,8 @@ def run_the_quick_start(
     """The README's quick start after the first start, as written (on this server's
     port), from the folder that holds the default data directory, `data`."""
     text = README.read_text()
-    section = text[text.index("## Quick start\n") : text.index("## In the browser")]
+    start = text.index("## Quick start\n")
+    section = text[start : text.index("\n## ", start)]
     [generate, curl] = re.findall(r"```bash\n(.*?)```", section, re.S)[1:3]
     [python] = re.findall(r"```python\n(.*?)```", section, re.S)
     as_run = {

@@ -2,7 +2,7 @@
 
 Chromium is the system's (`apt-get install chromium`), driven by playwright's
 Python package; without it the browser tests skip and say how to install it.
-Set FLUXSERVE_PAGE_SCREENSHOT=docs/page.png to save the README's screenshot.
+Set FLUXSERVE_PAGE_SCREENSHOT=docs/page.png to save the screenshot in docs/clients.md.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
         assert await image_size(page, f"img[alt='Image of task {task_id}']") == (1360, 768)
         await expect(thumb).to_be_visible()
         if target := os.environ.get("FLUXSERVE_PAGE_SCREENSHOT"):
-            # 64 colours keep the README's picture small; the tiny engine's noise
+            # 64 colours keep the picture in docs/clients.md small; the tiny engine's noise
             # would take hundreds of KB in full colour.
             shot = Image.open(io.BytesIO(await page.screenshot())).convert("RGB")
             shot.quantize(64).save(target, optimize=True)

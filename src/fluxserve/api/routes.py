@@ -1,4 +1,4 @@
-"""The routes of the wire contract (README.md, "The API") and the file server."""
+"""The routes of the wire contract (docs/api.md) and the file server (docs/api.md, "Files")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The request bodies of the wire contract, with the rules README.md gives under "The API"."""
+"""The request bodies of the wire contract, with the rules docs/api.md gives under "Submit"."""
 
 from __future__ import annotations
 

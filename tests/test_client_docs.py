@@ -1,4 +1,4 @@
-"""The README's examples of the client, run as they are written there."""
+"""The examples of the client in docs/clients.md, run as they are written there."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from fluxserve.engines.base import Engine
 
 from conftest import make_settings, run_service
 
-README = Path(__file__).parents[1] / "README.md"
+CLIENTS = Path(__file__).parents[1] / "docs" / "clients.md"
 
 
-def readme_block(heading: str) -> str:
-    """The first python block under `heading` in the README."""
-    text = README.read_text()
+def docs_block(heading: str) -> str:
+    """The first python block under `heading` in docs/clients.md."""
+    text = CLIENTS.read_text()
     section = text[text.index(heading) :]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match, f"no python block under {heading}"
@@ -28,20 +28,20 @@ def readme_block(heading: str) -> str:
 
 async def test_the_asgi_transport_example_runs_as_written(tmp_path: Path) -> None:
     namespace: dict[str, Any] = {}
-    exec(compile(readme_block("### Testing your own code"), str(README), "exec"), namespace)
+    exec(compile(docs_block("### Testing your own code"), str(CLIENTS), "exec"), namespace)
     await namespace["test_my_code_makes_an_image"](tmp_path)
 
 
 async def test_the_first_example_runs_against_a_live_server(
     tmp_path: Path, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code = readme_block("## Python client")
+    code = docs_block("## Python client")
     monkeypatch.chdir(tmp_path)
     async with run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service:
         namespace: dict[str, Any] = {"KEY": service.key}
         example = code.replace("http://127.0.0.1:8000", service.url)
         try:
-            await asyncio.to_thread(exec, compile(example, str(README), "exec"), namespace)
+            await asyncio.to_thread(exec, compile(example, str(CLIENTS), "exec"), namespace)
         finally:
             namespace["c"].close()  # a script's client is closed at its exit
     assert namespace["done"].status == "finished"
