@@ -220,3 +220,59 @@ async def test_edit_images_fit_the_upload_allowance_each(
         with pytest.raises(openai.APIStatusError) as caught:
             await oai.images.edit(image=("huge.png", big + bytes(2)), prompt=PROMPT)
         assert caught.value.status_code == 413 and caught.value.param == "image"
+
+
+async def test_unreadable_requests_are_400s_in_openai_shape(tmp_path: Path) -> None:
+    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+        post, auth = service.client.post, service.auth()
+        answers = {
+            "not json": await post(
+                "/v1/images/generations",
+                content=b"{not json",
+                headers={**auth, "Content-Type": "application/json"},
+            ),
+            "no prompt": await post("/v1/images/generations", json={"n": 1}, headers=auth),
+            "blank prompt": await post(
+                "/v1/images/generations", json={"prompt": "   a  "}, headers=auth
+            ),
+            "transparent": await post(
+                "/v1/images/generations",
+                json={"prompt": PROMPT, "background": "transparent"},
+                headers=auth,
+            ),
+            "stream": await post(
+                "/v1/images/generations", json={"prompt": PROMPT, "stream": True}, headers=auth
+            ),
+            "edit as json": await post("/v1/images/edits", json={"prompt": PROMPT}, headers=auth),
+            "edit without image": await post(
+                "/v1/images/edits", data={"prompt": PROMPT}, files={"x": b""}, headers=auth
+            ),
+            "edit with a mask": await post(
+                "/v1/images/edits",
+                data={"prompt": PROMPT},
+                files=[("image", ("a.png", png((1, 2, 3)))), ("mask", ("m.png", png((0, 0, 0))))],
+                headers=auth,
+            ),
+            "edit with n as text": await post(
+                "/v1/images/edits",
+                data={"prompt": PROMPT, "n": "two"},
+                files={"image": ("a.png", png((1, 2, 3)))},
+                headers=auth,
+            ),
+        }
+        params = {name: response.json()["error"]["param"] for name, response in answers.items()}
+        assert {response.status_code for response in answers.values()} == {400}
+        assert params == {
+            "not json": None,
+            "no prompt": "prompt",
+            "blank prompt": "prompt",
+            "transparent": "background",
+            "stream": "stream",
+            "edit as json": None,
+            "edit without image": "image",
+            "edit with a mask": "mask",
+            "edit with n as text": "n",
+        }
+        # Nothing was queued, and no image was kept.
+        assert await account_tasks(service, service.key) == []
+        assert not (service.runtime.settings.files_dir / "uploads").exists()

@@ -142,8 +142,11 @@ class OpenAIRoute(APIRoute):
 
 
 def _param(errors: list[Any]) -> str | None:
-    """The request field the first validation error is about."""
-    loc = [str(part) for part in (errors[0].get("loc", ()) if errors else ()) if part != "body"]
+    """The request field the first validation error is about; None for a body that
+    is not JSON (whose error's place is a position in the text)."""
+    if not errors or errors[0].get("type") == "json_invalid":
+        return None
+    loc = [str(part) for part in errors[0].get("loc", ()) if part != "body"]
     return ".".join(loc) or None
 
 
