@@ -2,10 +2,10 @@
 
 `RequestGuard` is an ASGI middleware in front of every route:
 
-* A request through a door (`/api/`, or another wire's prefix: see `Door`) is
-  authenticated from its headers alone, before a byte of its body is read: a
-  request with no key or a bad one gets its 401 at once, however large a body
-  it announces, in the error shape of its door.
+* An `/api/` request (or one of another door's routes, such as Black Forest
+  Labs' wire) is authenticated from its headers alone, before a byte of its body
+  is read: a request with no key or a bad one gets its 401 at once, however
+  large a body it announces, in the error shape of its door.
 * A body is bounded while it is read, however it is framed: a `Content-Length`
   past the route's cap is refused before any of it is read, and a chunked body
   the moment it passes the cap; either way with a 413, before anything parses it.
@@ -19,7 +19,7 @@ system reset the connection before it has read the answer).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -66,27 +66,30 @@ class BodyCaps:
         return self.by_path.get(path, self.default)
 
 
-Refused = ApiError | HTTPException | StoreUnavailable
+Refusal = Callable[[ApiError | HTTPException | StoreUnavailable], Response]
 
 
 @dataclass(frozen=True)
 class Door:
-    """The requests under `prefix`: who sends them, by `authenticate`, and how a
-    refusal of one is answered, by `refuse` (each wire has its error shape)."""
+    """Routes that want an API key, and how their refusals are written."""
 
-    prefix: str
-    authenticate: Callable[[KeyCache, Headers], Awaitable[ApiKeyRecord]]
-    refuse: Callable[[Refused], Response]
+    wants_key: Callable[[str], bool]
+    refuse: Refusal
 
 
-API_DOOR = Door(API_PREFIX, authenticate, refusal)
+API_DOOR = Door(lambda path: path.startswith(API_PREFIX), refusal)
 
 
 class RequestGuard:
-    """Authenticates the requests of each door and bounds every body, before the app reads it."""
+    """Authenticates each door's requests and bounds every body, before the app reads it."""
 
     def __init__(
-        self, app: ASGIApp, *, keys: KeyCache, caps: BodyCaps, doors: Sequence[Door] = (API_DOOR,)
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyCache,
+        caps: BodyCaps,
+        doors: Sequence[Door] = (API_DOOR,),
     ) -> None:
         self.app = app
         self.keys = keys
@@ -100,14 +103,14 @@ class RequestGuard:
         headers = Headers(scope=scope)
         path: str = scope["path"]
         cap = self.caps.cap(path)
-        door = next((door for door in self.doors if path.startswith(door.prefix)), None)
+        door = next((door for door in self.doors if door.wants_key(path)), None)
         try:
             if door is not None:
-                scope[API_KEY_SCOPE] = await door.authenticate(self.keys, headers)
+                scope[API_KEY_SCOPE] = await authenticate(self.keys, headers)
             if cap is not None and _declared_length(headers) > cap:
                 raise BodyTooLarge(cap)
         except (ApiError, HTTPException, StoreUnavailable) as exc:
-            response = (door or API_DOOR).refuse(exc)
+            response = (refusal if door is None else door.refuse)(exc)
             if "transfer-encoding" in headers or _declared_length(headers) > self.caps.default:
                 response.headers["connection"] = "close"
             await response(scope, receive, send)
@@ -116,7 +119,7 @@ class RequestGuard:
 
 
 def api_key_of(scope: Scope) -> ApiKeyRecord:
-    """The key the guard authenticated for this request, which came through a door."""
+    """The key the guard authenticated for this request of a door's routes."""
     record: ApiKeyRecord = scope[API_KEY_SCOPE]
     return record
 

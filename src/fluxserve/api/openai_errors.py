@@ -21,8 +21,7 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException
 
-from fluxserve.api.auth import authenticate
-from fluxserve.api.guard import Door, Refused
+from fluxserve.api.guard import Door
 from fluxserve.api.schemas import describe_validation_error
 from fluxserve.errors import (
     ApiError,
@@ -80,7 +79,7 @@ def invalid(param: str | None, message: str) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_value" if param else None)
 
 
-def translated(exc: Refused) -> OpenAIError:
+def translated(exc: ApiError | HTTPException | StoreUnavailable) -> OpenAIError:
     """A fluxserve refusal as OpenAI words it."""
     if isinstance(exc, InsufficientCredits):
         # OpenAI answers an exhausted quota with this 429.
@@ -107,13 +106,13 @@ def translated(exc: Refused) -> OpenAIError:
     return OpenAIError(status, message, type=kind, code=code, headers=headers)
 
 
-def openai_refusal(exc: Refused) -> Response:
+def openai_refusal(exc: ApiError | HTTPException | StoreUnavailable) -> Response:
     """The guard's refusal of a request through this door."""
     return translated(exc).response()
 
 
-OPENAI_DOOR = Door(OPENAI_PREFIX, authenticate, openai_refusal)
-"""`Authorization: Bearer <fluxserve API key>`, as OpenAI's SDKs send their key."""
+OPENAI_DOOR = Door(lambda path: path.startswith(OPENAI_PREFIX), openai_refusal)
+"""Its key as OpenAI's SDKs send theirs: `Authorization: Bearer <fluxserve API key>`."""
 
 
 class OpenAIRoute(APIRoute):
