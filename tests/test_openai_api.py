@@ -276,3 +276,17 @@ async def test_unreadable_requests_are_400s_in_openai_shape(tmp_path: Path) -> N
         # Nothing was queued, and no image was kept.
         assert await account_tasks(service, service.key) == []
         assert not (service.runtime.settings.files_dir / "uploads").exists()
+
+
+async def test_generate_on_postgresql(
+    tmp_path: Path, tiny_engine: Engine, postgres_url: str
+) -> None:
+    """The wait is woken by PostgreSQL's notifications of task changes, as streams are."""
+    settings = make_settings(tmp_path / "data", database_url=postgres_url)
+    async with run_service(settings, engine=tiny_engine) as service, client(service) as oai:
+        answer = await oai.images.generate(prompt=PROMPT, size="1792x1024", output_format="webp")
+        assert answer.data is not None and len(answer.data) == 1
+        image = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json or "")))
+        assert image.format == "WEBP" and answer.size == f"{image.width}x{image.height}"
+        task_id = (answer.data[0].model_extra or {})["task_id"]
+        assert (await task_data(service, task_id))["status"] == "finished"
