@@ -111,7 +111,7 @@ def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan
         model,
         task_input,
         n=options.n or 1,
-        # What OpenAI's current models answer, and all its SDK's readers expect.
+        # b64_json unless asked: what OpenAI's current models always answer.
         response_format="url" if options.response_format == "url" else "b64_json",
     )
 
