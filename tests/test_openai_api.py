@@ -14,9 +14,12 @@ import openai
 import pytest
 import schemathesis
 from PIL import Image
+from pydantic import ValidationError
 
 from fluxserve.accounts import create_account
 from fluxserve.engines.base import Engine
+from fluxserve.openai_images import OpenAIValueError, fluxserve_model, size_choice
+from fluxserve.sizes import dimensions, size_ratio
 
 from conftest import Paused, Service, make_settings, run_service, send_until_answered
 
@@ -290,3 +293,36 @@ async def test_generate_on_postgresql(
         assert image.format == "WEBP" and answer.size == f"{image.width}x{image.height}"
         task_id = (answer.data[0].model_extra or {})["task_id"]
         assert (await task_data(service, task_id))["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    ("asked", "made"),
+    [
+        ("1024x1024", (1024, 1024)),
+        ("512x512", (1024, 1024)),
+        ("1536x1024", (1248, 832)),
+        ("1024x1536", (832, 1248)),
+        ("1792x1024", (1360, 768)),
+        ("1920x1080", (1360, 768)),
+        ("2048x2048", (2048, 2048)),
+        ("3840x2160", (2704, 1520)),
+    ],
+)
+def test_each_openai_size_is_made_as_docs_openai_api_md_says(
+    asked: str, made: tuple[int, int]
+) -> None:
+    choice = size_choice(asked)
+    assert dimensions(size_ratio(choice.size), choice.resolution) == made
+    assert f"`{asked}`" in (Path(__file__).parents[1] / "docs" / "openai-api.md").read_text()
+
+
+def test_model_names_map_to_fluxserve_models() -> None:
+    settings = make_settings(Path("unused"), openai_models={"house-style": "flux-2-flex"})
+    table, default = settings.openai_models, settings.openai_default_model
+    assert fluxserve_model(None, table, default, edit=False) == "flux-2-pro"
+    assert fluxserve_model("house-style", table, default, edit=True) == "flux-2-flex-edit"
+    assert fluxserve_model("flux-2-flex-edit", table, default, edit=False) == "flux-2-flex"
+    with pytest.raises(OpenAIValueError, match="house-style"):
+        fluxserve_model("dall-e-3", table, default, edit=False)  # the table was replaced
+    with pytest.raises(ValidationError, match="unknown model 'flux-9'"):
+        make_settings(Path("unused"), openai_models={"x": "flux-9"})
