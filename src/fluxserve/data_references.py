@@ -36,6 +36,17 @@ def decode_data_reference(url: str, max_bytes: int, field: str) -> bytes:
         raise InvalidRequest(f"{field}: {exc}") from exc
 
 
+async def check_reference(uploads: Uploads, data: bytes, field: str) -> str:
+    """The image format of `data`, once it is an image that uploads accept (see
+    `Uploads.check`) in a shape FLUX.2 can use; else a 400 naming `field`."""
+    found = await uploads.check(data, field=field)
+    size = header_size(data)
+    problem = None if size is None else shape_problem(*size)
+    if problem:
+        raise InvalidRequest(f"{field} {problem}")
+    return found
+
+
 async def store_data_references(
     uploads: Uploads, account_id: str, image_urls: Sequence[str]
 ) -> tuple[str, ...]:
@@ -47,12 +58,7 @@ async def store_data_references(
             continue
         field = f"input.image_urls[{index}]"
         data = decode_data_reference(url, limit, field)
-        found = await uploads.check(data, field=field)
-        size = header_size(data)
-        problem = None if size is None else shape_problem(*size)
-        if problem:
-            raise InvalidRequest(f"{field} {problem}")
-        checked[index] = data, found
+        checked[index] = data, await check_reference(uploads, data, field)
     stored = list(image_urls)
     for index, (data, found) in checked.items():
         upload = await uploads.keep(

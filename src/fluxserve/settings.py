@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from fluxserve.checkpoints import ModelRoute, default_routes
+from fluxserve.openai_images import OPENAI_IMAGE_MODELS
 from fluxserve.store.base import SqliteSynchronous
 from fluxserve.tasks import MODELS
 
@@ -179,6 +180,34 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a task's result files are kept after it ends; 'forever' keeps them",
     )
+
+    # OpenAI's images API (POST /v1/images/...): see docs/openai-api.md.
+    openai_wait: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds an OpenAI images request waits for its tasks; past it, 504 "
+        "naming them",
+    )
+    openai_default_model: str = Field(
+        default="flux-2-pro", description="The model of an OpenAI images request that names none"
+    )
+    openai_models: dict[str, str] = Field(
+        default_factory=lambda: dict.fromkeys(OPENAI_IMAGE_MODELS, "flux-2-pro"),
+        description="OpenAI model names and the fluxserve model each runs on; "
+        "fluxserve's own names are accepted as well",
+    )
+
+    @field_validator("openai_default_model")
+    @classmethod
+    def _openai_default_known(cls, value: str) -> str:
+        _known_models([value])
+        return value
+
+    @field_validator("openai_models")
+    @classmethod
+    def _openai_models_known(cls, value: dict[str, str]) -> dict[str, str]:
+        _known_models(value.values())
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

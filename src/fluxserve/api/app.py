@@ -11,9 +11,12 @@ from fluxserve import __version__
 from fluxserve.api.account_routes import router as account_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
-from fluxserve.api.guard import BodyCaps, RequestGuard
+from fluxserve.api.guard import API_DOOR, BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
 from fluxserve.api.observe import RequestMetrics, request_histogram, task_of_request
+from fluxserve.api.openai_errors import OPENAI_DOOR
+from fluxserve.api.openai_routes import EDITS_PATH
+from fluxserve.api.openai_routes import router as openai_router
 from fluxserve.api.openapi import install_openapi
 from fluxserve.api.page_routes import install_page
 from fluxserve.api.routes import SUBMIT_PATH, router
@@ -47,7 +50,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
-    app.add_middleware(RequestGuard, keys=keys, caps=body_caps(runtime.settings))
+    app.add_middleware(
+        RequestGuard, keys=keys, caps=body_caps(runtime.settings), doors=(API_DOOR, OPENAI_DOOR)
+    )
     # Added last, so outermost: it counts the guard's 401s and 413s too.
     app.add_middleware(RequestMetrics, histogram=request_histogram(runtime.metrics))
     install_error_handlers(app)
@@ -57,18 +62,22 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(callback_router)
     app.include_router(account_router)
     app.include_router(upload_router)
+    app.include_router(openai_router)
     install_page(app)
     return app
 
 
 def body_caps(settings: Settings) -> BodyCaps:
     """`max_body_bytes` for every route, but room for the most data: references a
-    submit may carry, and the uploads' own limits."""
+    submit may carry, the images of an OpenAI edit (each as large as a stream
+    upload may be), and the uploads' own limits."""
     submit = MAX_IMAGES * base64_body_cap(settings.max_base64_upload_bytes)
+    edit = MAX_IMAGES * settings.max_stream_upload_bytes
     return BodyCaps(
         settings.max_body_bytes,
         {
             SUBMIT_PATH: settings.max_body_bytes + submit,
+            EDITS_PATH: settings.max_body_bytes + edit,
             **dict.fromkeys(SELF_BOUNDED_PATHS),
         },
     )

@@ -87,6 +87,26 @@ def _check_http_url(value: str, field: str, *, allow_data: bool = False) -> None
         raise ValueError(f"{field} must be {kinds}")
 
 
+def clean_prompt(prompt: str, field: str) -> str:
+    """`prompt` stripped; a ValueError naming `field` when that is too short, too
+    long, or not valid Unicode text."""
+    # The text kept, counted and handed to the engine is the stripped one:
+    # surrounding whitespace means nothing to a text encoder, and counting
+    # one text while storing another let "a cat" and ten million spaces in.
+    prompt = prompt.strip()
+    if not PROMPT_MIN <= len(prompt) <= PROMPT_MAX:
+        raise ValueError(
+            f"{field} must be {PROMPT_MIN} to {PROMPT_MAX} characters (got {len(prompt)})"
+        )
+    surrogate = _LONE_SURROGATE.search(prompt)
+    if surrogate:
+        raise ValueError(
+            f"{field} must be valid Unicode text: it holds a lone surrogate "
+            f"(U+{ord(surrogate.group()):04X}) at character {surrogate.start()}"
+        )
+    return prompt
+
+
 class SubmitInput(BaseModel):
     """`input` of POST /api/generate/submit."""
 
@@ -103,21 +123,7 @@ class SubmitInput(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SubmitInput:
-        # The text kept, counted and handed to the engine is the stripped one:
-        # surrounding whitespace means nothing to a text encoder, and counting
-        # one text while storing another let "a cat" and ten million spaces in.
-        self.prompt = self.prompt.strip()
-        if not PROMPT_MIN <= len(self.prompt) <= PROMPT_MAX:
-            raise ValueError(
-                f"input.prompt must be {PROMPT_MIN} to {PROMPT_MAX} characters "
-                f"(got {len(self.prompt)})"
-            )
-        surrogate = _LONE_SURROGATE.search(self.prompt)
-        if surrogate:
-            raise ValueError(
-                "input.prompt must be valid Unicode text: it holds a lone surrogate "
-                f"(U+{ord(surrogate.group()):04X}) at character {surrogate.start()}"
-            )
+        self.prompt = clean_prompt(self.prompt, "input.prompt")
         if self.size not in SIZE_CHOICES:
             raise ValueError(f"input.size {_one_of(SIZE_CHOICES)}")
         if self.resolution not in RESOLUTIONS:
