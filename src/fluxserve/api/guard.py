@@ -2,9 +2,10 @@
 
 `RequestGuard` is an ASGI middleware in front of every route:
 
-* An `/api/` request is authenticated from its headers alone, before a byte of
-  its body is read: a request with no key or a bad one gets its 401 at once,
-  however large a body it announces.
+* An `/api/` request (or one of another door's routes, such as Black Forest
+  Labs' wire) is authenticated from its headers alone, before a byte of its body
+  is read: a request with no key or a bad one gets its 401 at once, however
+  large a body it announces, in the error shape of its door.
 * A body is bounded while it is read, however it is framed: a `Content-Length`
   past the route's cap is refused before any of it is read, and a chunked body
   the moment it passes the cap; either way with a 413, before anything parses it.
@@ -18,11 +19,12 @@ system reset the connection before it has read the answer).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve.api.auth import authenticate
@@ -64,13 +66,35 @@ class BodyCaps:
         return self.by_path.get(path, self.default)
 
 
-class RequestGuard:
-    """Authenticates `/api/` requests and bounds every body, before the app reads it."""
+Refusal = Callable[[ApiError | HTTPException | StoreUnavailable], Response]
 
-    def __init__(self, app: ASGIApp, *, keys: KeyCache, caps: BodyCaps) -> None:
+
+@dataclass(frozen=True)
+class Door:
+    """Routes that want an API key, and how their refusals are written."""
+
+    wants_key: Callable[[str], bool]
+    refuse: Refusal
+
+
+API_DOOR = Door(lambda path: path.startswith(API_PREFIX), refusal)
+
+
+class RequestGuard:
+    """Authenticates each door's requests and bounds every body, before the app reads it."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyCache,
+        caps: BodyCaps,
+        doors: Sequence[Door] = (API_DOOR,),
+    ) -> None:
         self.app = app
         self.keys = keys
         self.caps = caps
+        self.doors = doors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,13 +103,14 @@ class RequestGuard:
         headers = Headers(scope=scope)
         path: str = scope["path"]
         cap = self.caps.cap(path)
+        door = next((door for door in self.doors if door.wants_key(path)), None)
         try:
-            if path.startswith(API_PREFIX):
+            if door is not None:
                 scope[API_KEY_SCOPE] = await authenticate(self.keys, headers)
             if cap is not None and _declared_length(headers) > cap:
                 raise BodyTooLarge(cap)
         except (ApiError, HTTPException, StoreUnavailable) as exc:
-            response = refusal(exc)
+            response = (refusal if door is None else door.refuse)(exc)
             if "transfer-encoding" in headers or _declared_length(headers) > self.caps.default:
                 response.headers["connection"] = "close"
             await response(scope, receive, send)
@@ -94,7 +119,7 @@ class RequestGuard:
 
 
 def api_key_of(scope: Scope) -> ApiKeyRecord:
-    """The key the guard authenticated for this `/api/` request."""
+    """The key the guard authenticated for this request of a door's routes."""
     record: ApiKeyRecord = scope[API_KEY_SCOPE]
     return record
 

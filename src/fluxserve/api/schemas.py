@@ -76,7 +76,7 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return "must be one of " + ", ".join(choices)
 
 
-def _check_http_url(value: str, field: str, *, allow_data: bool = False) -> None:
+def check_http_url(value: str, field: str, *, allow_data: bool = False) -> None:
     if allow_data and value.startswith("data:"):
         return
     if len(value) > MAX_URL_LENGTH:
@@ -85,6 +85,22 @@ def _check_http_url(value: str, field: str, *, allow_data: bool = False) -> None
     if not sep or scheme.lower() not in ("http", "https") or not rest or rest[0] in "/?#":
         kinds = "an http(s) or data:image URL" if allow_data else "an http(s) URL"
         raise ValueError(f"{field} must be {kinds}")
+
+
+def clean_prompt(prompt: str, field: str) -> str:
+    """The prompt stripped, once it holds 3 to 5000 characters of valid Unicode."""
+    prompt = prompt.strip()
+    if not PROMPT_MIN <= len(prompt) <= PROMPT_MAX:
+        raise ValueError(
+            f"{field} must be {PROMPT_MIN} to {PROMPT_MAX} characters (got {len(prompt)})"
+        )
+    surrogate = _LONE_SURROGATE.search(prompt)
+    if surrogate:
+        raise ValueError(
+            f"{field} must be valid Unicode text: it holds a lone surrogate "
+            f"(U+{ord(surrogate.group()):04X}) at character {surrogate.start()}"
+        )
+    return prompt
 
 
 class SubmitInput(BaseModel):
@@ -106,18 +122,7 @@ class SubmitInput(BaseModel):
         # The text kept, counted and handed to the engine is the stripped one:
         # surrounding whitespace means nothing to a text encoder, and counting
         # one text while storing another let "a cat" and ten million spaces in.
-        self.prompt = self.prompt.strip()
-        if not PROMPT_MIN <= len(self.prompt) <= PROMPT_MAX:
-            raise ValueError(
-                f"input.prompt must be {PROMPT_MIN} to {PROMPT_MAX} characters "
-                f"(got {len(self.prompt)})"
-            )
-        surrogate = _LONE_SURROGATE.search(self.prompt)
-        if surrogate:
-            raise ValueError(
-                "input.prompt must be valid Unicode text: it holds a lone surrogate "
-                f"(U+{ord(surrogate.group()):04X}) at character {surrogate.start()}"
-            )
+        self.prompt = clean_prompt(self.prompt, "input.prompt")
         if self.size not in SIZE_CHOICES:
             raise ValueError(f"input.size {_one_of(SIZE_CHOICES)}")
         if self.resolution not in RESOLUTIONS:
@@ -125,7 +130,7 @@ class SubmitInput(BaseModel):
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"input.output_format {_one_of(tuple(OUTPUT_FORMATS))}")
         for index, url in enumerate(self.image_urls or ()):
-            _check_http_url(url, f"input.image_urls[{index}]", allow_data=True)
+            check_http_url(url, f"input.image_urls[{index}]", allow_data=True)
         return self
 
 
@@ -175,7 +180,7 @@ class SubmitBody(BaseModel):
         if self.model not in MODELS:
             raise ValueError(f"model {_one_of(MODELS)}")
         if self.callback_url is not None:
-            _check_http_url(self.callback_url, "callback_url")
+            check_http_url(self.callback_url, "callback_url")
         self._check_callback_events()
         urls = self.input.image_urls
         if self.model in EDIT_MODELS:
