@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -31,13 +31,18 @@ SUBMIT_PATHS = tuple(f"/v1/{path}" for path in BFL_PATHS)
 BFL_ROUTES = frozenset({*SUBMIT_PATHS, GET_RESULT_PATH})
 
 # The unified submit names a reference `input.image_urls[i]`; this wire names it
-# `input_image`, `input_image_2`, ...
-_IMAGE_FIELD = re.compile(r"input\.image_urls\[(\d+)\]")
+# by its field, `input_image`, `input_image_2`, ...
+_IMAGE_URL = re.compile(r"input\.image_urls\[(\d+)\]")
 
 
-def _image_field(match: re.Match[str]) -> str:
-    index = int(match.group(1))
-    return "input_image" if index == 0 else f"input_image_{index + 1}"
+def name_images(message: str, fields: Sequence[str]) -> str:
+    """`message` with each `input.image_urls[i]` named by the field it came from."""
+
+    def field(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return fields[index] if index < len(fields) else match.group(0)
+
+    return _IMAGE_URL.sub(field, message)
 
 
 def bfl_refusal(exc: ApiError | HTTPException | StoreUnavailable) -> JSONResponse:
@@ -51,8 +56,7 @@ def bfl_refusal(exc: ApiError | HTTPException | StoreUnavailable) -> JSONRespons
         logger.warning("answering 503: %s", exc)
         status, message = 503, "The database is unavailable; retry shortly"
         headers = {"Retry-After": "1"}
-    detail = _IMAGE_FIELD.sub(_image_field, message)
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 def validation_detail(errors: list[Any]) -> list[dict[str, Any]]:

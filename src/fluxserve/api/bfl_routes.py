@@ -13,14 +13,14 @@ from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
-from fluxserve.api.bfl_errors import GET_RESULT_PATH, BflApiRoute
+from fluxserve.api.bfl_errors import GET_RESULT_PATH, BflApiRoute, name_images
 from fluxserve.api.bfl_openapi import RESULT_ANSWERS, SUBMIT_ANSWERS
 from fluxserve.api.bfl_schemas import BflFlexInputs, BflInputs, BflKleinInputs
 from fluxserve.api.guard import api_key_of
 from fluxserve.api.routes import RuntimeDep
 from fluxserve.bfl_models import BFL_PATHS, FLEX_PATHS
 from fluxserve.bfl_wire import not_found_body, result_body
-from fluxserve.errors import NotFound, PermissionDenied
+from fluxserve.errors import ApiError, NotFound, PermissionDenied
 from fluxserve.store import ApiKeyRecord
 from fluxserve.tasks import Task
 
@@ -56,7 +56,11 @@ def submitted(task: Task, base_url: str) -> dict[str, Any]:
 def _add_submit(path: str, inputs: type[BflInputs]) -> None:
     async def submit(body: BflInputs, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
         model, task_input = body.task_input(path, rt.settings.bfl_models[path])
-        task = await rt.service.submit(key, model, task_input, body.webhook_url)
+        try:
+            task = await rt.service.submit(key, model, task_input, body.webhook_url)
+        except ApiError as exc:
+            exc.message = name_images(exc.message, [name for name, _ in body.images()])
+            raise
         return submitted(task, rt.settings.base_url)
 
     # The body each path reads: the annotation above is text until FastAPI reads it.
