@@ -11,11 +11,14 @@ from fluxserve.store import ApiKeyRecord
 
 
 async def authenticate(keys: KeyCache, headers: Mapping[str, str]) -> ApiKeyRecord:
-    """The key behind the request's bearer token (or `x-key`, as Black Forest Labs'
-    clients send it); 401 if missing, unknown or revoked."""
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else ""
-    token = token or headers.get("x-key", "").strip()
+    """The key behind the request's `x-key` (as Black Forest Labs' clients send it)
+    or else its bearer token; 401 if missing, unknown or revoked. An `x-key` that
+    is sent is the one that counts, empty or bad."""
+    if "x-key" in headers:
+        token = headers["x-key"].strip()
+    else:
+        scheme, _, bearer = headers.get("authorization", "").partition(" ")
+        token = bearer.strip() if scheme.lower() == "bearer" else ""
     if not token:
         raise Unauthenticated("Missing API key: send the header 'Authorization: Bearer <key>'")
     record = await keys.lookup(hash_key(token))

@@ -11,13 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 
 from fluxserve.api.bfl_errors import GET_RESULT_PATH, BflApiRoute, name_images
 from fluxserve.api.bfl_openapi import RESULT_ANSWERS, SUBMIT_ANSWERS
 from fluxserve.api.bfl_schemas import BflFlexInputs, BflInputs, BflKleinInputs
 from fluxserve.api.guard import api_key_of
-from fluxserve.api.routes import RuntimeDep
+from fluxserve.api.routes import BEARER, RuntimeDep
 from fluxserve.bfl_models import BFL_PATHS, FLEX_PATHS
 from fluxserve.bfl_wire import not_found_body, result_body
 from fluxserve.errors import ApiError, NotFound, PermissionDenied
@@ -30,8 +30,13 @@ router = APIRouter(route_class=BflApiRoute, tags=["Black Forest Labs"])
 X_KEY = APIKeyHeader(name="x-key", auto_error=False, description="A fluxserve API key")
 
 
-async def api_key(request: Request, _: Annotated[str | None, Security(X_KEY)]) -> ApiKeyRecord:
-    # Authenticated by RequestGuard, before the body was read.
+async def api_key(
+    request: Request,
+    _: Annotated[str | None, Security(X_KEY)],
+    __: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> ApiKeyRecord:
+    # Authenticated by RequestGuard, before the body was read: `x-key`, or a
+    # bearer token as on every other route (the document lists either).
     return api_key_of(request.scope)
 
 

@@ -19,9 +19,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 
 from fluxserve.api.schemas import (
     GUIDANCE_RANGE,
+    HTTP_URL_SCHEMA,
+    PROMPT_SCHEMA,
     STEPS_RANGE,
     WholeNumber,
     check_http_url,
@@ -36,10 +39,15 @@ KLEIN_MAX_IMAGES = 4
 IMAGE_FIELDS = ("input_image", *(f"input_image_{n}" for n in range(2, 9)))
 
 Side = Annotated[WholeNumber, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=MULTIPLE)]
-Image = Annotated[
-    str | None,
-    Field(description="An http(s) URL, a data: URL, or the image's bytes in base64"),
-]
+IMAGE_SCHEMA: JsonDict = {
+    "anyOf": [
+        HTTP_URL_SCHEMA,
+        {"pattern": "^[Dd][Aa][Tt][Aa]:"},
+        {"pattern": "^[A-Za-z0-9+/]+=*$"},
+    ],
+    "description": "An http(s) URL, a data: URL, or the image's bytes in base64",
+}
+Image = Annotated[str, Field(json_schema_extra=IMAGE_SCHEMA)] | None
 
 
 def reference(value: str, field: str) -> str:
@@ -50,17 +58,26 @@ def reference(value: str, field: str) -> str:
     if "://" in value[:16]:  # never in base64, whose alphabet has no ':'
         check_http_url(value, field)
         return value
-    if not value.strip():
+    if not value:
         raise ValueError(f"{field} must be an image URL or base64, not empty")
-    return "data:image/png;base64," + value.strip()
+    return "data:image/png;base64," + value
+
+
+def _size_rule(schema: JsonDict) -> None:
+    """For the document: width and height both, or neither."""
+    null: JsonDict = {"type": "null"}
+    schema["anyOf"] = [
+        {"properties": {"width": null, "height": null}},
+        {"required": ["width", "height"], "properties": {"width": {"type": "integer"}}},
+    ]
 
 
 class BflInputs(BaseModel):
     """The body of POST /v1/flux-2-pro, -max, -klein-4b and -klein-9b."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_size_rule)
 
-    prompt: str = Field(description="3 to 5000 characters once stripped")
+    prompt: str = Field(json_schema_extra=PROMPT_SCHEMA)
     input_image: Image = None
     input_image_2: Image = None
     input_image_3: Image = None
@@ -77,13 +94,20 @@ class BflInputs(BaseModel):
     safety_tolerance: Annotated[WholeNumber, Field(ge=0, le=5)] = 2
     output_format: Literal["jpeg", "png"] | None = "jpeg"
     prompt_upsampling: StrictBool = False
-    webhook_url: Annotated[str, Field(min_length=1, max_length=2083)] | None = None
+    webhook_url: Annotated[str, Field(json_schema_extra=HTTP_URL_SCHEMA)] | None = None
     webhook_secret: Annotated[str, Field(max_length=255)] | None = None
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
         return clean_prompt(value, "prompt")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_http_url(value, "webhook_url")
+        return value
 
     @field_validator(*IMAGE_FIELDS)
     @classmethod

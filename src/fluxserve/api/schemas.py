@@ -47,8 +47,11 @@ PROMPT_SCHEMA: JsonDict = {
     "description": f"{PROMPT_MIN} to {PROMPT_MAX} characters once leading and trailing "
     "whitespace is stripped (the stripped text is what is kept)",
 }
-_HTTP_URL: JsonDict = {"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]", "maxLength": MAX_URL_LENGTH}
-IMAGE_URLS_SCHEMA: JsonDict = {"items": {"anyOf": [_HTTP_URL, {"pattern": "^data:"}]}}
+HTTP_URL_SCHEMA: JsonDict = {
+    "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]",
+    "maxLength": MAX_URL_LENGTH,
+}
+IMAGE_URLS_SCHEMA: JsonDict = {"items": {"anyOf": [HTTP_URL_SCHEMA, {"pattern": "^data:"}]}}
 CALLBACK_EVENTS_SCHEMA: JsonDict = {"minItems": 1, "items": {"enum": list(CALLBACK_EVENTS)}}
 
 
@@ -171,7 +174,7 @@ class SubmitBody(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra=_submit_rules)
 
     model: str = one_of(MODELS)
-    callback_url: str | None = Field(None, json_schema_extra=_HTTP_URL)
+    callback_url: str | None = Field(None, json_schema_extra=HTTP_URL_SCHEMA)
     callback_events: list[str] | None = Field(None, json_schema_extra=CALLBACK_EVENTS_SCHEMA)
     input: SubmitInput
 
