@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import io
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,14 @@ from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.tasks import MODELS
 
-from conftest import Receiver, Service, make_settings, serve_asgi, settled_log
+from conftest import (
+    Receiver,
+    Service,
+    fresh_postgres_database,
+    make_settings,
+    serve_asgi,
+    settled_log,
+)
 
 BASE = "http://fluxserve.test"
 PROMPT = "a lighthouse on a cliff at dusk"
@@ -263,15 +270,21 @@ async def test_a_unified_task_polls_and_a_cancelled_one_is_error(tmp_path: Path)
         assert "cancelled" in ended["details"]["error"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_the_model_of_each_path_is_a_setting_and_credits_are_charged_as_its_task(
-    tmp_path: Path,
+    tmp_path: Path, backend: str
 ) -> None:
-    settings = make_settings(
-        tmp_path / "data",
-        bfl_models={"flux-2-max": {"generate": "flux-2-flex", "edit": "flux-2-flex-edit"}},
-        prices={"flux-2-flex": {"1K": 4, "2K": 9}, "flux-2-pro": {"1K": 3, "2K": 7}},
-    )
-    async with in_process(settings) as service:
+    async with AsyncExitStack() as stack:
+        url = None
+        if backend == "postgresql":
+            url = await stack.enter_async_context(fresh_postgres_database())
+        settings = make_settings(
+            tmp_path / "data",
+            database_url=url,
+            bfl_models={"flux-2-max": {"generate": "flux-2-flex", "edit": "flux-2-flex-edit"}},
+            prices={"flux-2-flex": {"1K": 4, "2K": 9}, "flux-2-pro": {"1K": 3, "2K": 7}},
+        )
+        service = await stack.enter_async_context(in_process(settings))
         made = await create_account(service.runtime.store, "bfl@example.com")
         await service.runtime.store.grant_credits(made.account_id, 12, "test")
         key = await service.new_key("paying", account="bfl@example.com")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,12 +70,7 @@ class BflOptions:
     webhook_secret: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "safety_tolerance": self.safety_tolerance,
-            "prompt_upsampling": self.prompt_upsampling,
-            "webhook_secret": self.webhook_secret,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
