@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import io
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -336,3 +337,65 @@ async def test_a_webhook_arrives_in_bfl_shape_signed_with_the_webhook_secret(
         await receiver.wait_for(2)
         assert receiver.bodies[1] == sent
         assert bfl_verify(receiver.raw[1], receiver.headers[1].get("x-bfl-signature"), secret)
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "error"),
+    [
+        ("The engine ran out of memory", "Error", "task_failed"),
+        ("Content Moderated: upstream flagged the output", "Content Moderated", None),
+    ],
+)
+async def test_a_failed_task_polls_and_posts_its_failure_in_bfl_shape(
+    tmp_path: Path, message: str, status: str, error: str | None
+) -> None:
+    receiver = Receiver()
+    async with (
+        serve_asgi(receiver.app()) as hooks,
+        in_process(make_settings(tmp_path / "data")) as service,
+    ):
+        body = {"prompt": PROMPT, "webhook_url": f"{hooks}/hook", "webhook_secret": "s3cret"}
+        task_id = (await post(service, "flux-2-pro", body)).json()["id"]
+        # Failed as a worker fails it, through the store.
+        store = service.runtime.store
+        claim = await store.claim_task(["flux-2-pro"], "test-worker", 30)
+        assert claim is not None and claim.task.task_id == task_id
+        assert await store.fail_task(claim, message)
+
+        polled = await service.client.get(f"/v1/get_result?id={task_id}", headers=x_key(service))
+        answer = polled.json()
+        assert (polled.status_code, answer["status"], answer["result"]) == (200, status, None)
+        if error:
+            assert answer["details"] == {"error": message}
+        else:
+            assert answer["details"] == {"Moderation Reasons": [message]}
+
+        await receiver.wait_for(1)
+        sent = receiver.bodies[0]
+        assert (sent["id"], sent["status"], sent["message"]) == (task_id, status, message)
+        assert sent["error"] == (error or "content_policy_violation")
+        assert bfl_verify(receiver.raw[0], receiver.headers[0].get("x-bfl-signature"), "s3cret")
+
+
+async def test_a_body_past_its_cap_is_413_in_bfl_shape_and_the_cap_has_room_for_images(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        tmp_path / "data", max_body_bytes=4096, max_base64_upload_bytes=64 * 1024
+    )
+    async with in_process(settings) as service:
+        noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+        buffer = io.BytesIO()
+        noise.save(buffer, format="PNG")
+        image = base64.b64encode(buffer.getvalue()).decode()
+        # An image past max_body_bytes alone: the route's cap has room for it.
+        assert len(image) > 4096
+        fits = await post(service, "flux-2-pro", {"prompt": PROMPT, "input_image": image})
+        assert fits.status_code == 200, fits.text
+        # One image past its own limit, then a body past the route's cap.
+        too_big = await post(service, "flux-2-pro", {"prompt": PROMPT, "input_image": "A" * 10**5})
+        assert too_big.status_code == 413
+        assert too_big.json()["detail"].startswith("input_image holds more than")
+        huge = await post(service, "flux-2-pro", {"prompt": PROMPT, "input_image": "A" * 10**7})
+        assert huge.status_code == 413
+        assert "larger than" in huge.json()["detail"]
