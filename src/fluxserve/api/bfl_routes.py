@@ -15,10 +15,10 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 
 from fluxserve.api.bfl_errors import GET_RESULT_PATH, BflApiRoute, name_images
 from fluxserve.api.bfl_openapi import RESULT_ANSWERS, SUBMIT_ANSWERS
-from fluxserve.api.bfl_schemas import BflFlexInputs, BflInputs, BflKleinInputs
+from fluxserve.api.bfl_schemas import BflInputs, inputs_of
 from fluxserve.api.guard import api_key_of
 from fluxserve.api.routes import BEARER, RuntimeDep
-from fluxserve.bfl_models import BFL_PATHS, FLEX_PATHS
+from fluxserve.bfl_models import BFL_PATHS
 from fluxserve.bfl_wire import not_found_body, result_body
 from fluxserve.errors import ApiError, NotFound, PermissionDenied
 from fluxserve.store import ApiKeyRecord
@@ -58,7 +58,7 @@ def submitted(task: Task, base_url: str) -> dict[str, Any]:
     }
 
 
-def _add_submit(path: str, inputs: type[BflInputs]) -> None:
+def _add_submit(path: str) -> None:
     async def submit(body: BflInputs, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
         model, task_input = body.task_input(path, rt.settings.bfl_models[path])
         try:
@@ -69,7 +69,7 @@ def _add_submit(path: str, inputs: type[BflInputs]) -> None:
         return submitted(task, rt.settings.base_url)
 
     # The body each path reads: the annotation above is text until FastAPI reads it.
-    submit.__annotations__["body"] = inputs
+    submit.__annotations__["body"] = inputs_of(path)
     submit.__doc__ = (
         f"Queue a task as BFL's `{path}` does; it runs on the fluxserve model the "
         "`bfl_models` setting names for this path."
@@ -84,10 +84,7 @@ def _add_submit(path: str, inputs: type[BflInputs]) -> None:
 
 
 for _path in BFL_PATHS:
-    _klein = _path.startswith("flux-2-klein")
-    _add_submit(
-        _path, BflFlexInputs if _path in FLEX_PATHS else BflKleinInputs if _klein else BflInputs
-    )
+    _add_submit(_path)
 
 
 @router.get(GET_RESULT_PATH, **RESULT_ANSWERS)

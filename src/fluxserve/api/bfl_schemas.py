@@ -30,7 +30,7 @@ from fluxserve.api.schemas import (
     check_http_url,
     clean_prompt,
 )
-from fluxserve.bfl_models import BflRoute
+from fluxserve.bfl_models import FLEX_PATHS, BflRoute
 from fluxserve.sizes import MAX_PIXELS, MULTIPLE, RESOLUTIONS
 from fluxserve.tasks import BflOptions, TaskInput
 
@@ -183,3 +183,10 @@ class BflFlexInputs(BflInputs):
 
     def sampler(self) -> tuple[int | None, float | None]:
         return self.steps, None if self.guidance is None else float(self.guidance)
+
+
+def inputs_of(path: str) -> type[BflInputs]:
+    """The body `path` reads."""
+    if path in FLEX_PATHS:
+        return BflFlexInputs
+    return BflKleinInputs if path.startswith("flux-2-klein") else BflInputs
