@@ -129,7 +129,10 @@ async def engine_request(
     )
     reference_shape.check_loaded(images)
     reference = images[0].size if images else None
-    width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)
+    if spec.width is not None and spec.height is not None:
+        width, height = spec.width, spec.height
+    else:
+        width, height = dimensions(size_ratio(spec.size, reference), spec.resolution)
     return GenerationRequest(
         prompt=spec.prompt,
         width=width,

@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fluxserve.bfl_models import BFL_PATHS, BflRoute, default_bfl_routes
 from fluxserve.checkpoints import ModelRoute, default_routes
 from fluxserve.openai_images import OPENAI_IMAGE_MODELS
 from fluxserve.store.base import SqliteSynchronous
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
     tiny_steps: int = Field(default=4, ge=1, le=50)
     # Each public model's engine, checkpoint and defaults: see checkpoints.ModelRoute.
     models: dict[str, ModelRoute] = Field(default_factory=default_routes)
+    # The fluxserve models each path of Black Forest Labs' wire runs on: docs/bfl-api.md.
+    bfl_models: dict[str, BflRoute] = Field(default_factory=default_bfl_routes)
     allow_downloads: bool = Field(
         default=False, description="Download absent checkpoints at load (engine auto/diffusers)"
     )
@@ -217,6 +220,19 @@ class Settings(BaseSettings):
             return value
         _known_models(value)
         return {**{model: {} for model in MODELS}, **value}
+
+    @field_validator("bfl_models", mode="before")
+    @classmethod
+    def _route_every_bfl_path(cls, value: object) -> object:
+        # A TOML file that maps one path keeps the defaults of the others.
+        if not isinstance(value, dict):
+            return value
+        unknown = sorted(set(value) - set(BFL_PATHS))
+        if unknown:
+            raise ValueError(
+                f"unknown BFL path {unknown[0]!r}; the paths are {', '.join(BFL_PATHS)}"
+            )
+        return {**default_bfl_routes(), **value}
 
     @field_validator("prices")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +59,21 @@ def format_time(epoch: float) -> str:
 
 
 @dataclass(frozen=True)
+class BflOptions:
+    """What a task submitted through Black Forest Labs' wire (docs/bfl-api.md) keeps
+    of it: the path it came through, the fields fluxserve's own engines do not use,
+    and the secret its webhook is signed with."""
+
+    path: str
+    safety_tolerance: int = 2
+    prompt_upsampling: bool = False
+    webhook_secret: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class TaskInput:
     """The validated `input` of a submitted task."""
 
@@ -70,9 +85,16 @@ class TaskInput:
     output_format: str = "png"
     steps: int | None = None
     guidance: float | None = None
+    # The output's pixel size when asked for exactly (BFL's width and height);
+    # otherwise `size` and `resolution` choose it.
+    width: int | None = None
+    height: int | None = None
+    bfl: BflOptions | None = None
 
     @property
-    def batch_shape(self) -> tuple[str, str, int | None, float | None] | None:
+    def batch_shape(
+        self,
+    ) -> tuple[str, str, int | None, float | None, int | None, int | None] | None:
         """What tasks must share to be drawn in one pipeline call; None: never batched.
 
         Edits are not batched: their references differ per task, and so may
@@ -80,10 +102,10 @@ class TaskInput:
         """
         if self.image_urls:
             return None
-        return (self.size, self.resolution, self.steps, self.guidance)
+        return (self.size, self.resolution, self.steps, self.guidance, self.width, self.height)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "prompt": self.prompt,
             "size": self.size,
             "resolution": self.resolution,
@@ -93,10 +115,23 @@ class TaskInput:
             "steps": self.steps,
             "guidance": self.guidance,
         }
+        # Written only when set, so a task of the unified API stores what it always did.
+        if self.width is not None and self.height is not None:
+            data["width"], data["height"] = self.width, self.height
+        if self.bfl is not None:
+            data["bfl"] = self.bfl.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TaskInput:
-        return cls(**{**data, "image_urls": tuple(data.get("image_urls") or ())})
+        bfl = data.get("bfl")
+        return cls(
+            **{
+                **data,
+                "image_urls": tuple(data.get("image_urls") or ()),
+                "bfl": None if bfl is None else BflOptions(**bfl),
+            }
+        )
 
 
 @dataclass(frozen=True)

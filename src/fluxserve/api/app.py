@@ -9,6 +9,8 @@ from fastapi import Depends, FastAPI
 
 from fluxserve import __version__
 from fluxserve.api.account_routes import router as account_router
+from fluxserve.api.bfl_errors import BFL_DOOR, SUBMIT_PATHS
+from fluxserve.api.bfl_routes import router as bfl_router
 from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.guard import API_DOOR, BodyCaps, RequestGuard
@@ -51,7 +53,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     keys = KeyCache(runtime.store, runtime.settings.api_key_cache_ttl)
     app.add_middleware(
-        RequestGuard, keys=keys, caps=body_caps(runtime.settings), doors=(API_DOOR, OPENAI_DOOR)
+        RequestGuard,
+        keys=keys,
+        caps=body_caps(runtime.settings),
+        doors=(API_DOOR, BFL_DOOR, OPENAI_DOOR),
     )
     # Added last, so outermost: it counts the guard's 401s and 413s too.
     app.add_middleware(RequestMetrics, histogram=request_histogram(runtime.metrics))
@@ -63,6 +68,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(account_router)
     app.include_router(upload_router)
     app.include_router(openai_router)
+    app.include_router(bfl_router)
     install_page(app)
     return app
 
@@ -76,7 +82,7 @@ def body_caps(settings: Settings) -> BodyCaps:
     return BodyCaps(
         settings.max_body_bytes,
         {
-            SUBMIT_PATH: settings.max_body_bytes + submit,
+            **dict.fromkeys((SUBMIT_PATH, *SUBMIT_PATHS), settings.max_body_bytes + submit),
             EDITS_PATH: settings.max_body_bytes + edit,
             **dict.fromkeys(SELF_BOUNDED_PATHS),
         },

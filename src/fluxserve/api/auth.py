@@ -1,4 +1,4 @@
-"""`Authorization: Bearer <key>` on every /api route."""
+"""The API key: `Authorization: Bearer <key>`, or BFL's `x-key: <key>`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from fluxserve.store import ApiKeyRecord
 
 
 async def authenticate(keys: KeyCache, headers: Mapping[str, str]) -> ApiKeyRecord:
-    """The key behind the request's bearer token; 401 if missing, unknown or revoked."""
-    header = headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    """The key behind the request's `x-key` (as Black Forest Labs' clients send it)
+    or else its bearer token; 401 if missing, unknown or revoked. An `x-key` that
+    is sent is the one that counts, empty or bad."""
+    if "x-key" in headers:
+        token = headers["x-key"].strip()
+    else:
+        scheme, _, bearer = headers.get("authorization", "").partition(" ")
+        token = bearer.strip() if scheme.lower() == "bearer" else ""
+    if not token:
         raise Unauthenticated("Missing API key: send the header 'Authorization: Bearer <key>'")
     record = await keys.lookup(hash_key(token))
     if record is None:

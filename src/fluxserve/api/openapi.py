@@ -6,7 +6,7 @@ on the way out), so the models here only describe them. A route names its
 success body and the error statuses of its own, `answers(Model, 403, 404)`, and
 the errors come from one table for every route. The document drops FastAPI's
 default 422: a request that does not validate is answered 400 in the error
-envelope (see envelope.py).
+envelope (see envelope.py), except on Black Forest Labs' wire (bfl_errors.py).
 """
 
 from __future__ import annotations
@@ -297,7 +297,11 @@ def install_openapi(app: FastAPI) -> None:
             ids: set[str] = set()
             for path in schema["paths"].values():
                 for method, operation in path.items():
-                    operation["responses"].pop("422", None)
+                    # FastAPI's own 422 only: Black Forest Labs' wire answers its own.
+                    if operation["responses"].get("422", {}).get("description") == (
+                        "Validation Error"
+                    ):
+                        del operation["responses"]["422"]
                     ok = operation["responses"]["200"].get("content", {}).get("application/json")
                     if ok and "$ref" in ok["schema"]:
                         ok["schema"] = {"$ref": ok["schema"]["$ref"]}

@@ -47,8 +47,11 @@ PROMPT_SCHEMA: JsonDict = {
     "description": f"{PROMPT_MIN} to {PROMPT_MAX} characters once leading and trailing "
     "whitespace is stripped (the stripped text is what is kept)",
 }
-_HTTP_URL: JsonDict = {"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]", "maxLength": MAX_URL_LENGTH}
-IMAGE_URLS_SCHEMA: JsonDict = {"items": {"anyOf": [_HTTP_URL, {"pattern": "^data:"}]}}
+HTTP_URL_SCHEMA: JsonDict = {
+    "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]",
+    "maxLength": MAX_URL_LENGTH,
+}
+IMAGE_URLS_SCHEMA: JsonDict = {"items": {"anyOf": [HTTP_URL_SCHEMA, {"pattern": "^data:"}]}}
 CALLBACK_EVENTS_SCHEMA: JsonDict = {"minItems": 1, "items": {"enum": list(CALLBACK_EVENTS)}}
 
 
@@ -76,7 +79,7 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return "must be one of " + ", ".join(choices)
 
 
-def _check_http_url(value: str, field: str, *, allow_data: bool = False) -> None:
+def check_http_url(value: str, field: str, *, allow_data: bool = False) -> None:
     if allow_data and value.startswith("data:"):
         return
     if len(value) > MAX_URL_LENGTH:
@@ -131,7 +134,7 @@ class SubmitInput(BaseModel):
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"input.output_format {_one_of(tuple(OUTPUT_FORMATS))}")
         for index, url in enumerate(self.image_urls or ()):
-            _check_http_url(url, f"input.image_urls[{index}]", allow_data=True)
+            check_http_url(url, f"input.image_urls[{index}]", allow_data=True)
         return self
 
 
@@ -172,7 +175,7 @@ class SubmitBody(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra=_submit_rules)
 
     model: str = one_of(MODELS)
-    callback_url: str | None = Field(None, json_schema_extra=_HTTP_URL)
+    callback_url: str | None = Field(None, json_schema_extra=HTTP_URL_SCHEMA)
     callback_events: list[str] | None = Field(None, json_schema_extra=CALLBACK_EVENTS_SCHEMA)
     input: SubmitInput
 
@@ -181,7 +184,7 @@ class SubmitBody(BaseModel):
         if self.model not in MODELS:
             raise ValueError(f"model {_one_of(MODELS)}")
         if self.callback_url is not None:
-            _check_http_url(self.callback_url, "callback_url")
+            check_http_url(self.callback_url, "callback_url")
         self._check_callback_events()
         urls = self.input.image_urls
         if self.model in EDIT_MODELS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fluxserve.bfl_wire import webhook_body
 from fluxserve.metrics import Metrics
 from fluxserve.netguard import NetPolicy, guarded_client
 from fluxserve.settings import Settings
@@ -52,6 +53,9 @@ class Webhooks:
         delivery = WebhookMetrics(metrics, store)
 
         def render(task: Task) -> dict[str, Any]:
+            # Each task's callbacks speak the wire it was submitted through.
+            if task.input.bfl is not None:
+                return webhook_body(task, storage)
             return status_body(task, storage)
 
         self.outbox = CallbackDispatcher(

@@ -143,7 +143,14 @@ class CallbackDispatcher:
         try:
             body = self.render(task)
             sent = await self.sender.send(
-                Event(record.event_id, record.event_type, record.url, task.owner, body)
+                Event(
+                    record.event_id,
+                    record.event_type,
+                    record.url,
+                    task.owner,
+                    body,
+                    task.input.bfl,
+                )
             )
         except StoreUnavailable:
             raise  # nothing can be recorded either; the row is claimed again later

@@ -72,7 +72,14 @@ class ProgressEvents:
 
     async def _send(self, task: Task, event_type: str) -> None:
         assert task.callback_url is not None
-        event = Event(new_event_id(), event_type, task.callback_url, task.owner, self.render(task))
+        event = Event(
+            new_event_id(),
+            event_type,
+            task.callback_url,
+            task.owner,
+            self.render(task),
+            task.input.bfl,
+        )
         try:
             sent = await self.sender.send(event)
             await self.store.record_event(

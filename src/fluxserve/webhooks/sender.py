@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 
 from fluxserve import __version__
+from fluxserve.bfl_wire import SIGNATURE_HEADER, signature
 from fluxserve.errors import UnsafeURLError
 from fluxserve.store.base import Attempt
-from fluxserve.tasks import Task
+from fluxserve.tasks import BflOptions, Task
 from fluxserve.webhooks.retry import RETRY_AFTER_STATUS, is_retryable, parse_retry_after
 from fluxserve.webhooks.signing import WebhookSecrets, signature_header
 from fluxserve.wire import encode
@@ -28,13 +29,15 @@ EVENT_HEADER = "webhook-event"
 
 @dataclass(frozen=True)
 class Event:
-    """What to POST: the event's id and type, where, for whom, and the body."""
+    """What to POST: the event's id and type, where, for whom, and the body. A task
+    of Black Forest Labs' wire (`bfl`) is signed as BFL signs, with its own secret."""
 
     event_id: str
     event_type: str
     url: str
     owner: str
     body: dict[str, Any]
+    bfl: BflOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,8 @@ class Sender:
     async def send(self, event: Event) -> Sent:
         """POST once; never raises for anything the receiver or the network does."""
         body = encode(event.body)
-        signing = await self.secrets.signing(event.owner)
-        timestamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "user-agent": f"fluxserve/{__version__}",
-            "webhook-id": event.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature_header(signing, event.event_id, timestamp, body),
-            EVENT_HEADER: event.event_type,
-        }
+        headers = {"content-type": "application/json", "user-agent": f"fluxserve/{__version__}"}
+        headers.update(await self._signed(event, body))
         started, clock = time.time(), time.monotonic()
 
         def attempt(status_code: int | None, error: str | None) -> Attempt:
@@ -103,6 +98,20 @@ class Sender:
         if code in RETRY_AFTER_STATUS:
             retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         return Sent(attempt(code, f"HTTP {code}"), is_retryable(code), retry_after)
+
+    async def _signed(self, event: Event, body: bytes) -> dict[str, str]:
+        """The headers that say what the event is and prove who sent it."""
+        if event.bfl is not None:
+            secret = event.bfl.webhook_secret
+            return {} if secret is None else {SIGNATURE_HEADER: signature(secret, body)}
+        signing = await self.secrets.signing(event.owner)
+        timestamp = int(time.time())
+        return {
+            "webhook-id": event.event_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signature_header(signing, event.event_id, timestamp, body),
+            EVENT_HEADER: event.event_type,
+        }
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         request = self.client.build_request("POST", url, content=body, headers=headers)
