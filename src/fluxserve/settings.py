@@ -23,7 +23,7 @@ from fluxserve.checkpoints import ModelRoute, default_routes
 from fluxserve.store.base import SqliteSynchronous
 from fluxserve.tasks import MODELS
 
-EngineName = Literal["auto", "diffusers", "tiny"]
+EngineName = Literal["auto", "diffusers", "tiny", "bfl"]
 
 
 class Settings(BaseSettings):
@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     )
     engine: EngineName = Field(
         default="auto",
-        description="auto: real weights where present, else tiny (loudly); diffusers: never tiny",
+        description="auto: real weights where present, else tiny (loudly); diffusers: never "
+        "tiny; bfl: every model upstream at Black Forest Labs' API",
     )
     tiny_steps: int = Field(default=4, ge=1, le=50)
     # Each public model's engine, checkpoint and defaults: see checkpoints.ModelRoute.
@@ -84,6 +85,19 @@ class Settings(BaseSettings):
         description="Queued tasks of one shape a worker draws in one pipeline call; 1: none",
     )
     allow_private_networks: bool = False
+
+    # Black Forest Labs' API as an engine: see docs/bfl-engine.md.
+    bfl_api_key: SecretStr | None = Field(default=None, description="engine bfl: the x-key")
+    bfl_base_url: str = Field(
+        default="https://api.bfl.ai",
+        description="engine bfl: BFL's global endpoint, or a regional one (api.eu.bfl.ai...)",
+    )
+    bfl_max_in_flight: int = Field(
+        default=24, ge=1, description="engine bfl: upstream tasks a worker follows at once"
+    )
+    bfl_poll_interval: float = Field(
+        default=1.0, gt=0, description="engine bfl: seconds between polls of a pending task"
+    )
     api_key_cache_ttl: float = Field(
         default=5.0,
         ge=0,

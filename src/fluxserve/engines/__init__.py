@@ -54,6 +54,11 @@ def make_engine(settings: Settings, models: Sequence[str] = MODELS) -> Engine:
     )
 
 
+def upstream_models(settings: Settings, models: Sequence[str] = MODELS) -> list[str]:
+    """Those of `models` that run at Black Forest Labs' API (`engine = "bfl"`)."""
+    return [plan.model for plan in plan_engines(settings, models) if plan.engine == "bfl"]
+
+
 def _tiny(settings: Settings) -> Engine:
     try:
         from fluxserve.engines.tiny import TinyEngine
