@@ -222,6 +222,8 @@ def test_routes_say_whether_they_run_diffusers() -> None:
     settings = make_settings(Path("unused"), models={"flux-2-pro": {"engine": "bfl"}})
     assert not settings.models["flux-2-pro"].runs_diffusers
     assert settings.models["flux-2-flex"].runs_diffusers
+    everything = make_settings(Path("unused"), engine="bfl")
+    assert not any(route.runs_diffusers for route in everything.models.values())
     assert settings.models["flux-2-pro-edit"].upstream_endpoint("flux-2-pro-edit") == (
         "/v1/flux-2-pro"
     )

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -202,6 +202,14 @@ class Settings(BaseSettings):
             return value
         _known_models(value)
         return {**{model: {} for model in MODELS}, **value}
+
+    @model_validator(mode="after")
+    def _bfl_routes_every_model(self) -> Settings:
+        # So that each route answers `runs_diffusers` as this process will run it.
+        if self.engine == "bfl":
+            upstream = {"engine": "bfl"}
+            self.models = {name: r.model_copy(update=upstream) for name, r in self.models.items()}
+        return self
 
     @field_validator("prices")
     @classmethod
