@@ -5,7 +5,7 @@ It needs the `x-key` header, answers a create with an id, a polling URL and a co
 set, for `pending_polls` polls otherwise, then Ready with a sample served from its
 own delivery path. The prompt picks the other endings: "request-moderated",
 "content-moderated", "vanish" (the sample answers 404). `busy` and `broke` make the
-next creates answer 429 and 402.
+next creates answer 429 and 402, `failing` the next polls 503.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class FakeBfl:
     pending_polls: int = 2
     busy: int = 0  # the next creates answering 429
     broke: bool = False  # creates answer 402
+    failing: int = 0  # the next polls answering 503
     tasks: dict[str, UpstreamTask] = field(default_factory=dict)
     charged: float = 0.0
     creates_refused: int = 0
@@ -99,6 +100,9 @@ class FakeBfl:
     async def _get_result(self, request: Request) -> Response:
         if (refused := self._refused(request)) is not None:
             return refused
+        if self.failing:
+            self.failing -= 1
+            return Response("upstream connect error", status_code=503)
         task = self.tasks.get(request.query_params.get("id", ""))
         if task is None:
             return JSONResponse({"status": "Task not found"})

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from fake_bfl import KEY, FakeBfl, sample_png
 
-from conftest import Service, make_settings, run_service, serve_asgi
+from fluxserve.store import Store
+
+from conftest import Service, make_settings, queue_task, run_service, serve_asgi
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,6 +130,36 @@ async def test_429_backs_off_and_keeps_the_task(tmp_path: Path) -> None:
         data = await service.wait(await submit(service, "a lighthouse"))
     assert data["status"] == "finished", data
     assert fake.creates_refused == 2 and len(fake.tasks) == 1
+
+
+async def test_5xx_is_retried_with_backoff(tmp_path: Path) -> None:
+    fake = FakeBfl(failing=2)
+    async with bfl_service(tmp_path, fake) as (service, _):
+        data = await service.wait(await submit(service, "a lighthouse"))
+    assert data["status"] == "finished", data
+    assert fake.failing == 0 and len(fake.tasks) == 1
+
+
+async def test_an_upstream_task_past_the_task_timeout_fails_saying_so(tmp_path: Path) -> None:
+    async with bfl_service(tmp_path, FakeBfl(), task_timeout=0.5) as (service, _):
+        data = await service.wait(await submit(service, "hold forever"))
+    assert data["status"] == "failed"
+    assert data["error_message"].startswith("Task timed out: upstream still pending after 0.5 s")
+
+
+async def test_the_store_keeps_the_upstream_task_only_for_the_claim_holding_it(
+    store: Store,
+) -> None:
+    task_id = await queue_task(store)
+    claim = await store.claim_task(["flux-2-pro"], "w1", 60)
+    assert claim is not None
+    made = {"id": "up-1", "polling_url": "https://api.bfl.ai/v1/get_result?id=up-1"}
+    assert await store.record_upstream(claim, made)
+    await store.release_task(claim)
+    assert not await store.record_upstream(claim, {"id": "other"}), "released: not held"
+    again = await store.claim_task(["flux-2-pro"], "w2", 60)
+    assert again is not None and again.task.upstream == made
+    assert (await store.get_task(task_id)).upstream == made  # type: ignore[union-attr]
 
 
 async def test_402_fails_with_upstream_credits_exhausted(tmp_path: Path) -> None:

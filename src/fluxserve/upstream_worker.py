@@ -168,6 +168,9 @@ class UpstreamWorker(WorkerBase[BflEngine]):
             raise
         except (UpstreamFailed, Cancelled, TaskStopped, *USER_ERRORS) as exc:
             await self._let_go(claim, reporter, str(exc))
+        except StoreUnavailable as exc:
+            # Its lease runs out and the sweeper hands it back, upstream task and all.
+            logger.warning("task %s: left to the sweeper: %s", task_id, exc)
         except BaseException as exc:
             logger.exception("task %s failed", task_id)
             await self._let_go(claim, reporter, internal_error(exc))
