@@ -124,20 +124,19 @@ async def test_moderation_fails_the_task_saying_so(tmp_path: Path, prompt: str, 
     assert data["credits_amount"] == 0
 
 
-async def test_429_backs_off_and_keeps_the_task(tmp_path: Path) -> None:
-    fake = FakeBfl(busy=2)
+@pytest.mark.parametrize(
+    "fake",
+    [FakeBfl(busy=2), FakeBfl(failing=2)],
+    ids=["429 on create, then ready", "503 on poll, then ready"],
+)
+async def test_a_busy_or_failing_upstream_is_retried_and_the_task_kept(
+    tmp_path: Path, fake: FakeBfl
+) -> None:
     async with bfl_service(tmp_path, fake) as (service, _):
         data = await service.wait(await submit(service, "a lighthouse"))
     assert data["status"] == "finished", data
-    assert fake.creates_refused == 2 and len(fake.tasks) == 1
-
-
-async def test_5xx_is_retried_with_backoff(tmp_path: Path) -> None:
-    fake = FakeBfl(failing=2)
-    async with bfl_service(tmp_path, fake) as (service, _):
-        data = await service.wait(await submit(service, "a lighthouse"))
-    assert data["status"] == "finished", data
-    assert fake.failing == 0 and len(fake.tasks) == 1
+    assert fake.busy == fake.failing == 0, "each refusal was answered"
+    assert len(fake.tasks) == 1
 
 
 async def test_an_upstream_task_past_the_task_timeout_fails_saying_so(tmp_path: Path) -> None:
