@@ -32,7 +32,9 @@ from fluxserve.store import Store
 from fluxserve.tasks import MODELS, Claim
 from fluxserve.webhooks.progress import ProgressEvents
 
-logger = logging.getLogger(__name__)
+# Every worker's lifecycle lines (ready, defunct, heartbeats) under the one name
+# operators filter on, whichever kind of worker writes them.
+logger = logging.getLogger("fluxserve.worker")
 
 # Denoising (or the upstream task) fills progress up to here; storing the file takes it to 100.
 DENOISE_SHARE = 95
