@@ -26,10 +26,21 @@ KEY = "bfl-test-key"
 COST = 3.0
 
 
-def sample_png(size: int = 64) -> bytes:
+def sample_png(size: int = 64, image_format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (200, 40, 90)).save(buffer, format="PNG")
+    Image.new("RGB", (size, size), (200, 40, 90)).save(buffer, format=image_format)
     return buffer.getvalue()
+
+
+def invalid(body: dict[str, Any]) -> str | None:
+    """What BFL's validation would refuse in a create's body (a 422), if anything."""
+    if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+        return "prompt is required"
+    if any(body.get(side, 16) % 16 for side in ("width", "height")):
+        return "width and height must be multiples of 16"
+    if body.get("output_format", "jpeg") not in ("jpeg", "png"):
+        return "output_format must be jpeg or png"
+    return None
 
 
 @dataclass
@@ -88,6 +99,8 @@ class FakeBfl:
             self.creates_refused += 1
             return JSONResponse({"detail": "Too many active tasks"}, status_code=429)
         body = await request.json()
+        if (problem := invalid(body)) is not None:
+            return JSONResponse({"detail": problem}, status_code=422)
         task_id = f"up-{next(self._ids)}"
         self.tasks[task_id] = UpstreamTask(task_id, {**body, "endpoint": request.path_params})
         self.charged += COST
@@ -128,4 +141,6 @@ class FakeBfl:
         task = self.tasks.get(request.path_params["task_id"])
         if task is None or "vanish" in str(task.body.get("prompt")):
             return Response("BlobNotFound", status_code=404)
+        if task.body.get("output_format", "jpeg") == "jpeg":
+            return Response(sample_png(64, "JPEG"), media_type="image/jpeg")
         return Response(self.sample, media_type="image/png")

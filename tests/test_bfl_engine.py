@@ -81,6 +81,23 @@ async def test_pending_then_ready_lands_in_fluxservers_storage(tmp_path: Path) -
     assert upstream.body["endpoint"] == {"endpoint": "flux-2-pro"}
 
 
+@pytest.mark.parametrize(
+    ("output_format", "asked", "signature"),
+    [("jpeg", "jpeg", b"\xff\xd8\xff"), ("webp", "png", b"RIFF")],
+)
+async def test_the_result_is_in_the_format_the_task_asked_for(
+    tmp_path: Path, output_format: str, asked: str, signature: bytes
+) -> None:
+    fake = FakeBfl()
+    async with bfl_service(tmp_path, fake) as (service, _):
+        task_id = await submit(service, "a fox", output_format=output_format)
+        data = await service.wait(task_id)
+        stored = await service.client.get(data["files"][0]["file_url"])
+    assert data["status"] == "finished", data
+    assert stored.content.startswith(signature)
+    assert [task.body["output_format"] for task in fake.tasks.values()] == [asked]
+
+
 async def test_an_edit_sends_its_references_as_base64(tmp_path: Path) -> None:
     fake = FakeBfl()
     reference = "data:image/png;base64," + base64.b64encode(sample_png(64)).decode()
