@@ -2,7 +2,8 @@
 
 `ModelRoute` is one row of the settings' `models` table. `plan_engines` decides,
 for the worker's models, what will actually run: the real checkpoint through
-diffusers, or `tiny` when `engine = "auto"` finds no weights. Presence is read
+diffusers, `tiny` when `engine = "auto"` finds no weights, or Black Forest Labs'
+API (`engine = "bfl"`, see docs/bfl-engine.md). Presence is read
 from the local disk only (a folder, or the Hugging Face cache); nothing here
 touches the network.
 """
@@ -27,6 +28,7 @@ MemoryMode = Literal["gpu", "model_cpu_offload", "group_offload", "4bit", "8bit"
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
+RouteEngine = Literal["diffusers", "tiny", "bfl"]
 
 
 class ModelRoute(BaseModel):
@@ -34,7 +36,7 @@ class ModelRoute(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: Literal["diffusers", "tiny"] = "diffusers"
+    engine: RouteEngine = "diffusers"
     checkpoint: str = Field(default=KLEIN_4B, description="Hugging Face repo id or local folder")
     pipeline: PipelineClass = "Flux2KleinPipeline"
     revision: str | None = None
@@ -44,6 +46,22 @@ class ModelRoute(BaseModel):
         default=None, ge=0, le=20, description="when the task gives none; unset: the pipeline's"
     )
     memory_mode: MemoryMode = "gpu"
+    bfl_endpoint: str | None = Field(
+        default=None,
+        description="engine bfl: the path posted to, e.g. /v1/flux-2-pro; "
+        "unset: the one named like the model",
+    )
+
+    @property
+    def runs_diffusers(self) -> bool:
+        """Whether this route's tasks run through diffusers on this machine (LoRAs can
+        apply), rather than upstream at Black Forest Labs."""
+        return self.engine != "bfl"
+
+    def upstream_endpoint(self, model: str) -> str:
+        """The path of Black Forest Labs' API a task of `model` is posted to; edits go
+        to the generation's endpoint, with their references as `input_image`s."""
+        return self.bfl_endpoint or "/v1/" + model.removesuffix("-edit")
 
     def pipeline_key(self) -> tuple[str, str, str | None, str, str]:
         """Routes with the same key share one loaded pipeline."""
@@ -87,7 +105,7 @@ class EnginePlan:
 
     model: str
     route: ModelRoute
-    engine: Literal["diffusers", "tiny"]
+    engine: RouteEngine
     reason: str
     source: Path | None = None
     """The local folder of the weights; None for tiny, or when they are to be downloaded."""
@@ -118,6 +136,12 @@ def plan_engines(settings: Settings, models: Sequence[str]) -> list[EnginePlan]:
             route = ModelRoute(engine="tiny")
             reason = f"no models.{model!r} table in the settings"
             plans.append(EnginePlan(model, route, "tiny", reason))
+            continue
+        if settings.engine == "bfl" or route.engine == "bfl":
+            chosen = "engine = 'bfl'" if settings.engine == "bfl" else "its route says bfl"
+            endpoint = route.upstream_endpoint(model)
+            reason = f"{chosen}: upstream at {settings.bfl_base_url}{endpoint}"
+            plans.append(EnginePlan(model, route, "bfl", reason))
             continue
         if settings.engine == "tiny" or route.engine == "tiny":
             chosen = "engine = 'tiny'" if settings.engine == "tiny" else "its route says tiny"

@@ -83,7 +83,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     data_dir: DataDir = None,
-    engine: Annotated[str | None, typer.Option(help="Engine: auto, diffusers or tiny.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, diffusers, tiny or bfl.")] = None,
     new_key: Annotated[
         bool,
         typer.Option(
@@ -118,7 +118,7 @@ def worker(
         str, typer.Option(help="Comma-separated public model names this worker serves.")
     ] = ",".join(MODELS),
     data_dir: DataDir = None,
-    engine: Annotated[str | None, typer.Option(help="Engine: auto, diffusers or tiny.")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto, diffusers, tiny or bfl.")] = None,
 ) -> None:
     """Run one worker (one per GPU): claim tasks for MODELS until SIGTERM."""
     served = [name.strip() for name in models.split(",") if name.strip()]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 from typing import Annotated
 
+import httpx
 import typer
 
 from fluxserve.checkpoints import is_local_folder, local_checkpoint, plan_engines, pull_hint
@@ -90,21 +92,49 @@ def doctor() -> None:
     packages = ("torch", "diffusers", "transformers", "huggingface_hub", "bitsandbytes")
     typer.echo("packages: " + ", ".join(f"{name} {_version(name)}" for name in packages))
     typer.echo(f"engine setting: {settings.engine}")
+    plans = plan_engines(settings, MODELS)
     typer.echo("checkpoints:")
     seen: set[str] = set()
-    for model, route in settings.models.items():
-        if route.engine == "tiny" or route.checkpoint in seen:
+    for plan in plans:
+        model, route = plan.model, plan.route
+        if plan.engine != "diffusers" or route.checkpoint in seen:
             continue
         seen.add(route.checkpoint)
         folder = local_checkpoint(route)
         where = f"present at {folder}" if folder else f"absent ({pull_hint(model)})"
         typer.echo(f"  {route.checkpoint}: {where}")
     typer.echo("models:")
-    for plan in plan_engines(settings, MODELS):
+    for plan in plans:
         route = plan.route
-        detail = (
-            f"{route.pipeline}, {route.steps} steps, memory_mode {route.memory_mode}"
-            if plan.engine == "diffusers"
-            else "random weights: noise"
-        )
-        typer.echo(f"  {plan.model}: {plan.engine} ({detail}) - {plan.reason}")
+        if plan.engine == "diffusers":
+            detail = f" ({route.pipeline}, {route.steps} steps, memory_mode {route.memory_mode})"
+        else:
+            detail = " (random weights: noise)" if plan.engine == "tiny" else ""
+        typer.echo(f"  {plan.model}: {plan.engine}{detail} - {plan.reason}")
+    upstream = [plan.model for plan in plans if plan.engine == "bfl"]
+    if upstream:
+        typer.echo(f"upstream at Black Forest Labs' API: {', '.join(upstream)}")
+        typer.echo(f"  key: {asyncio.run(upstream_key_check(settings))}")
+
+
+async def upstream_key_check(settings: Settings) -> str:
+    """Whether the BFL key works, from one cheap authenticated call; offline says so."""
+    from fluxserve.engines.bfl import (
+        BflEngine,
+        UpstreamBusy,
+        UpstreamFailed,
+        UpstreamUnavailable,
+    )
+
+    engine = BflEngine(settings)
+    if not engine.key:
+        return "not set: set FLUXSERVE_BFL_API_KEY, or no task of these models can run"
+    async with engine.client() as client:
+        client.timeout = httpx.Timeout(PROBE_TIMEOUT)
+        try:
+            credits = await engine.credits(client)
+        except UpstreamFailed as exc:
+            return f"does not work: {exc}"
+        except (UpstreamUnavailable, UpstreamBusy, KeyError, ValueError) as exc:
+            return f"not checked: {engine.base_url} did not answer ({exc}); offline?"
+    return f"works ({credits:g} credits left at {engine.base_url})"

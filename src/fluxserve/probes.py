@@ -16,7 +16,7 @@ from fluxserve.errors import StoreUnavailable
 from fluxserve.runtime import Runtime
 
 if TYPE_CHECKING:
-    from fluxserve.worker import Worker
+    from fluxserve.worker_base import WorkerBase
 
 # The worker's states as strings (WorkerState is a StrEnum): an API process never
 # imports the worker's module.
@@ -105,7 +105,7 @@ async def _database(runtime: Runtime, body: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def _worker_view(worker: Worker | None) -> dict[str, Any] | None:
+def _worker_view(worker: WorkerBase[Any] | None) -> dict[str, Any] | None:
     if worker is None:
         return None
     return {"state": worker.state.value, "engine": worker.engine.name, "error": worker.error}

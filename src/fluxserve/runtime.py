@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fluxserve import retention
-from fluxserve.engines import make_engine
+from fluxserve.engines import make_engine, upstream_models
 from fluxserve.engines.base import Engine
 from fluxserve.errors import StoreUnavailable
 from fluxserve.metrics import Metrics
@@ -26,7 +26,7 @@ from fluxserve.webhooks import Webhooks
 from fluxserve.wire import encode, status_body
 
 if TYPE_CHECKING:
-    from fluxserve.worker import Worker
+    from fluxserve.worker_base import WorkerBase, WorkerParts
 
 logger = logging.getLogger(__name__)
 
@@ -64,31 +64,56 @@ class Runtime:
             uploads=self.uploads,
         )
         self.feed = TaskFeed(self.store, self.render_status, wait=settings.poll_interval)
-        self.worker: Worker | None = None
+        self.workers: list[WorkerBase[Any]] = []
         if run_worker:
-            # Imported here: an API-only process never loads the worker's image code.
-            from fluxserve.worker import Worker
-
-            self.worker = Worker(
-                store=self.store,
-                storage=self.storage,
-                engine=engine or make_engine(settings, models),
-                settings=settings,
-                policy=self.policy,
-                models=models,
-                events=self.webhooks.progress,
-            )
+            self.workers = self._make_workers(models, engine)
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self.failure: str | None = None
         """Why a background loop ended on its own, if one did: the process must go."""
         self._failed = asyncio.Event()
 
+    @property
+    def worker(self) -> WorkerBase[Any] | None:
+        """This process's worker (the local one, where it runs local and upstream models)."""
+        return self.workers[0] if self.workers else None
+
+    def _make_workers(self, models: Sequence[str], engine: Engine | None) -> list[WorkerBase[Any]]:
+        """A worker for the models run here, and one for those routed upstream (bfl).
+
+        The workers are imported here: an API-only process never loads their image code.
+        """
+        upstream = [] if engine is not None else upstream_models(self.settings, models)
+        local = [model for model in models if model not in upstream]
+        workers: list[WorkerBase[Any]] = []
+        if local:
+            from fluxserve.worker import Worker
+
+            made = engine or make_engine(self.settings, local)
+            workers.append(Worker(engine=made, **self._worker_parts(local)))
+        if upstream:
+            from fluxserve.engines.bfl import BflEngine
+            from fluxserve.upstream_worker import UpstreamWorker
+
+            bfl = BflEngine(self.settings)
+            workers.append(UpstreamWorker(engine=bfl, **self._worker_parts(upstream)))
+        return workers
+
+    def _worker_parts(self, models: Sequence[str]) -> WorkerParts:
+        return {
+            "models": models,
+            "store": self.store,
+            "storage": self.storage,
+            "settings": self.settings,
+            "policy": self.policy,
+            "events": self.webhooks.progress,
+        }
+
     async def start(self) -> None:
         await self.store.start()
         loops = [("callbacks", self.webhooks.run()), ("sweeper", self._sweep_forever())]
-        if self.worker is not None:
-            loops.append(("worker", self.worker.run()))
+        for worker in self.workers:
+            loops.append(("worker", worker.run()))
         for name, body in loops:
             loop = asyncio.create_task(body, name=name)
             loop.add_done_callback(self._loop_ended)
@@ -127,16 +152,16 @@ class Runtime:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self.worker is not None:
-            self.worker.stop_engine()
+        for worker in self.workers:
+            worker.stop_engine()
         for loop in self._loops:
             loop.cancel()
         if self._loops:
             # Waited for, not awaited: a loop that failed was reported when it ended.
             await asyncio.wait(self._loops)
         self._loops.clear()
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.close)
+        for worker in self.workers:
+            await asyncio.to_thread(worker.close)
         await self.webhooks.aclose()
         await self.feed.close()
         await self.store.close()

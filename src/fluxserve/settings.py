@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,7 +25,7 @@ from fluxserve.openai_images import OPENAI_IMAGE_MODELS
 from fluxserve.store.base import SqliteSynchronous
 from fluxserve.tasks import MODELS
 
-EngineName = Literal["auto", "diffusers", "tiny"]
+EngineName = Literal["auto", "diffusers", "tiny", "bfl"]
 
 
 class Settings(BaseSettings):
@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     )
     engine: EngineName = Field(
         default="auto",
-        description="auto: real weights where present, else tiny (loudly); diffusers: never tiny",
+        description="auto: real weights where present, else tiny (loudly); diffusers: never "
+        "tiny; bfl: every model upstream at Black Forest Labs' API",
     )
     tiny_steps: int = Field(default=4, ge=1, le=50)
     # Each public model's engine, checkpoint and defaults: see checkpoints.ModelRoute.
@@ -88,6 +89,19 @@ class Settings(BaseSettings):
         description="Queued tasks of one shape a worker draws in one pipeline call; 1: none",
     )
     allow_private_networks: bool = False
+
+    # Black Forest Labs' API as an engine: see docs/bfl-engine.md.
+    bfl_api_key: SecretStr | None = Field(default=None, description="engine bfl: the x-key")
+    bfl_base_url: str = Field(
+        default="https://api.bfl.ai",
+        description="engine bfl: BFL's global endpoint, or a regional one (api.eu.bfl.ai...)",
+    )
+    bfl_max_in_flight: int = Field(
+        default=24, ge=1, description="engine bfl: upstream tasks a worker follows at once"
+    )
+    bfl_poll_interval: float = Field(
+        default=1.0, gt=0, description="engine bfl: seconds between polls of a pending task"
+    )
     api_key_cache_ttl: float = Field(
         default=5.0,
         ge=0,
@@ -233,6 +247,14 @@ class Settings(BaseSettings):
                 f"unknown BFL path {unknown[0]!r}; the paths are {', '.join(BFL_PATHS)}"
             )
         return {**default_bfl_routes(), **value}
+
+    @model_validator(mode="after")
+    def _bfl_routes_every_model(self) -> Settings:
+        # So that each route answers `runs_diffusers` as this process will run it.
+        if self.engine == "bfl":
+            upstream = {"engine": "bfl"}
+            self.models = {name: r.model_copy(update=upstream) for name, r in self.models.items()}
+        return self
 
     @field_validator("prices")
     @classmethod

@@ -200,6 +200,7 @@ class Task:
     price: int = 0
     cancelled_at: float | None = None  # when a cancel was asked for
     files_expired_at: float | None = None  # when retention removed its files
+    upstream: dict[str, Any] | None = None  # its task at Black Forest Labs' API, once made
 
     @property
     def cancelled(self) -> bool:

@@ -16,17 +16,13 @@ background while the engine runs others (see `prefetch`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
-import os
-import secrets
-import socket
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
+from typing import Unpack
 
 import httpx
 from PIL import Image
@@ -40,44 +36,30 @@ from fluxserve.engines.base import (
     engine_label,
     generate_batch,
 )
-from fluxserve.errors import (
-    EngineError,
-    FetchError,
-    ReferenceImageError,
-    StoreUnavailable,
-    UnsafeURLError,
-)
+from fluxserve.errors import StoreUnavailable
 from fluxserve.logs import about_tasks
-from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.netguard import guarded_client
 from fluxserve.prefetch import Prefetch, engine_request
 from fluxserve.progress_reporter import ProgressReporter
-from fluxserve.settings import Settings
-from fluxserve.storage import Storage
-from fluxserve.store import Store
 from fluxserve.store.base import Outcome
-from fluxserve.tasks import CANCELLED_MESSAGE, MODELS, Claim
-from fluxserve.webhooks.progress import ProgressEvents
+from fluxserve.tasks import CANCELLED_MESSAGE, Claim
+from fluxserve.worker_base import (
+    DENOISE_SHARE,
+    STOP_SIGNALS,
+    USER_ERRORS,
+    WorkerBase,
+    WorkerParts,
+    internal_error,
+)
+from fluxserve.worker_base import WorkerState as WorkerState
 
 logger = logging.getLogger(__name__)
 
-# Denoising fills progress up to here; storing the file takes it to 100.
-DENOISE_SHARE = 95
-USER_ERRORS = (ReferenceImageError, FetchError, UnsafeURLError, EngineError)
 # A batch's companions come from this many times its size of the queue's front.
 BATCH_LOOKAHEAD = 4
-# What ends a task's run without ending the task: the process is being stopped.
-STOP_SIGNALS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 # Claimed tasks whose references download while the engine runs others: a few, as
 # each is taken from the queue, where another worker could have run it.
 PREFETCH_LIMIT = 4
-
-
-class WorkerState(StrEnum):
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    DEFUNCT = "defunct"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -93,73 +75,21 @@ class _Job:
         return self.claim.task.task_id
 
 
-class Worker:
+class Worker(WorkerBase[Engine]):
     """Claims tasks for `models` from `store` and runs them on `engine`."""
 
-    def __init__(
-        self,
-        *,
-        store: Store,
-        storage: Storage,
-        engine: Engine,
-        settings: Settings,
-        policy: NetPolicy,
-        models: Sequence[str] = MODELS,
-        events: ProgressEvents | None = None,
-    ) -> None:
-        self.store = store
-        self.storage = storage
-        self.engine = engine
-        self.settings = settings
-        self.policy = policy
-        self.models = tuple(models)
-        self.events = events
+    def __init__(self, *, engine: Engine, **parts: Unpack[WorkerParts]) -> None:
+        super().__init__(engine=engine, **parts)
         # Engines that cannot batch get one task per call.
-        self.batch_size = settings.max_batch_size if batches(engine) else 1
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.state = WorkerState.NEW
-        self.error: str | None = None
+        self.batch_size = self.settings.max_batch_size if batches(engine) else 1
         # Model code runs on this one thread, never on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._stopping = threading.Event()
-        # Task ids to stop at their next step; read on the engine thread.
-        self._cancelled: set[str] = set()
         self._running: frozenset[str] = frozenset()
-        self._heartbeat_lock = asyncio.Lock()
         self._prefetch: Prefetch[_Job] = Prefetch(PREFETCH_LIMIT)
 
-    async def run(self) -> None:
-        """Load the engine, then claim and run tasks until cancelled.
-
-        Any other way out is an error outside every task: the worker turns
-        DEFUNCT, says why in a CRITICAL log, and the error goes on to the caller.
-        """
-        loop = asyncio.get_running_loop()
-        self.state = WorkerState.STARTING
-        heartbeat = asyncio.create_task(self._heartbeat_forever())
-        try:
-            await loop.run_in_executor(self._executor, self.engine.load)
-            self.state = WorkerState.READY
-            logger.info("worker %s ready for %s", self.worker_id, ", ".join(self.models))
-            await self._heartbeat()
-            await self._claim_and_run_forever()
-        except STOP_SIGNALS:
-            raise
-        except BaseException as exc:
-            if self.state is WorkerState.STARTING:
-                await self._defunct(f"engine failed to load: {_described(exc)}")
-            else:
-                await self._defunct(f"worker loop ended: {_described(exc)}")
-            raise
-        finally:
-            if self.state is not WorkerState.DEFUNCT:
-                self.state = WorkerState.STOPPED
-            heartbeat.cancel()
-            # Awaited: a heartbeat cut off mid-write must give its connection back first.
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.forget_worker(self.worker_id)
+    async def _load(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.load)
 
     async def _claim_and_run_forever(self) -> None:
         async with guarded_client(self.policy, timeout=self.settings.fetch_timeout) as client:
@@ -204,31 +134,6 @@ class Worker:
         )
         await self._prefetch.wait(queued, self.settings.poll_interval)
 
-    async def _defunct(self, reason: str) -> None:
-        """This worker runs no more tasks: say why, where /ready and the fleet see it."""
-        self.state, self.error = WorkerState.DEFUNCT, reason
-        # The traceback follows in the runtime's line about the loop that ended.
-        logger.critical("worker %s is defunct: %s", self.worker_id, reason)
-        with contextlib.suppress(Exception):  # best effort: the database may be the cause
-            await self._heartbeat()
-
-    async def _heartbeat(self) -> None:
-        try:
-            # One at a time: the store's update-then-insert of a new worker's row
-            # is safe only when its own writes do not overlap.
-            async with self._heartbeat_lock:
-                await self.store.record_heartbeat(
-                    self.worker_id, self.models, self.engine.name, self.state.value
-                )
-        except StoreUnavailable as exc:
-            logger.warning("worker %s: heartbeat not saved: %s", self.worker_id, exc)
-
-    async def _heartbeat_forever(self) -> None:
-        """Tell the fleet this worker is alive; /health counts those seen within a lease."""
-        while True:
-            await self._heartbeat()
-            await asyncio.sleep(self.settings.lease_seconds / 3)
-
     def stop_engine(self) -> None:
         """Make the engine give up at its next step; its tasks go back to the queue."""
         self._stopping.set()
@@ -268,16 +173,6 @@ class Worker:
         if jobs:
             await self._run_jobs(jobs)
 
-    def _reporter(self, claim: Claim) -> ProgressReporter:
-        events = self.events.watch(claim.task) if self.events is not None else None
-        if events is not None:
-            events.running()
-        reporter = ProgressReporter(
-            self.store, claim, self.settings.lease_seconds, events, on_cancel=self.cancel
-        )
-        reporter.start()
-        return reporter
-
     async def _fetch(
         self, claim: Claim, reporter: ProgressReporter, client: httpx.AsyncClient
     ) -> _Job | None:
@@ -310,18 +205,9 @@ class Worker:
             raise
         except BaseException as exc:
             logger.exception("task %s failed", claim.task.task_id)
-            message = _internal_error(exc)
+            message = internal_error(exc)
         await self._let_go(claim, reporter, message)
         return None
-
-    async def _let_go(self, claim: Claim, reporter: ProgressReporter, failure: str | None) -> None:
-        """Fail a task the engine never ran with `failure`, or (None) hand it back."""
-        if failure is None:
-            await self.store.release_task(claim)
-        else:
-            await self.store.fail_task(claim, failure)
-        reporter.stop()
-        self._cancelled.discard(claim.task.task_id)
 
     async def _run_jobs(self, jobs: Sequence[_Job]) -> None:
         try:
@@ -359,7 +245,7 @@ class Worker:
         except BaseException as exc:
             logger.exception("tasks %s failed", ", ".join(job.task_id for job in jobs))
             for job in jobs:
-                await self.store.fail_task(job.claim, _internal_error(exc))
+                await self.store.fail_task(job.claim, internal_error(exc))
             return
         for job, images in zip(jobs, outputs, strict=True):
             with about_tasks(job.task_id):
@@ -410,7 +296,7 @@ class Worker:
             raise
         except BaseException as exc:
             logger.exception("task %s failed", task.task_id)
-            await self.store.fail_task(job.claim, _internal_error(exc))
+            await self.store.fail_task(job.claim, internal_error(exc))
             return
         outcome = Outcome(
             engine=engine_label(self.engine, task.model),
@@ -421,11 +307,3 @@ class Worker:
         )
         if not await self.store.finish_task(job.claim, outcome):
             logger.warning("task %s: lease lost before finishing; result discarded", task.task_id)
-
-
-def _described(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _internal_error(exc: BaseException) -> str:
-    return f"Internal error: {_described(exc)}"

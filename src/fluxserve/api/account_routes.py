@@ -36,9 +36,9 @@ async def balance(key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
 async def cancel(task_id: str, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Cancel a queued task (it never starts) or a running one (it stops at its next step)."""
     task = await rt.service.cancel(key, task_id)
-    if rt.worker is not None:
+    for worker in rt.workers:
         # This process runs it: stop now rather than at the next progress write.
-        rt.worker.cancel(task_id)
+        worker.cancel(task_id)
     data = status_data(task, rt.storage)
     if not task.status.terminal:
         data["cancel_requested"] = True

@@ -26,6 +26,10 @@ def make_engine(settings: Settings, models: Sequence[str] = MODELS) -> Engine:
     models that `engine = "auto"` put on tiny are logged loudly here.
     """
     plans = plan_engines(settings, models)
+    upstream = [plan.model for plan in plans if plan.engine == "bfl"]
+    if upstream:
+        # Never a local engine in their place: the upstream worker runs them.
+        raise EngineUnavailable(f"{', '.join(upstream)} run at Black Forest Labs' API (bfl)")
     warning = fallback_warning(plans)
     if warning:
         logger.warning(warning)
@@ -52,6 +56,11 @@ def make_engine(settings: Settings, models: Sequence[str] = MODELS) -> Engine:
     return RoutedEngine(
         {plan.model: diffusers_engine if plan.engine == "diffusers" else tiny for plan in plans}
     )
+
+
+def upstream_models(settings: Settings, models: Sequence[str] = MODELS) -> list[str]:
+    """Those of `models` that run at Black Forest Labs' API (`engine = "bfl"`)."""
+    return [plan.model for plan in plan_engines(settings, models) if plan.engine == "bfl"]
 
 
 def _tiny(settings: Settings) -> Engine:

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from fluxserve.tasks import Claim, NewTask, ResultFile, Task, TaskStatus
 
@@ -361,6 +361,10 @@ class Store(ABC):
     @abstractmethod
     async def fail_task(self, claim: Claim, message: str) -> bool:
         """running -> failed, with its callback queued in the same transaction."""
+
+    @abstractmethod
+    async def record_upstream(self, claim: Claim, upstream: dict[str, Any]) -> bool:
+        """Keep the task's upstream task with it while the claim holds it; False if not."""
 
     @abstractmethod
     async def release_task(self, claim: Claim) -> bool:

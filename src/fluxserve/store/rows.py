@@ -37,6 +37,7 @@ def task_from_row(row: Any) -> Task:
         price=row.price,
         cancelled_at=row.cancelled_at,
         files_expired_at=row.files_expired_at,
+        upstream=row.upstream,
     )
 
 

@@ -113,6 +113,9 @@ tasks = sa.Table(
     sa.Column("vtime", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("cancelled_at", sa.Float),  # when a cancel was asked for
     sa.Column("files_expired_at", sa.Float),  # when retention removed its files
+    # The task at Black Forest Labs' API that runs it ({"id", "polling_url", ...}),
+    # written as soon as it exists, so that a restarted worker follows it, not a new one.
+    sa.Column("upstream", sa.JSON),
     sa.Index("ix_tasks_queue", "status", "model", "vtime", "seq"),
     sa.Index("ix_tasks_account", "account_id", "seq"),
     sa.Index("ix_tasks_owner_created", "owner", "created_at"),

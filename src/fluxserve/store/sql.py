@@ -256,6 +256,11 @@ class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, Flee
             files=[f.to_json() for f in outcome.files],
         )
 
+    async def record_upstream(self, claim: Claim, upstream: dict[str, Any]) -> bool:
+        statement = tasks.update().where(_held_by(claim)).values(upstream=upstream)
+        async with self._write() as conn:
+            return (await conn.execute(statement)).rowcount == 1
+
     async def fail_task(self, claim: Claim, message: str) -> bool:
         return await self._end(claim, status=TaskStatus.FAILED, error_message=message)
 
