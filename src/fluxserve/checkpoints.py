@@ -27,6 +27,8 @@ MemoryMode = Literal["gpu", "model_cpu_offload", "group_offload", "4bit", "8bit"
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
+# The engines that run a diffusers pipeline, and so can load LoRAs into it.
+LORA_ENGINES = frozenset({"diffusers", "tiny"})
 
 
 class ModelRoute(BaseModel):
@@ -44,6 +46,11 @@ class ModelRoute(BaseModel):
         default=None, ge=0, le=20, description="when the task gives none; unset: the pipeline's"
     )
     memory_mode: MemoryMode = "gpu"
+
+    @property
+    def takes_loras(self) -> bool:
+        """Whether this route's engine loads LoRAs; an engine not in LORA_ENGINES does not."""
+        return self.engine in LORA_ENGINES
 
     def pipeline_key(self) -> tuple[str, str, str | None, str, str]:
         """Routes with the same key share one loaded pipeline."""

@@ -59,6 +59,24 @@ def format_time(epoch: float) -> str:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA a task asks for: by `name` (the operator's) or by `url`, at `scale`."""
+
+    name: str | None = None
+    url: str | None = None
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """How messages and the status data name it."""
+        return self.name if self.name is not None else str(self.url)
+
+    def to_json(self) -> dict[str, Any]:
+        source = {"name": self.name} if self.name is not None else {"url": self.url}
+        return {**source, "scale": self.scale}
+
+
+@dataclass(frozen=True)
 class TaskInput:
     """The validated `input` of a submitted task."""
 
@@ -70,9 +88,12 @@ class TaskInput:
     output_format: str = "png"
     steps: int | None = None
     guidance: float | None = None
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
-    def batch_shape(self) -> tuple[str, str, int | None, float | None] | None:
+    def batch_shape(
+        self,
+    ) -> tuple[str, str, int | None, float | None, tuple[LoraSpec, ...]] | None:
         """What tasks must share to be drawn in one pipeline call; None: never batched.
 
         Edits are not batched: their references differ per task, and so may
@@ -80,10 +101,10 @@ class TaskInput:
         """
         if self.image_urls:
             return None
-        return (self.size, self.resolution, self.steps, self.guidance)
+        return (self.size, self.resolution, self.steps, self.guidance, self.loras)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "prompt": self.prompt,
             "size": self.size,
             "resolution": self.resolution,
@@ -93,10 +114,19 @@ class TaskInput:
             "steps": self.steps,
             "guidance": self.guidance,
         }
+        if self.loras:  # written only when asked for: older rows have none
+            data["loras"] = [lora.to_json() for lora in self.loras]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TaskInput:
-        return cls(**{**data, "image_urls": tuple(data.get("image_urls") or ())})
+        return cls(
+            **{
+                **data,
+                "image_urls": tuple(data.get("image_urls") or ()),
+                "loras": tuple(LoraSpec(**lora) for lora in data.get("loras") or ()),
+            }
+        )
 
 
 @dataclass(frozen=True)

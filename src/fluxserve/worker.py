@@ -48,6 +48,7 @@ from fluxserve.errors import (
     UnsafeURLError,
 )
 from fluxserve.logs import about_tasks
+from fluxserve.lora_fetch import LoraSource
 from fluxserve.netguard import NetPolicy, guarded_client
 from fluxserve.prefetch import Prefetch, engine_request
 from fluxserve.progress_reporter import ProgressReporter
@@ -127,6 +128,7 @@ class Worker:
         self._running: frozenset[str] = frozenset()
         self._heartbeat_lock = asyncio.Lock()
         self._prefetch: Prefetch[_Job] = Prefetch(PREFETCH_LIMIT)
+        self.loras = LoraSource(settings, policy)
 
     async def run(self) -> None:
         """Load the engine, then claim and run tasks until cancelled.
@@ -302,6 +304,7 @@ class Worker:
                 policy=self.policy,
                 settings=self.settings,
                 storage=self.storage,
+                loras=self.loras,
             )
             return _Job(claim, request, reporter)
         except USER_ERRORS as exc:

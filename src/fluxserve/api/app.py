@@ -13,6 +13,7 @@ from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.guard import BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.lora_routes import router as lora_router
 from fluxserve.api.observe import RequestMetrics, request_histogram, task_of_request
 from fluxserve.api.openapi import install_openapi
 from fluxserve.api.page_routes import install_page
@@ -57,6 +58,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(callback_router)
     app.include_router(account_router)
     app.include_router(upload_router)
+    app.include_router(lora_router)
     install_page(app)
     return app
 

@@ -1,0 +1,112 @@
+"""LoRAs on the real tiny pipeline: applied, combined, switched, refused when they do
+not fit, kept warm within their memory bound, and hot-swapped in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_loras import make_lora, other_base_transformer
+
+from fluxserve.engines.base import GenerationRequest, LoraWeights
+from fluxserve.engines.lora_adapters import LoraAdapters
+from fluxserve.engines.tiny import TinyEngine, build_tiny_pipeline
+from fluxserve.errors import EngineError
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    make_lora(folder / "a.safetensors", 1)
+    make_lora(folder / "b.safetensors", 2)
+    wide = other_base_transformer()
+    make_lora(folder / "wide.safetensors", 3, base_model="wide", transformer=wide)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine() -> TinyEngine:
+    built = TinyEngine(steps=2)
+    built.load()
+    return built
+
+
+def lora(folder: Path, name: str, scale: float = 1.0) -> LoraWeights:
+    return LoraWeights(key=name, path=folder / f"{name}.safetensors", scale=scale, label=name)
+
+
+def draw(engine: TinyEngine, *loras: LoraWeights, seed: int = 5) -> np.ndarray:
+    request = GenerationRequest("a lighthouse", SIZE, SIZE, seed=seed, loras=loras)
+    return np.asarray(engine.generate(request, lambda done, total: None)[0])
+
+
+def test_a_lora_changes_the_image_and_scale_zero_does_not(
+    engine: TinyEngine, lora_dir: Path
+) -> None:
+    plain = draw(engine)
+    with_a = draw(engine, lora(lora_dir, "a"))
+    assert (with_a != plain).any()
+    assert np.array_equal(draw(engine, lora(lora_dir, "a", 0.0)), plain)
+    assert np.array_equal(draw(engine), plain)  # nothing stays active after a LoRA task
+
+
+def test_two_loras_combine_and_switching_back_gives_the_same_image(
+    engine: TinyEngine, lora_dir: Path
+) -> None:
+    a, b = lora(lora_dir, "a"), lora(lora_dir, "b")
+    with_a, with_b = draw(engine, a), draw(engine, b)
+    both = draw(engine, a, b)
+    assert not np.array_equal(with_a, with_b)
+    assert not np.array_equal(both, with_a) and not np.array_equal(both, with_b)
+    assert np.array_equal(draw(engine, a), with_a)
+    assert np.array_equal(draw(engine, a, b), both)
+    half = draw(engine, a, lora(lora_dir, "b", 0.5))
+    assert not np.array_equal(half, both) and not np.array_equal(half, with_a)
+
+
+def test_a_lora_for_another_base_fails_and_leaves_nothing_loaded(
+    engine: TinyEngine, lora_dir: Path
+) -> None:
+    plain, with_a = draw(engine), draw(engine, lora(lora_dir, "a"))
+    with pytest.raises(EngineError) as caught:
+        draw(engine, lora(lora_dir, "wide"))
+    message = str(caught.value)
+    assert "LoRA wide does not fit the tiny FLUX.2 [klein] pipeline" in message
+    assert "made for wide" in message and "32 wide where this model's is 16" in message
+    assert engine.adapters is not None
+    assert not any("wide" in name for name in engine.adapters.loaded)
+    assert "wide" not in str(engine.adapters.pipeline.get_list_adapters())
+    assert np.array_equal(draw(engine), plain)
+    assert np.array_equal(draw(engine, lora(lora_dir, "a")), with_a)
+
+
+def test_adapters_past_the_memory_bound_unload_least_recent_first(lora_dir: Path) -> None:
+    small = TinyEngine(steps=2, lora_memory_bytes=1)  # room for the current task's only
+    small.load()
+    a, b = lora(lora_dir, "a"), lora(lora_dir, "b")
+    with_a = draw(small, a)
+    draw(small, b)
+    assert small.adapters is not None and small.adapters.loaded == ["lora_b"]
+    assert np.array_equal(draw(small, a), with_a)
+    assert small.adapters.loaded == ["lora_a"]
+
+
+def test_hotswapped_slots_draw_what_resident_adapters_draw(
+    engine: TinyEngine, lora_dir: Path
+) -> None:
+    a, b = lora(lora_dir, "a"), lora(lora_dir, "b")
+    expected = [draw(engine, a), draw(engine, b), draw(engine, a, b), draw(engine)]
+    hot = TinyEngine(steps=2)
+    hot.load()
+    pipeline = hot.adapters.pipeline if hot.adapters else build_tiny_pipeline()
+    hot.adapters = LoraAdapters(pipeline, base="tiny", memory_bytes=1 << 30, hotswap_rank=8)
+    for _ in range(2):
+        got = [draw(hot, a), draw(hot, b), draw(hot, a, b), draw(hot)]
+        assert all(np.array_equal(x, y) for x, y in zip(got, expected, strict=True))
+    assert hot.adapters.loaded == ["slot0", "slot1"]  # swapped in place, never added
+    with pytest.raises(EngineError, match="does not fit"):
+        draw(hot, lora(lora_dir, "wide"))
+    assert np.array_equal(draw(hot, b), expected[1])
