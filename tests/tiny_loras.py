@@ -55,3 +55,13 @@ def make_lora(
     if base_model is not None:
         save_file(load_file(path), path, metadata={"format": "pt", "base_model": base_model})
     return path
+
+
+def lora_folder(folder: Path) -> Path:
+    """`folder` with three LoRAs: `ink` (base model "tiny-klein") and `plain` (no base
+    model stated) for the tiny transformer, and `wide` ("wide-klein"), which does not fit it."""
+    make_lora(folder / "ink.safetensors", 1, base_model="tiny-klein")
+    make_lora(folder / "plain.safetensors", 2, base_model=None)
+    wide = other_base_transformer()
+    make_lora(folder / "wide.safetensors", 3, base_model="wide-klein", transformer=wide)
+    return folder

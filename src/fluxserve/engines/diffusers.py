@@ -200,7 +200,9 @@ class DiffusersEngine:
             prompts = self._prompts.setdefault(
                 route.pipeline_key(), PromptCache(self.prompt_cache_size)
             )
-            adapters = self._adapters[route.pipeline_key()]
+            adapters = self._adapters.get(route.pipeline_key()) or self._adapters.setdefault(
+                route.pipeline_key(), self._new_adapters(pipeline, route)
+            )
         steps = first.steps or route.steps
         guidance = first.guidance if first.guidance is not None else route.guidance
         try:
@@ -272,15 +274,18 @@ class DiffusersEngine:
         pipeline.set_progress_bar_config(disable=True)  # progress goes to on_progress
         # Hotswap is prepared before the first LoRA and before compiling: a
         # compiled transformer then swaps LoRAs without recompiling.
-        self._adapters[route.pipeline_key()] = LoraAdapters(
+        self._adapters[route.pipeline_key()] = self._new_adapters(pipeline, route)
+        if self.compile_transformer:
+            pipeline.transformer.compile()
+        return pipeline
+
+    def _new_adapters(self, pipeline: Any, route: ModelRoute) -> LoraAdapters:
+        return LoraAdapters(
             pipeline,
             base=route.checkpoint,
             memory_bytes=self.lora_memory_bytes,
             hotswap_rank=self.lora_hotswap_rank if self.compile_transformer else None,
         )
-        if self.compile_transformer:
-            pipeline.transformer.compile()
-        return pipeline
 
     def _place(self, pipeline: Any, route: ModelRoute) -> None:
         mode = route.memory_mode

@@ -202,6 +202,8 @@ class LoraAdapters:
                 # peft's note that a second adapter joins the first: here, by design.
                 warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
                 self.pipeline.load_lora_weights(state, adapter_name=name, hotswap=hotswap)
+        except torch.OutOfMemoryError:
+            raise  # the engine's to explain: it names memory_mode
         except Exception as exc:
             raise self._misfit(lora, str(exc)) from exc
 

@@ -1,0 +1,128 @@
+"""Per-task cost of LoRAs on the tiny pipeline: switching (A, B, A, B) against one LoRA
+throughout and against none, in one run.
+
+Each task is one `engine.generate` call of the tiny FLUX.2 [klein] engine, LoRAs
+and all (the adapters' activation is inside the call). Both LoRAs are loaded
+once before timing, so "switching" is the warm switch between loaded adapters
+that a worker makes between tasks (see src/fluxserve/engines/lora_adapters.py);
+the cold first load of a LoRA is printed apart. The three rows run as blocks of
+`--tasks` tasks, in turn, `--rounds` times; each block's first task is not
+counted (it follows another block's LoRAs). Time is the process's CPU time, which
+other processes on a shared machine do not inflate as they do wall time; the
+median per-task time of each row is compared with the no-LoRA row.
+
+    python bench/lora.py                       # 1024x1024, 2 steps
+    python bench/lora.py --size 512 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fluxserve.engines.base import GenerationRequest, LoraWeights
+from fluxserve.engines.tiny import TinyEngine
+
+PROMPT = "a lighthouse on a cliff at dusk"
+TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+
+
+def write_lora(transformer: torch.nn.Module, path: Path, seed: int, rank: int) -> Path:
+    """A LoRA of random weights (drawn from `seed`) on the attention projections of
+    `transformer`, in diffusers' format, at `path`; the transformer is not changed."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in transformer.named_modules():
+        if name.endswith(TARGETS) and isinstance(module, torch.nn.Linear):
+            down = torch.randn(rank, module.in_features, generator=generator) / rank
+            up = torch.randn(module.out_features, rank, generator=generator) / rank
+            tensors[f"transformer.{name}.lora_A.weight"] = down.contiguous()
+            tensors[f"transformer.{name}.lora_B.weight"] = up.contiguous()
+    save_file(tensors, str(path))
+    return path
+
+
+def lora_pair(transformer: torch.nn.Module, folder: Path, rank: int) -> tuple[LoraWeights, ...]:
+    """LoRAs A and B for `transformer`, written in `folder`."""
+    return tuple(
+        LoraWeights(
+            name, write_lora(transformer, folder / f"{name}.safetensors", seed, rank), 1.0, name
+        )
+        for name, seed in (("a", 1), ("b", 2))
+    )
+
+
+def task(engine: TinyEngine, size: int, seed: int, *loras: LoraWeights) -> float:
+    """CPU seconds (all of this process's threads) for one task of `size` with `loras`:
+    unlike wall time, not inflated by other processes on a shared machine."""
+    request = GenerationRequest(PROMPT, size, size, seed=seed, loras=loras)
+    start = time.process_time()
+    engine.generate(request, lambda done, total: None)
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024, help="width and height")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=4, help="tasks per block (one not counted)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+
+    engine = TinyEngine(steps=args.steps)
+    engine.load()
+    assert engine.adapters is not None
+    transformer = engine.adapters.pipeline.transformer
+    with tempfile.TemporaryDirectory() as folder:
+        a, b = lora_pair(transformer, Path(folder), args.rank)
+        task(engine, args.size, 0)  # warm-up
+        cold = [task(engine, args.size, 0, lora) for lora in (a, b)]  # first loads
+        rows: dict[str, list[float]] = {
+            "none": [],
+            "one LoRA (A, A, ...)": [],
+            "switching (A, B, A, B)": [],
+        }
+        for _ in range(args.rounds):
+            for row, times in rows.items():
+                for index in range(args.tasks):
+                    if row == "none":
+                        loras: tuple[LoraWeights, ...] = ()
+                    elif row.startswith("one"):
+                        loras = (a,)
+                    else:
+                        loras = ((a, b)[index % 2],)
+                    seconds = task(engine, args.size, index, *loras)
+                    if index > 0:
+                        times.append(seconds)
+
+    base = statistics.median(rows["none"])
+    print(
+        f"# tiny klein, CPU, float32; {args.size}x{args.size}, {args.steps} steps, "
+        f"LoRA rank {args.rank}; {len(rows['none'])} counted tasks per row"
+    )
+    print(
+        f"# first load of a LoRA (cold, counted nowhere else): "
+        f"{cold[0]:.2f} s and {cold[1]:.2f} s per task"
+    )
+    print("| LoRAs | median CPU s/task | vs none |")
+    print("|---|---|---|")
+    for row, times in rows.items():
+        median = statistics.median(times)
+        print(f"| {row} | {median:.3f} | {median / base:.3f} |")
+    switching = statistics.median(rows["switching (A, B, A, B)"])
+    one = statistics.median(rows["one LoRA (A, A, ...)"])
+    print(
+        f"switching adds {100 * (switching / base - 1):+.1f}% to a task without LoRAs, "
+        f"{100 * (switching / one - 1):+.1f}% to one with the same LoRA throughout"
+    )
+
+
+if __name__ == "__main__":
+    main()
