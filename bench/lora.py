@@ -58,13 +58,13 @@ def lora_pair(transformer: torch.nn.Module, folder: Path, rank: int) -> tuple[Lo
     )
 
 
-def task(engine: TinyEngine, size: int, seed: int, *loras: LoraWeights) -> float:
-    """CPU seconds (all of this process's threads) for one task of `size` with `loras`:
-    unlike wall time, not inflated by other processes on a shared machine."""
+def task(engine: TinyEngine, size: int, seed: int, *loras: LoraWeights) -> tuple[float, float]:
+    """CPU seconds (all of this process's threads; unlike wall time, not inflated by
+    other processes on a shared machine) and wall seconds for one task of `size`."""
     request = GenerationRequest(PROMPT, size, size, seed=seed, loras=loras)
-    start = time.process_time()
+    cpu, wall = time.process_time(), time.perf_counter()
     engine.generate(request, lambda done, total: None)
-    return time.process_time() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
         a, b = lora_pair(transformer, Path(folder), args.rank)
         task(engine, args.size, 0)  # warm-up
         cold = [task(engine, args.size, 0, lora) for lora in (a, b)]  # first loads
-        rows: dict[str, list[float]] = {
+        rows: dict[str, list[tuple[float, float]]] = {
             "none": [],
             "one LoRA (A, A, ...)": [],
             "switching (A, B, A, B)": [],
@@ -102,25 +102,28 @@ def main() -> None:
                     if index > 0:
                         times.append(seconds)
 
-    base = statistics.median(rows["none"])
+    medians = {
+        row: tuple(statistics.median(t[which] for t in times) for which in (0, 1))
+        for row, times in rows.items()
+    }
+    cpu_base, wall_base = medians["none"]
     print(
         f"# tiny klein, CPU, float32; {args.size}x{args.size}, {args.steps} steps, "
         f"LoRA rank {args.rank}; {len(rows['none'])} counted tasks per row"
     )
     print(
-        f"# first load of a LoRA (cold, counted nowhere else): "
-        f"{cold[0]:.2f} s and {cold[1]:.2f} s per task"
+        "# first load of a LoRA (cold, counted nowhere else): "
+        + " and ".join(f"{cpu:.2f} CPU s ({wall:.2f} s wall)" for cpu, wall in cold)
     )
-    print("| LoRAs | median CPU s/task | vs none |")
-    print("|---|---|---|")
-    for row, times in rows.items():
-        median = statistics.median(times)
-        print(f"| {row} | {median:.3f} | {median / base:.3f} |")
-    switching = statistics.median(rows["switching (A, B, A, B)"])
-    one = statistics.median(rows["one LoRA (A, A, ...)"])
+    print("| LoRAs | median CPU s/task | vs none | median wall s/task | vs none |")
+    print("|---|---|---|---|---|")
+    for row, (cpu, wall) in medians.items():
+        print(f"| {row} | {cpu:.3f} | {cpu / cpu_base:.3f} | {wall:.3f} | {wall / wall_base:.3f} |")
+    switching = medians["switching (A, B, A, B)"][0]
+    one = medians["one LoRA (A, A, ...)"][0]
     print(
-        f"switching adds {100 * (switching / base - 1):+.1f}% to a task without LoRAs, "
-        f"{100 * (switching / one - 1):+.1f}% to one with the same LoRA throughout"
+        f"CPU time: switching adds {100 * (switching / cpu_base - 1):+.1f}% to a task without "
+        f"LoRAs, {100 * (switching / one - 1):+.1f}% to one with the same LoRA throughout"
     )
 
 

@@ -60,7 +60,9 @@ class LoraAdapters:
         self.memory_bytes = memory_bytes
         self.hotswap = hotswap_rank is not None
         if hotswap_rank is not None:
-            pipeline.enable_lora_hotswap(target_rank=hotswap_rank)
+            # "warn": a transformer compiled before this (handed over already
+            # compiled) recompiles once at the first LoRA instead of failing it.
+            pipeline.enable_lora_hotswap(target_rank=hotswap_rank, check_compiled="warn")
         # Resident: adapter name -> bytes, least recently used first.
         self._resident: OrderedDict[str, int] = OrderedDict()
         # Hotswap: slot -> the key of the LoRA in it; LoRA key -> its weights.
