@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from tiny_loras import lora_folder, make_lora
+from tiny_loras import make_lora
 
 from fluxserve.checkpoints import ModelRoute
 from fluxserve.engines.tiny import TinyEngine
@@ -39,26 +39,16 @@ def body(*loras: dict[str, Any], seed: int = 11) -> dict[str, Any]:
     return {"model": "flux-2-pro", "input": task_input}
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lora_folder(tmp_path_factory.mktemp("loras"))
-
-
-@pytest.fixture(scope="module")
-def engine() -> TinyEngine:
-    built = TinyEngine(steps=1)
-    built.load()
-    return built
-
-
 def lora_settings(tmp_path: Path, lora_dir: Path, **changes: Any) -> Settings:
     return make_settings(tmp_path / "data", lora_dir=lora_dir, **changes)
 
 
 @pytest.fixture
-async def service(tmp_path: Path, lora_dir: Path, engine: TinyEngine) -> AsyncIterator[Service]:
+async def service(
+    tmp_path: Path, lora_dir: Path, lora_engine: TinyEngine
+) -> AsyncIterator[Service]:
     settings = lora_settings(tmp_path, lora_dir, allow_lora_urls=True)
-    async with run_service(settings, engine=engine) as svc:
+    async with run_service(settings, engine=lora_engine) as svc:
         yield svc
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_loras import lora_folder
 
 from fluxserve.engines.base import GenerationRequest, LoraWeights
 from fluxserve.engines.lora_adapters import LoraAdapters
@@ -16,18 +15,6 @@ from fluxserve.engines.tiny import TinyEngine
 from fluxserve.errors import EngineError
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lora_folder(tmp_path_factory.mktemp("loras"))
-
-
-@pytest.fixture(scope="module")
-def engine() -> TinyEngine:
-    built = TinyEngine(steps=2)
-    built.load()
-    return built
 
 
 def lora(folder: Path, name: str, scale: float = 1.0) -> LoraWeights:
@@ -40,53 +27,53 @@ def draw(engine: TinyEngine, *loras: LoraWeights, seed: int = 5) -> np.ndarray:
 
 
 def test_a_lora_changes_the_image_and_scale_zero_does_not(
-    engine: TinyEngine, lora_dir: Path
+    lora_engine: TinyEngine, lora_dir: Path
 ) -> None:
-    plain = draw(engine)
-    with_a = draw(engine, lora(lora_dir, "ink"))
+    plain = draw(lora_engine)
+    with_a = draw(lora_engine, lora(lora_dir, "ink"))
     assert (with_a != plain).any()
-    assert np.array_equal(draw(engine, lora(lora_dir, "ink", 0.0)), plain)
-    assert np.array_equal(draw(engine), plain)  # nothing stays active after a LoRA task
+    assert np.array_equal(draw(lora_engine, lora(lora_dir, "ink", 0.0)), plain)
+    assert np.array_equal(draw(lora_engine), plain)  # nothing stays active after a LoRA task
 
 
 def test_two_loras_combine_and_switching_back_gives_the_same_image(
-    engine: TinyEngine, lora_dir: Path
+    lora_engine: TinyEngine, lora_dir: Path
 ) -> None:
     a, b = lora(lora_dir, "ink"), lora(lora_dir, "plain")
-    with_a = draw(engine, a)
-    assert engine.adapters is not None
-    base = engine.adapters.pipeline.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    with_a = draw(lora_engine, a)
+    assert lora_engine.adapters is not None
+    base = lora_engine.adapters.pipeline.transformer.get_submodule("transformer_blocks.0.attn.to_q")
     weight, before = base.base_layer.weight, base.base_layer.weight.detach().clone()
-    with_b = draw(engine, b)
-    both = draw(engine, a, b)
+    with_b = draw(lora_engine, b)
+    both = draw(lora_engine, a, b)
     assert not np.array_equal(with_a, with_b)
     assert not np.array_equal(both, with_a) and not np.array_equal(both, with_b)
-    assert np.array_equal(draw(engine, a), with_a)
-    assert np.array_equal(draw(engine, a, b), both)
-    half = draw(engine, a, lora(lora_dir, "plain", 0.5))
+    assert np.array_equal(draw(lora_engine, a), with_a)
+    assert np.array_equal(draw(lora_engine, a, b), both)
+    half = draw(lora_engine, a, lora(lora_dir, "plain", 0.5))
     assert not np.array_equal(half, both) and not np.array_equal(half, with_a)
     # The base model's weights were neither reloaded nor changed by the switches.
     assert base.base_layer.weight is weight and torch.equal(weight, before)
 
 
 def test_a_lora_for_another_base_fails_and_leaves_nothing_loaded(
-    engine: TinyEngine, lora_dir: Path
+    lora_engine: TinyEngine, lora_dir: Path
 ) -> None:
-    plain, with_a = draw(engine), draw(engine, lora(lora_dir, "ink"))
+    plain, with_a = draw(lora_engine), draw(lora_engine, lora(lora_dir, "ink"))
     with pytest.raises(EngineError) as caught:
-        draw(engine, lora(lora_dir, "wide"))
+        draw(lora_engine, lora(lora_dir, "wide"))
     message = str(caught.value)
     assert "LoRA wide does not fit the tiny FLUX.2 [klein] pipeline" in message
     assert "made for wide-klein" in message and "32 wide where this model's is 16" in message
-    assert engine.adapters is not None
-    assert not any("wide" in name for name in engine.adapters.loaded)
-    assert "wide" not in str(engine.adapters.pipeline.get_list_adapters())
-    assert np.array_equal(draw(engine), plain)
-    assert np.array_equal(draw(engine, lora(lora_dir, "ink")), with_a)
+    assert lora_engine.adapters is not None
+    assert not any("wide" in name for name in lora_engine.adapters.loaded)
+    assert "wide" not in str(lora_engine.adapters.pipeline.get_list_adapters())
+    assert np.array_equal(draw(lora_engine), plain)
+    assert np.array_equal(draw(lora_engine, lora(lora_dir, "ink")), with_a)
 
 
 def test_adapters_past_the_memory_bound_unload_least_recent_first(lora_dir: Path) -> None:
-    small = TinyEngine(steps=2, lora_memory_bytes=1)  # room for the current task's only
+    small = TinyEngine(steps=1, lora_memory_bytes=1)  # room for the current task's only
     small.load()
     a, b = lora(lora_dir, "ink"), lora(lora_dir, "plain")
     with_a = draw(small, a)
@@ -98,11 +85,12 @@ def test_adapters_past_the_memory_bound_unload_least_recent_first(lora_dir: Path
 
 @pytest.mark.timeout(600)  # two pipelines, a dozen images, on a shared CPU
 def test_hotswapped_slots_draw_what_resident_adapters_draw(
-    engine: TinyEngine, lora_dir: Path
+    lora_engine: TinyEngine, lora_dir: Path
 ) -> None:
     a, b = lora(lora_dir, "ink"), lora(lora_dir, "plain")
+    engine = lora_engine
     expected = [draw(engine, a), draw(engine, b), draw(engine, a, b), draw(engine)]
-    hot = TinyEngine(steps=2)
+    hot = TinyEngine(steps=1)
     hot.load()
     assert hot.adapters is not None
     pipeline = hot.adapters.pipeline

@@ -108,12 +108,13 @@ class LoraCatalog:
 
 def _cached_model_repos() -> list[str]:
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
     except ImportError:
         return []
     try:
-        cache = scan_cache_dir()
+        # The folder read now, as snapshot_download reads it: HF_HUB_CACHE as set.
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
     except (CacheNotFound, OSError):
         return []
     return sorted(repo.repo_id for repo in cache.repos if repo.repo_type == "model")
