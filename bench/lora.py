@@ -5,7 +5,8 @@ Each task is one `engine.generate` call of the tiny FLUX.2 [klein] engine, LoRAs
 and all (the adapters' activation is inside the call). Both LoRAs are loaded
 once before timing, so "switching" is the warm switch between loaded adapters
 that a worker makes between tasks (see src/fluxserve/engines/lora_adapters.py);
-the cold first load of a LoRA is printed apart. The three rows run as blocks of
+the cold first load of a LoRA is printed apart, and so is the activation alone
+(the `set_adapters` that a switch is), timed over many switches. The three rows run as blocks of
 `--tasks` tasks, in turn, `--rounds` times; each block's first task is not
 counted (it follows another block's LoRAs). Time is the process's CPU time, which
 other processes on a shared machine do not inflate as they do wall time; the
@@ -67,6 +68,18 @@ def task(engine: TinyEngine, size: int, seed: int, *loras: LoraWeights) -> tuple
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def activation_ms(engine: TinyEngine, cycle: list[tuple[LoraWeights, ...]], count: int) -> float:
+    """Median milliseconds of making each of `cycle` in turn the active LoRAs, alone:
+    the part of a task's time that switching adds, apart from the denoising."""
+    assert engine.adapters is not None
+    times = []
+    for index in range(count):
+        start = time.perf_counter()
+        engine.adapters.activate(cycle[index % len(cycle)])
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="width and height")
@@ -74,6 +87,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4, help="tasks per block (one not counted)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--switches", type=int, default=200, help="activations timed alone")
     args = parser.parse_args()
 
     engine = TinyEngine(steps=args.steps)
@@ -102,6 +116,9 @@ def main() -> None:
                     if index > 0:
                         times.append(seconds)
 
+        switch_ms = activation_ms(engine, [(a,), (b,)], args.switches)
+        same_ms = activation_ms(engine, [(a,)], args.switches)
+
     medians = {
         row: tuple(statistics.median(t[which] for t in times) for which in (0, 1))
         for row, times in rows.items()
@@ -119,6 +136,11 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row, (cpu, wall) in medians.items():
         print(f"| {row} | {cpu:.3f} | {cpu / cpu_base:.3f} | {wall:.3f} | {wall / wall_base:.3f} |")
+    print(
+        f"activating the task's LoRAs (median of {args.switches}, wall): switching A/B "
+        f"{switch_ms:.2f} ms, the same LoRA again {same_ms:.2f} ms; the switch is "
+        f"{100 * switch_ms / 1000 / wall_base:.3f}% of a task without LoRAs"
+    )
     switching = medians["switching (A, B, A, B)"][0]
     one = medians["one LoRA (A, A, ...)"][0]
     print(
