@@ -14,12 +14,16 @@ once with the prompt-embedding cache off, once on, and once on with
 `max_batch_size` (`--batch`): the tasks that queue while the worker draws (all
 of one shape here) are then drawn together, up to that many per pipeline call.
 Every image has the same prompt (a new seed each), so with the cache on only the
-first task runs the text encoder. Prints images/s, s/image and the ratio
-plain_s_per_image / fluxserve_s_per_image for each (>= 1.0: fluxserve at least
-matches the loop).
+first task runs the text encoder. With `--lora`, two more rows (prompt cache on):
+every task with LoRA A (rank 16, random weights, on the attention projections),
+and tasks alternating LoRAs A and B, each a named LoRA in a LoRA folder; their
+s/image against the no-LoRA row is the cost of a LoRA, and of switching. Prints
+images/s, s/image and the ratio plain_s_per_image / fluxserve_s_per_image for
+each (>= 1.0: fluxserve at least matches the loop).
 
     python bench/gpu.py                 # on a CUDA card, bf16
     python bench/gpu.py --compile       # with compile_transformer = true
+    python bench/gpu.py --lora          # with the LoRA rows
     python bench/gpu.py --cpu-smoke     # tiny pipeline on the CPU: proves it runs
 """
 
@@ -29,17 +33,19 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from lora import write_lora
 
 from fluxserve.accounts import create_key
 from fluxserve.checkpoints import EnginePlan, ModelRoute
 from fluxserve.engines.diffusers import DiffusersEngine
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
-from fluxserve.tasks import TaskInput
+from fluxserve.tasks import LoraSpec, TaskInput
 from fluxserve.worker import WorkerState
 
 PROMPT = "a lighthouse on a cliff at dusk, waves below, warm light in the windows"
@@ -117,12 +123,30 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+LoraChoice = Callable[[int], tuple[LoraSpec, ...]]
+
+
+def no_loras(_seed: int) -> tuple[LoraSpec, ...]:
+    return ()
+
+
 async def through_fluxserve(
-    engine: DiffusersEngine, resolution: str, count: int, data_dir: Path, max_batch_size: int
+    engine: DiffusersEngine,
+    resolution: str,
+    count: int,
+    data_dir: Path,
+    max_batch_size: int,
+    loras: LoraChoice = no_loras,
+    lora_dir: Path | None = None,
 ) -> float:
-    """Seconds from the first submit of `count` tasks to the last one finished."""
+    """Seconds from the first submit of `count` tasks to the last one finished; task
+    `seed` asks for `loras(seed)`, named in `lora_dir`."""
     settings = Settings(
-        data_dir=data_dir, poll_interval=0.05, engine="diffusers", max_batch_size=max_batch_size
+        data_dir=data_dir,
+        poll_interval=0.05,
+        engine="diffusers",
+        max_batch_size=max_batch_size,
+        lora_dir=lora_dir,
     )
     runtime = Runtime(settings, run_worker=True, models=["flux-2-pro"], engine=engine)
     await runtime.start()
@@ -142,7 +166,9 @@ async def through_fluxserve(
             task = await runtime.service.submit(
                 key,
                 "flux-2-pro",
-                TaskInput(prompt=PROMPT, size="1:1", resolution=resolution, seed=seed),
+                TaskInput(
+                    prompt=PROMPT, size="1:1", resolution=resolution, seed=seed, loras=loras(seed)
+                ),
                 None,
             )
             ids.append(task.task_id)
@@ -179,6 +205,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     parser.add_argument("--resolutions", default="1K,2K")
     parser.add_argument("--batch", type=int, default=4, help="max_batch_size of the batched row")
+    parser.add_argument("--lora", action="store_true", help="add the LoRA rows")
     args = parser.parse_args()
 
     if args.cpu_smoke:
@@ -223,6 +250,37 @@ def main() -> None:
             ratios.append((resolution, row, plain / served))
     for resolution, row, ratio in ratios:
         print(f"ratio plain/fluxserve s/image at {resolution}, {row}: {ratio:.2f}")
+    if args.lora:
+        lora_rows(pipeline, plan, args)
+
+
+def lora_rows(pipeline: Any, plan: EnginePlan, args: argparse.Namespace) -> None:
+    """Tasks with LoRA A throughout, then alternating A and B, against none."""
+    one: LoraChoice = lambda _seed: (LoraSpec(name="a"),)  # noqa: E731
+    switching: LoraChoice = lambda seed: (LoraSpec(name="ab"[seed % 2]),)  # noqa: E731
+    rows = (("none", no_loras), ("LoRA A throughout", one), ("LoRAs A, B alternating", switching))
+    print("| resolution | LoRAs | s/image | vs none |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        lora_dir = Path(folder) / "loras"
+        lora_dir.mkdir()
+        for name, seed in (("a", 1), ("b", 2)):
+            write_lora(pipeline.transformer, lora_dir / f"{name}.safetensors", seed, rank=16)
+        # One engine throughout: it holds the LoRAs it loads into the pipeline.
+        cache = PROMPT_CACHE_SIZE
+        engine = served_by(pipeline, plan, compile=args.compile, prompt_cache_size=cache)
+        for resolution in args.resolutions.split(","):
+            base = None
+            for row, choice in rows:
+                data_dir = Path(folder) / f"{resolution}-{row}"
+                # Once unmeasured: the LoRAs' first loads are not what the row measures.
+                asyncio.run(through_fluxserve(engine, resolution, 2, data_dir, 1, choice, lora_dir))
+                served = asyncio.run(
+                    through_fluxserve(engine, resolution, args.count, data_dir, 1, choice, lora_dir)
+                )
+                served /= args.count
+                base = base or served
+                print(f"| {resolution} | {row} | {served:.3f} | {served / base:.3f} |")
 
 
 if __name__ == "__main__":

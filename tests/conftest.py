@@ -394,3 +394,21 @@ async def ended(store: Store, task_id: str) -> Task:
             if task is not None and task.status.terminal:
                 return task
             await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA folder of the tiny pipeline's LoRAs: see tiny_loras.lora_folder."""
+    from tiny_loras import lora_folder
+
+    return lora_folder(tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="module")
+def lora_engine() -> Any:
+    """A tiny engine of its own (LoRAs leave it warm adapters), one step per image."""
+    from fluxserve.engines.tiny import TinyEngine
+
+    engine = TinyEngine(steps=1)
+    engine.load()
+    return engine

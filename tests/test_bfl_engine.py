@@ -268,10 +268,10 @@ async def test_a_bfl_route_beside_local_ones_runs_its_model_upstream(tmp_path: P
 
 def test_routes_say_whether_they_run_diffusers() -> None:
     settings = make_settings(Path("unused"), models={"flux-2-pro": {"engine": "bfl"}})
-    assert not settings.models["flux-2-pro"].runs_diffusers
-    assert settings.models["flux-2-flex"].runs_diffusers
+    assert not settings.models["flux-2-pro"].takes_loras
+    assert settings.models["flux-2-flex"].takes_loras
     everything = make_settings(Path("unused"), engine="bfl")
-    assert not any(route.runs_diffusers for route in everything.models.values())
+    assert not any(route.takes_loras for route in everything.models.values())
     assert settings.models["flux-2-pro-edit"].upstream_endpoint("flux-2-pro-edit") == (
         "/v1/flux-2-pro"
     )

@@ -29,6 +29,8 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
 RouteEngine = Literal["diffusers", "tiny", "bfl"]
+# The engines that run a diffusers pipeline on this machine, and so can load LoRAs.
+LORA_ENGINES = frozenset({"diffusers", "tiny"})
 
 
 class ModelRoute(BaseModel):
@@ -52,16 +54,15 @@ class ModelRoute(BaseModel):
         "unset: the one named like the model",
     )
 
-    @property
-    def runs_diffusers(self) -> bool:
-        """Whether this route's tasks run through diffusers on this machine (LoRAs can
-        apply), rather than upstream at Black Forest Labs."""
-        return self.engine != "bfl"
-
     def upstream_endpoint(self, model: str) -> str:
         """The path of Black Forest Labs' API a task of `model` is posted to; edits go
         to the generation's endpoint, with their references as `input_image`s."""
         return self.bfl_endpoint or "/v1/" + model.removesuffix("-edit")
+
+    @property
+    def takes_loras(self) -> bool:
+        """Whether this route's engine loads LoRAs; an engine not in LORA_ENGINES does not."""
+        return self.engine in LORA_ENGINES
 
     def pipeline_key(self) -> tuple[str, str, str | None, str, str]:
         """Routes with the same key share one loaded pipeline."""

@@ -21,7 +21,9 @@ import httpx
 
 from fluxserve import reference_shape
 from fluxserve.engines.base import GenerationRequest
+from fluxserve.errors import EngineError
 from fluxserve.logs import context_about
+from fluxserve.lora_fetch import LoraSource
 from fluxserve.netguard import NetPolicy
 from fluxserve.references import load_references
 from fluxserve.settings import Settings
@@ -115,9 +117,14 @@ async def engine_request(
     policy: NetPolicy,
     settings: Settings,
     storage: Storage,
+    loras: LoraSource | None = None,
 ) -> GenerationRequest:
-    """What `task` asks the engine for, its reference images downloaded and decoded."""
+    """What `task` asks the engine for, its reference images downloaded and decoded,
+    its LoRAs found or fetched (by `loras`)."""
     spec = task.input
+    if spec.loras and loras is None:
+        raise EngineError("this worker does not load LoRAs")
+    lora_files = await loras.resolve(spec.loras, client) if loras and spec.loras else ()
     images = await load_references(
         spec.image_urls,
         client=client,
@@ -142,4 +149,5 @@ async def engine_request(
         guidance=spec.guidance,
         images=tuple(images),
         model=task.model,
+        loras=lora_files,
     )

@@ -11,6 +11,7 @@ from fluxserve import retention
 from fluxserve.engines import make_engine, upstream_models
 from fluxserve.engines.base import Engine
 from fluxserve.errors import StoreUnavailable
+from fluxserve.lora_rules import LoraRules
 from fluxserve.metrics import Metrics
 from fluxserve.netguard import NetPolicy
 from fluxserve.service import TaskService
@@ -62,6 +63,7 @@ class Runtime:
             limits=_limits(settings),
             idempotency_ttl=settings.idempotency_ttl,
             uploads=self.uploads,
+            lora_rules=LoraRules(settings, self.policy),
         )
         self.feed = TaskFeed(self.store, self.render_status, wait=settings.poll_interval)
         self.workers: list[WorkerBase[Any]] = []

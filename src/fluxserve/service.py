@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from fluxserve.data_references import is_data_url, store_data_references
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
 from fluxserve.logs import bind_task
+from fluxserve.lora_rules import LoraRules
 from fluxserve.netguard import NetPolicy, check_url
 from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord, Store
@@ -27,10 +29,11 @@ class TaskService:
         policy: NetPolicy,
         *,
         callback_policy: NetPolicy | None = None,
-        price: Callable[[str, str], int] = lambda _model, _resolution: 0,
+        price: Callable[[str, str, int], int] = lambda _model, _resolution, _loras: 0,
         limits: SubmitLimits | None = None,
         idempotency_ttl: float = 24 * 3600,
         uploads: Uploads,
+        lora_rules: LoraRules | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -43,6 +46,8 @@ class TaskService:
         self.price = price
         self.limits = limits
         self.idempotency_ttl = idempotency_ttl
+        # None: no task may ask for LoRAs.
+        self.lora_rules = lora_rules
 
     async def submit(
         self,
@@ -61,6 +66,11 @@ class TaskService:
         """
         if callback_url is not None:
             self._check_outbound("callback_url", callback_url, self.callback_policy)
+        if task_input.loras:
+            if self.lora_rules is None:
+                raise InvalidRequest("input.loras is not accepted by this server")
+            # Off the event loop: it reads the LoRA folder and the Hugging Face cache.
+            await asyncio.to_thread(self.lora_rules.check, model, task_input.loras)
         for index, url in enumerate(task_input.image_urls):
             if not is_data_url(url) and not self._is_stored(url):
                 self._check_outbound(f"input.image_urls[{index}]", url, self.policy)
@@ -84,7 +94,7 @@ class TaskService:
                 callback_url=callback_url,
                 created_at=now,
                 callback_events=callback_events,
-                price=self.price(model, task_input.resolution),
+                price=self.price(model, task_input.resolution, len(task_input.loras)),
             ),
             limits=self.limits,
             idempotency=None

@@ -80,6 +80,30 @@ class Settings(BaseSettings):
         ge=0,
         description="Recent prompts whose embeddings each pipeline keeps on its device; 0: none",
     )
+    # LoRAs per task: see docs/lora.md.
+    lora_dir: Path | None = Field(
+        default=None, description="Folder of the operator's LoRA files; defaults to data_dir/loras"
+    )
+    max_loras: int = Field(
+        default=4, ge=0, le=16, description="LoRAs one task may ask for; 0: none"
+    )
+    allow_lora_urls: bool = Field(
+        default=False, description="Accept LoRAs by URL (fetched by the worker, net guard applies)"
+    )
+    max_lora_bytes: int = Field(
+        default=1024**3, gt=0, description="Largest LoRA file fetched from a URL"
+    )
+    lora_memory_bytes: int = Field(
+        default=2 * 1024**3,
+        gt=0,
+        description="LoRA weights kept loaded per pipeline; the least recently used unload",
+    )
+    lora_hotswap_rank: int = Field(
+        default=128,
+        ge=1,
+        description="compile_transformer: the highest LoRA rank swapped in without recompiling",
+    )
+    lora_price: int = Field(default=0, ge=0, description="Extra credits per LoRA a task uses")
     task_timeout: float | None = Field(
         default=None, gt=0, description="Seconds a task may denoise before it fails"
     )
@@ -250,7 +274,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _bfl_routes_every_model(self) -> Settings:
-        # So that each route answers `runs_diffusers` as this process will run it.
+        # So that each route answers `takes_loras` as this process will run it.
         if self.engine == "bfl":
             upstream = {"engine": "bfl"}
             self.models = {name: r.model_copy(update=upstream) for name, r in self.models.items()}
@@ -270,9 +294,11 @@ class Settings(BaseSettings):
         _known_models(value)
         return value
 
-    def price(self, model: str, resolution: str) -> int:
-        """The credits a task of `model` at `resolution` costs; 0 where none is set."""
-        return self.prices.get(model, {}).get(resolution, 0)  # type: ignore[call-overload]
+    def price(self, model: str, resolution: str, loras: int = 0) -> int:
+        """The credits a task of `model` at `resolution` with `loras` LoRAs costs; 0 where
+        no price is set."""
+        base: int = self.prices.get(model, {}).get(resolution, 0)  # type: ignore[call-overload]
+        return base + loras * self.lora_price
 
     @field_validator("result_retention", mode="before")
     @classmethod
@@ -324,6 +350,15 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def resolved_lora_dir(self) -> Path:
+        return self.lora_dir if self.lora_dir is not None else self.data_dir / "loras"
+
+    @property
+    def lora_cache_dir(self) -> Path:
+        """Where LoRAs fetched from URLs are kept, by content hash."""
+        return self.data_dir / "lora-cache"
 
 
 def _known_models(names: Iterable[str]) -> None:

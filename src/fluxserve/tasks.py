@@ -74,6 +74,24 @@ class BflOptions:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA a task asks for: by `name` (the operator's) or by `url`, at `scale`."""
+
+    name: str | None = None
+    url: str | None = None
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """How messages and the status data name it."""
+        return self.name if self.name is not None else str(self.url)
+
+    def to_json(self) -> dict[str, Any]:
+        source = {"name": self.name} if self.name is not None else {"url": self.url}
+        return {**source, "scale": self.scale}
+
+
+@dataclass(frozen=True)
 class TaskInput:
     """The validated `input` of a submitted task."""
 
@@ -90,11 +108,15 @@ class TaskInput:
     width: int | None = None
     height: int | None = None
     bfl: BflOptions | None = None
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
     def batch_shape(
         self,
-    ) -> tuple[str, str, int | None, float | None, int | None, int | None] | None:
+    ) -> (
+        tuple[str, str, int | None, float | None, int | None, int | None, tuple[LoraSpec, ...]]
+        | None
+    ):
         """What tasks must share to be drawn in one pipeline call; None: never batched.
 
         Edits are not batched: their references differ per task, and so may
@@ -102,7 +124,15 @@ class TaskInput:
         """
         if self.image_urls:
             return None
-        return (self.size, self.resolution, self.steps, self.guidance, self.width, self.height)
+        return (
+            self.size,
+            self.resolution,
+            self.steps,
+            self.guidance,
+            self.width,
+            self.height,
+            self.loras,
+        )
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -120,6 +150,8 @@ class TaskInput:
             data["width"], data["height"] = self.width, self.height
         if self.bfl is not None:
             data["bfl"] = self.bfl.to_json()
+        if self.loras:  # written only when asked for: older rows have none
+            data["loras"] = [lora.to_json() for lora in self.loras]
         return data
 
     @classmethod
@@ -130,6 +162,7 @@ class TaskInput:
                 **data,
                 "image_urls": tuple(data.get("image_urls") or ()),
                 "bfl": None if bfl is None else BflOptions(**bfl),
+                "loras": tuple(LoraSpec(**lora) for lora in data.get("loras") or ()),
             }
         )
 

@@ -47,6 +47,8 @@ def status_data(task: Task, storage: Storage, queue_position: int | None = None)
         data["queue_position"] = queue_position
     if task.cancelled:
         data["cancelled"] = True
+    if task.input.loras:
+        data["loras"] = [lora.to_json() for lora in task.input.loras]
     if task.files_expired_at is not None:
         data["files_expired"] = True  # retention removed them: see result_retention
     return data

@@ -38,6 +38,7 @@ from fluxserve.engines.base import (
 )
 from fluxserve.errors import StoreUnavailable
 from fluxserve.logs import about_tasks
+from fluxserve.lora_fetch import LoraSource
 from fluxserve.netguard import guarded_client
 from fluxserve.prefetch import Prefetch, engine_request
 from fluxserve.progress_reporter import ProgressReporter
@@ -87,6 +88,7 @@ class Worker(WorkerBase[Engine]):
         self._stopping = threading.Event()
         self._running: frozenset[str] = frozenset()
         self._prefetch: Prefetch[_Job] = Prefetch(PREFETCH_LIMIT)
+        self.loras = LoraSource(self.settings, self.policy)
 
     async def _load(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.load)
@@ -197,6 +199,7 @@ class Worker(WorkerBase[Engine]):
                 policy=self.policy,
                 settings=self.settings,
                 storage=self.storage,
+                loras=self.loras,
             )
             return _Job(claim, request, reporter)
         except USER_ERRORS as exc:

@@ -15,6 +15,7 @@ from fluxserve.api.callback_routes import router as callback_router
 from fluxserve.api.envelope import install_error_handlers
 from fluxserve.api.guard import API_DOOR, BodyCaps, RequestGuard
 from fluxserve.api.keycache import KeyCache
+from fluxserve.api.lora_routes import router as lora_router
 from fluxserve.api.observe import RequestMetrics, request_histogram, task_of_request
 from fluxserve.api.openai_errors import OPENAI_DOOR
 from fluxserve.api.openai_routes import EDITS_PATH
@@ -69,6 +70,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(upload_router)
     app.include_router(openai_router)
     app.include_router(bfl_router)
+    app.include_router(lora_router)
     install_page(app)
     return app
 

@@ -120,6 +120,14 @@ class FileData(BaseModel):
     file_size: int = Field(ge=0)
 
 
+class LoraUsed(BaseModel):
+    """A LoRA a task runs with: its `name` or its `url`, and its scale."""
+
+    name: str | SkipJsonSchema[None] = None
+    url: str | SkipJsonSchema[None] = None
+    scale: float
+
+
 class StatusData(BaseModel):
     """A task's status; the body of its callbacks too."""
 
@@ -140,6 +148,9 @@ class StatusData(BaseModel):
     cancelled: Literal[True] | SkipJsonSchema[None] = None
     files_expired: Literal[True] | SkipJsonSchema[None] = Field(
         None, description="The files were removed after result_retention"
+    )
+    loras: list[LoraUsed] | SkipJsonSchema[None] = Field(
+        None, description="The LoRAs the task runs with, in the order given"
     )
 
 

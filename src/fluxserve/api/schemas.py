@@ -26,6 +26,7 @@ from fluxserve.tasks import (
     MODELS,
     OUTPUT_FORMATS,
     TERMINAL_EVENTS,
+    LoraSpec,
     TaskInput,
 )
 
@@ -35,6 +36,11 @@ PROMPT_MIN, PROMPT_MAX = 3, 5000
 RESOLUTIONS = ("1K", "2K")
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (1.5, 10.0)
+LORA_SCALE_RANGE = (-2.0, 2.0)
+# What the body may hold at all; the max_loras setting is the limit, checked at submit.
+MAX_LORA_ENTRIES = 16
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+LORA_SUFFIX = ".safetensors"
 
 
 # What str.strip() strips, spelled out: `\s` differs between Python's regular
@@ -110,6 +116,38 @@ def clean_prompt(prompt: str, field: str) -> str:
     return prompt
 
 
+class LoraEntry(BaseModel):
+    """One of `input.loras`: a `name` (see GET /api/loras) or a `url`, and a `scale`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, json_schema_extra={"pattern": LORA_NAME_PATTERN})
+    url: str | None = Field(None, json_schema_extra=HTTP_URL_SCHEMA)
+    scale: StrictFloat | StrictInt = Field(
+        1.0, json_schema_extra={"minimum": LORA_SCALE_RANGE[0], "maximum": LORA_SCALE_RANGE[1]}
+    )
+
+    def check(self, field: str) -> None:
+        if (self.name is None) == (self.url is None):
+            raise ValueError(f"{field} must have a name or a url, not both")
+        if self.name is not None and not re.fullmatch(LORA_NAME_PATTERN, self.name):
+            raise ValueError(
+                f"{field}.name must be a LoRA file's name or an owner/name repo id (see GET "
+                "/api/loras)"
+            )
+        if self.url is not None:
+            check_http_url(self.url, f"{field}.url")
+            if not self.url.split("?", 1)[0].split("#", 1)[0].lower().endswith(LORA_SUFFIX):
+                raise ValueError(f"{field}.url must name a {LORA_SUFFIX} file")
+        if not LORA_SCALE_RANGE[0] <= self.scale <= LORA_SCALE_RANGE[1]:
+            raise ValueError(
+                f"{field}.scale must be between {LORA_SCALE_RANGE[0]:g} and {LORA_SCALE_RANGE[1]:g}"
+            )
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(name=self.name, url=self.url, scale=float(self.scale))
+
+
 class SubmitInput(BaseModel):
     """`input` of POST /api/generate/submit."""
 
@@ -123,6 +161,7 @@ class SubmitInput(BaseModel):
     output_format: str = one_of(tuple(OUTPUT_FORMATS), "png")
     steps: WholeNumber | None = None
     guidance: StrictFloat | StrictInt | None = None
+    loras: list[LoraEntry] | None = Field(None, max_length=MAX_LORA_ENTRIES)
 
     @model_validator(mode="after")
     def _check(self) -> SubmitInput:
@@ -135,6 +174,8 @@ class SubmitInput(BaseModel):
             raise ValueError(f"input.output_format {_one_of(tuple(OUTPUT_FORMATS))}")
         for index, url in enumerate(self.image_urls or ()):
             check_http_url(url, f"input.image_urls[{index}]", allow_data=True)
+        for index, lora in enumerate(self.loras or ()):
+            lora.check(f"input.loras[{index}]")
         return self
 
 
@@ -248,6 +289,7 @@ class SubmitBody(BaseModel):
             output_format=i.output_format,
             steps=i.steps,
             guidance=float(i.guidance) if i.guidance is not None else None,
+            loras=tuple(lora.spec() for lora in i.loras or ()),
         )
 
 

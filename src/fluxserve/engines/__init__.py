@@ -49,6 +49,8 @@ def make_engine(settings: Settings, models: Sequence[str] = MODELS) -> Engine:
         allow_downloads=settings.allow_downloads,
         compile_transformer=settings.compile_transformer,
         prompt_cache_size=settings.prompt_cache_size,
+        lora_memory_bytes=settings.lora_memory_bytes,
+        lora_hotswap_rank=settings.lora_hotswap_rank,
     )
     tiny = _tiny(settings) if len(real) < len(plans) else diffusers_engine
     from fluxserve.engines.routed import RoutedEngine
@@ -70,4 +72,8 @@ def _tiny(settings: Settings) -> Engine:
         raise EngineUnavailable(
             f"the tiny engine needs torch and diffusers ({exc.name} is missing): {LOCAL_EXTRA_HINT}"
         ) from exc
-    return TinyEngine(steps=settings.tiny_steps, prompt_cache_size=settings.prompt_cache_size)
+    return TinyEngine(
+        steps=settings.tiny_steps,
+        prompt_cache_size=settings.prompt_cache_size,
+        lora_memory_bytes=settings.lora_memory_bytes,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from PIL import Image
@@ -14,6 +15,18 @@ ProgressCallback = Callable[[int, int], None]
 It runs on the engine's thread. It may raise (for example to cancel the task):
 the engine must let the exception stop generation and propagate it unchanged.
 """
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A LoRA file on this machine, to apply at `scale`."""
+
+    key: str
+    """The same for the same file: adapters are kept loaded, and found again, by it."""
+    path: Path
+    scale: float
+    label: str
+    """Its name or URL, for messages."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,8 @@ class GenerationRequest:
     images: Sequence[Image.Image] = field(default_factory=tuple)
     model: str | None = None
     """The public model name; engines that route per model read it."""
+    loras: tuple[LoraWeights, ...] = ()
+    """Applied in this order; a batch's requests share them."""
 
 
 class Engine(Protocol):
@@ -56,7 +71,7 @@ class BatchEngine(Engine, Protocol):
     ) -> list[list[Image.Image]]:
         """Draw `requests` together: one list of images per request, in order.
 
-        The requests share model, size, steps and guidance, and have no
+        The requests share model, size, steps, guidance and LoRAs, and have no
         references; each keeps its own prompt and seed. `on_progress` counts the
         batch's steps.
         """

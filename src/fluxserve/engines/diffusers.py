@@ -26,6 +26,7 @@ from PIL import Image
 from fluxserve.checkpoints import EnginePlan, ModelRoute, pull_hint
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
 from fluxserve.engines.flux2 import run_pipeline
+from fluxserve.engines.lora_adapters import LoraAdapters
 from fluxserve.engines.prompts import PromptCache
 from fluxserve.errors import EngineError, EngineUnavailable
 
@@ -119,15 +120,21 @@ class DiffusersEngine:
         allow_downloads: bool = False,
         compile_transformer: bool = False,
         prompt_cache_size: int = 0,
+        lora_memory_bytes: int = 2 * 1024**3,
+        lora_hotswap_rank: int = 128,
     ) -> None:
         self.plans = {plan.model: plan for plan in plans}
         self.max_loaded = max_loaded
         self.allow_downloads = allow_downloads
         self.compile_transformer = compile_transformer
         self.prompt_cache_size = prompt_cache_size
+        self.lora_memory_bytes = lora_memory_bytes
+        self.lora_hotswap_rank = lora_hotswap_rank
         self.device = device()
         self._loaded: OrderedDict[PipelineKey, Any] = OrderedDict()
         self._prompts: dict[PipelineKey, PromptCache] = {}
+        # Each loaded pipeline's LoRAs: see lora_adapters.
+        self._adapters: dict[PipelineKey, LoraAdapters] = {}
         self._lock = threading.RLock()
 
     def load(self) -> None:
@@ -193,6 +200,9 @@ class DiffusersEngine:
             prompts = self._prompts.setdefault(
                 route.pipeline_key(), PromptCache(self.prompt_cache_size)
             )
+            adapters = self._adapters.get(route.pipeline_key()) or self._adapters.setdefault(
+                route.pipeline_key(), self._new_adapters(pipeline, route)
+            )
         steps = first.steps or route.steps
         guidance = first.guidance if first.guidance is not None else route.guidance
         try:
@@ -205,6 +215,7 @@ class DiffusersEngine:
                 lock=self._lock,
                 prompts=prompts,
                 failure=f"FLUX.2 ({route.checkpoint}) failed",
+                adapters=adapters,
             )
         except torch.OutOfMemoryError as exc:
             with self._lock:
@@ -261,9 +272,20 @@ class DiffusersEngine:
             ) from exc
         self._place(pipeline, route)
         pipeline.set_progress_bar_config(disable=True)  # progress goes to on_progress
+        # Hotswap is prepared before the first LoRA and before compiling: a
+        # compiled transformer then swaps LoRAs without recompiling.
+        self._adapters[route.pipeline_key()] = self._new_adapters(pipeline, route)
         if self.compile_transformer:
             pipeline.transformer.compile()
         return pipeline
+
+    def _new_adapters(self, pipeline: Any, route: ModelRoute) -> LoraAdapters:
+        return LoraAdapters(
+            pipeline,
+            base=route.checkpoint,
+            memory_bytes=self.lora_memory_bytes,
+            hotswap_rank=self.lora_hotswap_rank if self.compile_transformer else None,
+        )
 
     def _place(self, pipeline: Any, route: ModelRoute) -> None:
         mode = route.memory_mode
@@ -291,6 +313,7 @@ class DiffusersEngine:
     def _unload_oldest(self) -> None:
         key, _ = self._loaded.popitem(last=False)
         self._prompts.pop(key, None)
+        self._adapters.pop(key, None)
         logger.info("unloading %s (least recently used)", key[0])
         empty_device_cache()
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
+from fluxserve.engines.lora_adapters import LoraAdapters
 from fluxserve.engines.prompts import PromptCache
 from fluxserve.errors import EngineError
 
@@ -24,6 +25,7 @@ def run_pipeline(
     lock: AbstractContextManager[Any],
     prompts: PromptCache,
     failure: str,
+    adapters: LoraAdapters | None = None,
 ) -> list[list[Image.Image]]:
     """Draw `requests` in one call of `pipeline`, reporting every step to `on_progress`.
 
@@ -35,13 +37,17 @@ def run_pipeline(
     propagates unchanged; so does an out-of-memory error, for the caller to
     explain. Any other failure becomes `EngineError("<failure>: ...")`. Unset,
     `guidance` leaves the pipeline's own default. A prompt in `prompts` is not
-    encoded again; `lock` guards `prompts` too.
+    encoded again; `lock` guards `prompts` too, and `adapters`, which apply the
+    requests' LoRAs (EngineError when one does not fit).
     """
     first = requests[0]
     if len(requests) > 1 and any(
-        (r.width, r.height) != (first.width, first.height) or r.images for r in requests
+        (r.width, r.height, r.loras) != (first.width, first.height, first.loras) or r.images
+        for r in requests
     ):
-        raise ValueError("a batch shares one size and has no reference images")
+        raise ValueError("a batch shares one size and its LoRAs, and has no reference images")
+    if first.loras and adapters is None:
+        raise EngineError(f"{failure}: this engine does not load LoRAs")
     # on_progress's own exception, kept to tell it apart from pipeline failures.
     raised: list[BaseException] = []
 
@@ -56,9 +62,11 @@ def run_pipeline(
     options: dict[str, Any] = {}
     if guidance is not None:
         options["guidance_scale"] = guidance
-    try:
-        # The scheduler keeps per-call state (timesteps, step index): one at a time.
-        with lock:
+    # The scheduler keeps per-call state (timesteps, step index): one at a time.
+    with lock:
+        if adapters is not None:
+            adapters.activate(first.loras)
+        try:
             output = pipeline(
                 **prompts.text_inputs(pipeline, [r.prompt for r in requests]),
                 image=list(first.images) or None,
@@ -71,10 +79,10 @@ def run_pipeline(
                 callback_on_step_end=step_end,
                 **options,
             )
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:
-        if raised and exc is raised[0]:
+        except torch.OutOfMemoryError:
             raise
-        raise EngineError(f"{failure}: {exc}") from exc
+        except Exception as exc:
+            if raised and exc is raised[0]:
+                raise
+            raise EngineError(f"{failure}: {exc}") from exc
     return [[image] for image in output.images]

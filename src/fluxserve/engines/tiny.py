@@ -36,9 +36,13 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fluxserve.engines.base import GenerationRequest, ProgressCallback
 from fluxserve.engines.flux2 import run_pipeline
+from fluxserve.engines.lora_adapters import LoraAdapters
 from fluxserve.engines.prompts import PromptCache
 
 PipelineT = TypeVar("PipelineT", Flux2KleinPipeline, Flux2Pipeline)
+
+TINY_BASE = "the tiny FLUX.2 [klein] pipeline"
+"""What a LoRA made for another model is told it does not fit."""
 
 WEIGHTS_SEED = 0
 """Seed for the random weights: every build of the tiny pipeline is identical."""
@@ -191,9 +195,13 @@ class TinyEngine:
 
     name = "tiny"
 
-    def __init__(self, steps: int = 4, prompt_cache_size: int = 0) -> None:
+    def __init__(
+        self, steps: int = 4, prompt_cache_size: int = 0, lora_memory_bytes: int = 2 * 1024**3
+    ) -> None:
         self.steps = steps
+        self.lora_memory_bytes = lora_memory_bytes
         self._pipeline: Flux2KleinPipeline | None = None
+        self.adapters: LoraAdapters | None = None
         self._prompts = PromptCache(prompt_cache_size)
         self._load_lock = threading.Lock()
         # The scheduler keeps per-call state (timesteps, step index): one at a time.
@@ -207,6 +215,9 @@ class TinyEngine:
         with self._load_lock:
             if self._pipeline is None:
                 self._pipeline = build_tiny_pipeline()
+                self.adapters = LoraAdapters(
+                    self._pipeline, base=TINY_BASE, memory_bytes=self.lora_memory_bytes
+                )
             return self._pipeline
 
     def generate(
@@ -235,4 +246,5 @@ class TinyEngine:
             lock=self._generate_lock,
             prompts=self._prompts,
             failure="The tiny engine failed",
+            adapters=self.adapters,
         )
