@@ -52,7 +52,7 @@ async def account_tasks(service: Service, key: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def service(tmp_path: Path, tiny_engine: Engine) -> AsyncIterator[Service]:
-    settings = make_settings(tmp_path / "data", prices={"flux-2-pro": {"1K": 5}})
+    settings = make_settings(tmp_path / "data", prices={"flux-2-pro": {"1K": 5, "2K": 9}})
     async with run_service(settings, engine=tiny_engine) as svc:
         yield svc
 
@@ -88,7 +88,7 @@ async def test_n_images_are_n_tasks_and_n_charges_with_url_answers(service: Serv
     key = await paid_key(service, "two@example.com", 100)
     async with client(service, key) as oai:
         answer = await oai.images.generate(
-            prompt=PROMPT, n=2, response_format="url", output_format="jpeg", size="1536x1024"
+            prompt=PROMPT, n=2, response_format="url", output_format="jpeg", size="1920x1080"
         )
 
     assert answer.data is not None and len(answer.data) == 2
@@ -100,14 +100,26 @@ async def test_n_images_are_n_tasks_and_n_charges_with_url_answers(service: Serv
         assert fetched.status_code == 200
         made = Image.open(io.BytesIO(fetched.content))
         assert made.format == "JPEG"
-        # 1536x1024 is 3:2: made at fluxserve's 3:2, which the answer states.
-        assert answer.size == f"{made.width}x{made.height}"
-        assert abs(made.width / made.height - 1.5) < 0.02
+        # 1080 is no multiple of 16: made at fluxserve's 16:9, which the answer states.
+        assert answer.size == f"{made.width}x{made.height}" == "1360x768"
     tasks = await account_tasks(service, key)
     assert sorted(task["task_id"] for task in tasks) == sorted(task_ids)
     assert [task["credits_amount"] for task in tasks] == [5, 5]
     balance = await service.client.get("/api/user/balance", headers=service.auth(key))
     assert balance.json()["data"]["credits_amount"] == 90
+
+
+async def test_an_exact_size_is_made_exactly_and_priced_by_its_area(service: Service) -> None:
+    key = await paid_key(service, "exact@example.com", 100)
+    async with client(service, key) as oai:
+        answer = await oai.images.generate(prompt=PROMPT, size="1536x1024")
+
+    assert answer.data is not None and len(answer.data) == 1
+    image = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json or "")))
+    assert (image.width, image.height) == (1536, 1024) and answer.size == "1536x1024"
+    # 1.5 megapixels is past 1K's area: charged at 2K, as Black Forest Labs' wire charges.
+    task_id = (answer.data[0].model_extra or {})["task_id"]
+    assert (await task_data(service, task_id, key))["credits_amount"] == 9
 
 
 async def test_edit_with_two_images_runs_the_edit_model_on_both(service: Service) -> None:
@@ -299,20 +311,27 @@ async def test_generate_on_postgresql(
     ("asked", "made"),
     [
         ("1024x1024", (1024, 1024)),
-        ("512x512", (1024, 1024)),
-        ("1536x1024", (1248, 832)),
-        ("1024x1536", (832, 1248)),
-        ("1792x1024", (1360, 768)),
-        ("1920x1080", (1360, 768)),
+        ("512x512", (512, 512)),
+        ("256x256", (256, 256)),
+        ("1536x1024", (1536, 1024)),
+        ("1024x1536", (1024, 1536)),
+        ("1792x1024", (1792, 1024)),
+        ("1024x1792", (1024, 1792)),
         ("2048x2048", (2048, 2048)),
+        ("1920x1080", (1360, 768)),
+        ("1000x1000", (1024, 1024)),
         ("3840x2160", (2704, 1520)),
+        ("4096x1024", (4096, 1024)),
     ],
 )
 def test_each_openai_size_is_made_as_docs_openai_api_md_says(
     asked: str, made: tuple[int, int]
 ) -> None:
     choice = size_choice(asked)
-    assert dimensions(size_ratio(choice.size), choice.resolution) == made
+    if choice.width is not None and choice.height is not None:
+        assert (choice.size, choice.width, choice.height) == ("auto", *made)
+    else:
+        assert dimensions(size_ratio(choice.size), choice.resolution) == made
     assert f"`{asked}`" in (Path(__file__).parents[1] / "docs" / "openai-api.md").read_text()
 
 

@@ -7,7 +7,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fluxserve.sizes import RESOLUTIONS, SIZES
+from fluxserve.sizes import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    MIN_SIDE,
+    MULTIPLE,
+    RESOLUTIONS,
+    SIZES,
+    makes_exactly,
+    price_resolution,
+)
 from fluxserve.tasks import EDIT_MODELS, MODELS
 
 OPENAI_IMAGE_MODELS: tuple[str, ...] = (
@@ -76,20 +85,27 @@ def fluxserve_model(
 
 @dataclass(frozen=True)
 class SizeChoice:
-    """fluxserve's `size` (an aspect ratio, or auto) and `resolution` for an OpenAI size."""
+    """fluxserve's `size` (an aspect ratio, or auto) and `resolution` for an OpenAI
+    size, and its `width` and `height` when it is made exactly."""
 
     size: str
     resolution: str
+    width: int | None = None
+    height: int | None = None
 
 
 def size_choice(size: str | None) -> SizeChoice:
     """`auto` (or none) follows the first reference of an edit, else 1:1, at 1K; a
-    `WxH` picks the fluxserve ratio within 2% of it and the resolution nearest its area."""
+    `WxH` fluxserve can make exactly (sizes.py `makes_exactly`) is made so, priced by
+    its area; any other picks the fluxserve ratio within 2% of it and the resolution
+    nearest its area."""
     if size is None or size == "auto":
         return SizeChoice("auto", "1K")
     if not _SIZE.match(size):
         raise OpenAIValueError("size", f"size must be 'auto' or WIDTHxHEIGHT, got {size!r}")
     width, height = (int(side) for side in size.split("x"))
+    if makes_exactly(width, height):
+        return SizeChoice("auto", price_resolution(width, height), width, height)
     asked = width / height
     for name, (w, h) in SIZES.items():
         if abs(asked / (w / h) - 1) <= RATIO_TOLERANCE:
@@ -98,6 +114,7 @@ def size_choice(size: str | None) -> SizeChoice:
     ratios = ", ".join(SIZES)
     raise OpenAIValueError(
         "size",
-        f"size {size} has an aspect ratio fluxserve does not make; "
-        f"use 'auto' or a WIDTHxHEIGHT of one of the ratios {ratios} (e.g. 1024x1024)",
+        f"size {size} is not made exactly (sides multiples of {MULTIPLE} from {MIN_SIDE} "
+        f"to {MAX_SIDE}, at most {MAX_PIXELS} pixels) and has an aspect ratio fluxserve "
+        f"does not make; use 'auto', such a size, or one of the ratios {ratios}",
     )

@@ -19,6 +19,22 @@ SIZE_CHOICES: tuple[str, ...] = (*SIZES, "auto")
 RESOLUTIONS: dict[str, int] = {"1K": 1024 * 1024, "2K": 2048 * 2048}
 MAX_PIXELS = 2048 * 2048
 MULTIPLE = 16
+# The sides an exact width x height may have (BFL's rule, docs/bfl-api.md).
+MIN_SIDE, MAX_SIDE = 64, 4096
+
+
+def makes_exactly(width: int, height: int) -> bool:
+    """Whether `width` x `height` can be made as it is: sides multiples of 16 from
+    64 to 4096, at most MAX_PIXELS together."""
+    sides_fit = all(
+        MIN_SIDE <= side <= MAX_SIDE and side % MULTIPLE == 0 for side in (width, height)
+    )
+    return sides_fit and width * height <= MAX_PIXELS
+
+
+def price_resolution(width: int, height: int) -> str:
+    """The resolution an exact width x height is priced at: 2K past 1K's area."""
+    return "2K" if width * height > RESOLUTIONS["1K"] else "1K"
 
 
 def _round16(value: float) -> int:

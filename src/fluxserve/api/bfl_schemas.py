@@ -31,10 +31,9 @@ from fluxserve.api.schemas import (
     clean_prompt,
 )
 from fluxserve.bfl_models import FLEX_PATHS, BflRoute
-from fluxserve.sizes import MAX_PIXELS, MULTIPLE, RESOLUTIONS
+from fluxserve.sizes import MAX_PIXELS, MAX_SIDE, MIN_SIDE, MULTIPLE, price_resolution
 from fluxserve.tasks import BflOptions, TaskInput
 
-MIN_SIDE, MAX_SIDE = 64, 4096
 KLEIN_MAX_IMAGES = 4
 IMAGE_FIELDS = ("input_image", *(f"input_image_{n}" for n in range(2, 9)))
 
@@ -143,11 +142,10 @@ class BflInputs(BaseModel):
         images = self.images()
         model = route.model_for(bool(images))
         steps, guidance = self.sampler() if model.startswith("flux-2-flex") else (None, None)
-        area = (self.width or 0) * (self.height or 0)
         task_input = TaskInput(
             prompt=self.prompt,
             size="auto",
-            resolution="2K" if area > RESOLUTIONS["1K"] else "1K",
+            resolution=price_resolution(self.width or 0, self.height or 0),
             image_urls=tuple(value for _, value in images),
             seed=self.seed,
             output_format=self.output_format or "jpeg",

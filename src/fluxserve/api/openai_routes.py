@@ -76,7 +76,8 @@ class ImageOptions(BaseModel):
         None,
         json_schema_extra={
             "pattern": SIZE_PATTERN,
-            "description": "auto, or WIDTHxHEIGHT of one of fluxserve's aspect ratios",
+            "description": "auto, or WIDTHxHEIGHT: made exactly when sides are multiples "
+            "of 16 from 64 to 4096 within 4 MP, else at the nearest aspect ratio",
         },
     )
     response_format: str | None = _nullable(RESPONSE_FORMATS)
@@ -105,6 +106,8 @@ def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan
         prompt=prompt,
         size=choice.size,
         resolution=choice.resolution,
+        width=choice.width,
+        height=choice.height,
         output_format=options.output_format or "png",
     )
     return ImagesPlan(
