@@ -117,6 +117,10 @@ class Service:
         raise AssertionError(f"task {task_id} did not end within {within}s")
 
 
+IN_PROCESS_URL = "http://fluxserve.test"
+"""The base URL of a service called in this process: nothing listens there."""
+
+
 @asynccontextmanager
 async def run_service(
     settings: Settings,
@@ -125,12 +129,68 @@ async def run_service(
     run_worker: bool = True,
     models: Sequence[str] = MODELS,
     make_app: Callable[[Runtime], Any] = create_app,
+    in_process: bool = False,
 ) -> AsyncIterator[Service]:
-    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key; `make_app`
-    may wrap the app, to serve it as another server would."""
+    """fluxserve with one API key, on a real uvicorn server on 127.0.0.1; `make_app`
+    may wrap the app, to serve it as another server would.
+
+    With `in_process`, no server: the client calls the app in this process through
+    httpx's ASGITransport, its lifespan (the runtime's start and stop) run around
+    the test. For every test that needs no socket: no streams (the transport
+    answers once the app has sent everything), no other program calling in, no
+    fetches by the service of its own URLs.
+    """
+    if in_process:
+        service = _in_process_service(settings, engine, run_worker, models, make_app)
+    else:
+        service = _served_service(settings, engine, run_worker, models, make_app)
+    async with service as running:
+        running.key = await running.new_key("test")
+        yield running
+
+
+class _YieldingTransport(httpx.ASGITransport):
+    """ASGITransport, but each request first lets the loop's other tasks run, as a
+    request sent over a socket does: a test that polls without sleeping must not
+    starve the worker and the dispatcher sharing its loop."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)
+        return await super().handle_async_request(request)
+
+
+@asynccontextmanager
+async def _in_process_service(
+    settings: Settings,
+    engine: Engine | None,
+    run_worker: bool,
+    models: Sequence[str],
+    make_app: Callable[[Runtime], Any],
+) -> AsyncIterator[Service]:
+    settings = settings.model_copy(update={"public_url": IN_PROCESS_URL})
+    runtime = Runtime(settings, run_worker=run_worker, models=models, engine=engine)
+    app = make_app(runtime)
+    # raise_app_exceptions off: an error the app does not handle is a 500, as a server sends.
+    transport = _YieldingTransport(app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url=IN_PROCESS_URL, timeout=30) as client,
+    ):
+        yield Service(IN_PROCESS_URL, "", runtime, client)
+
+
+@asynccontextmanager
+async def _served_service(
+    settings: Settings,
+    engine: Engine | None,
+    run_worker: bool,
+    models: Sequence[str],
+    make_app: Callable[[Runtime], Any],
+) -> AsyncIterator[Service]:
     sock = _bound_socket()
     port = sock.getsockname()[1]
-    settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
+    url = f"http://127.0.0.1:{port}"
+    settings = settings.model_copy(update={"public_url": url})
     runtime = Runtime(settings, run_worker=run_worker, models=models, engine=engine)
     server = uvicorn.Server(uvicorn.Config(make_app(runtime), log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -139,11 +199,8 @@ async def run_service(
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
-        url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            service = Service(url, "", runtime, client)
-            service.key = await service.new_key("test")
-            yield service
+            yield Service(url, "", runtime, client)
     finally:
         server.should_exit = True
         await task

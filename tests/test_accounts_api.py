@@ -73,7 +73,7 @@ def queue_only(tmp_path: Path) -> Settings:
 async def test_balance_and_credits_follow_a_task_from_hold_to_charge(
     queue_only: Settings,
 ) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         key = await account_key(service, "alice@example.com", credits=5)
         balance = await get(service, "/api/user/balance", key)
         assert balance.json() == {
@@ -108,7 +108,7 @@ async def test_cancel_a_queued_task_fires_its_callback_and_frees_its_credits(
     receiver = Receiver()
     async with (
         serve_asgi(receiver.app()) as hook_base,
-        run_service(queue_only, run_worker=False) as service,
+        run_service(queue_only, run_worker=False, in_process=True) as service,
     ):
         key = await account_key(service, "alice@example.com", credits=3)
         body = {**PRO, "callback_url": f"{hook_base}/hook"}
@@ -135,7 +135,7 @@ async def test_cancel_a_queued_task_fires_its_callback_and_frees_its_credits(
 
 
 async def test_cancel_a_finished_task_is_a_conflict(queue_only: Settings) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         key = await account_key(service, "alice@example.com", credits=3)
         task_id = (await service.submit(PRO, key)).json()["data"]["task_id"]
         await finish(service)
@@ -177,7 +177,7 @@ async def test_a_cancel_from_another_process_stops_the_running_task_within_a_ste
 ) -> None:
     engine = SlowSteps(tiny_engine, delay=0.2, at_step=2)
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=engine) as service:
+    async with run_service(settings, engine=engine, in_process=True) as service:
         body = {"model": "flux-2-flex", "input": {**PROMPT, "steps": 30}}
         task_id = (await service.submit(body)).json()["data"]["task_id"]
         assert await asyncio.to_thread(engine.reached.wait, 30)
@@ -196,7 +196,7 @@ async def test_a_cancel_from_another_process_stops_the_running_task_within_a_ste
 
 
 async def test_history_pages_an_accounts_tasks_newest_first(queue_only: Settings) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         key = await account_key(service, "alice@example.com")
         # Two keys of one account share its history; another account's never shows.
         second = await service.new_key("alice-ci", account="alice@example.com")
@@ -242,7 +242,7 @@ async def test_history_pages_an_accounts_tasks_newest_first(queue_only: Settings
 async def test_a_retried_submit_with_an_idempotency_key_answers_the_first_task(
     queue_only: Settings,
 ) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         headers = {**service.auth(), "Idempotency-Key": "order-2026-11-25-17"}
         flex = {"model": "flux-2-flex", "input": PROMPT}
         first = await service.client.post("/api/generate/submit", json=flex, headers=headers)
@@ -264,7 +264,7 @@ async def test_a_retried_submit_with_an_idempotency_key_answers_the_first_task(
 
 async def test_past_a_limit_a_submit_gets_429_with_retry_after(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", rate_limit_per_minute=2, max_active_tasks=5)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         for _ in range(2):
             assert (await service.submit(PRO)).status_code == 200
         refused = await service.submit(PRO)
@@ -274,7 +274,7 @@ async def test_past_a_limit_a_submit_gets_429_with_retry_after(tmp_path: Path) -
         assert (await service.submit(PRO, await service.new_key())).status_code == 200
 
     settings = make_settings(tmp_path / "other", max_active_tasks=1)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         assert (await service.submit(PRO)).status_code == 200
         refused = await service.submit(PRO)
         assert "at most 1 queued or running" in error_of(refused, 429, "rate_limit_error")
@@ -290,7 +290,9 @@ async def test_one_accounts_backlog_does_not_hold_back_anothers_task(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     engine = SlowSteps(tiny_engine, delay=0.05)
-    async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), engine=engine, in_process=True
+    ) as service:
         alice = await account_key(service, "alice@example.com")
         bob = await account_key(service, "bob@example.com")
         small = {"model": "flux-2-pro", "input": {**PROMPT, "size": "1:1"}}
@@ -345,7 +347,9 @@ async def test_accounts_keys_and_credits_from_the_command_line(
     assert "\tgrant\t-10\t\trefund reversed" in shown and "\tgrant\t+40\t" in shown
     assert "No account" in await cli("credits", "show", "nobody@example.com", code=1)
 
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         balance = await get(service, "/api/user/balance", secret)
         assert balance.json()["data"]["email"] == "alice@example.com"
         assert balance.json()["data"]["credits_amount"] == 30

@@ -23,7 +23,7 @@ async def service(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     database = fresh_postgres_database() if request.param == "postgresql" else nullcontext()
     async with database as url:
         settings = make_settings(tmp_path / "data", database_url=url)
-        async with run_service(settings, run_worker=False) as running:
+        async with run_service(settings, run_worker=False, in_process=True) as running:
             yield running
 
 

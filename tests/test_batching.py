@@ -230,7 +230,7 @@ async def test_three_queued_tasks_run_in_one_pipeline_call(
     seeds = (11, 12, 13)
     async with (
         serve_asgi(receiver.app()) as hook_url,
-        run_service(batching(tmp_path), engine=held) as service,
+        run_service(batching(tmp_path), engine=held, in_process=True) as service,
     ):
         ids = [await submit(service, seed, callback_url=f"{hook_url}/hook") for seed in seeds]
         held.ready.set()
@@ -248,7 +248,7 @@ async def test_three_queued_tasks_run_in_one_pipeline_call(
 async def test_a_task_of_another_shape_is_not_batched(
     tmp_path: Path, held: Held, pipeline_calls: list[int]
 ) -> None:
-    async with run_service(batching(tmp_path), engine=held) as service:
+    async with run_service(batching(tmp_path), engine=held, in_process=True) as service:
         first = await submit(service, 1)
         other = await submit(service, 2, input={"prompt": "more steps", "steps": 3})
         third = await submit(service, 3)
@@ -262,7 +262,7 @@ async def test_cancelling_one_task_hands_the_rest_of_its_batch_back(
     tmp_path: Path, held: Held, pipeline_calls: list[int]
 ) -> None:
     held.pause_at = 1
-    async with run_service(batching(tmp_path), engine=held) as service:
+    async with run_service(batching(tmp_path), engine=held, in_process=True) as service:
         ids = [await submit(service, seed) for seed in (1, 2, 3)]
         held.ready.set()
         assert await asyncio.to_thread(held.paused.wait, 30)
@@ -281,7 +281,7 @@ async def test_a_timeout_fails_every_task_of_the_batch(
 ) -> None:
     held.pause_at = 1
     settings = make_settings(tmp_path / "data", max_batch_size=3, task_timeout=0.3)
-    async with run_service(settings, engine=held) as service:
+    async with run_service(settings, engine=held, in_process=True) as service:
         ids = [await submit(service, seed) for seed in (1, 2)]
         held.ready.set()
         assert await asyncio.to_thread(held.paused.wait, 30)

@@ -345,7 +345,7 @@ async def test_served_through_the_settings_reports_engine_diffusers(
     tmp_path: Path, klein_dir: Path
 ) -> None:
     settings = settings_for(tmp_path, engine="diffusers", models=klein_routes(klein_dir, steps=1))
-    async with run_service(settings) as service:
+    async with run_service(settings, in_process=True) as service:
         body = {
             "model": "flux-2-flex-edit",
             "input": {
@@ -368,7 +368,7 @@ async def test_cancel_stops_the_denoising_loop_at_the_next_step(
 ) -> None:
     gate = Gate(klein, at_step=2)
     gate_release.append(gate)
-    async with run_service(settings_for(tmp_path), engine=gate) as service:
+    async with run_service(settings_for(tmp_path), engine=gate, in_process=True) as service:
         body = {"model": "flux-2-flex", "input": {"prompt": "a long one", "steps": 10}}
         task_id = (await service.submit(body)).json()["data"]["task_id"]
         assert await asyncio.to_thread(gate.reached.wait, 30)
@@ -393,7 +393,7 @@ async def test_timeout_fails_the_task_at_the_next_step(
 ) -> None:
     gate = Gate(klein, at_step=1, hold=0.6)
     settings = settings_for(tmp_path, task_timeout=0.3)
-    async with run_service(settings, engine=gate) as service:
+    async with run_service(settings, engine=gate, in_process=True) as service:
         body = {"model": "flux-2-flex", "input": {"prompt": "a slow one", "steps": 10}}
         task_id = (await service.submit(body)).json()["data"]["task_id"]
         data = await service.wait(task_id)
@@ -451,7 +451,7 @@ def test_pull_offline_fails_at_once_with_the_reason(monkeypatch: pytest.MonkeyPa
 async def test_unusable_data_url_reference_is_a_400_at_submit(
     tmp_path: Path, tiny_engine: Engine, width: int, height: int, reason: str
 ) -> None:
-    async with run_service(settings_for(tmp_path), engine=tiny_engine) as service:
+    async with run_service(settings_for(tmp_path), engine=tiny_engine, in_process=True) as service:
         body = {
             "model": "flux-2-pro-edit",
             "input": {

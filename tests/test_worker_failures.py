@@ -28,7 +28,7 @@ async def test_the_tokenizers_panic_on_a_long_run_of_spaces_fails_only_that_task
     # The byte-level BPE pre-tokenizer's regex gives up after 10 million retries
     # and the Rust library panics. Queued through the store: submit refuses it.
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=tiny_engine) as service:
+    async with run_service(settings, engine=tiny_engine, in_process=True) as service:
         store = service.runtime.store
         poisoned = await queue_task(store, prompt="a cat" + " " * 10_000_000)
         plain = await queue_task(store, prompt="a calm sea")
@@ -59,7 +59,7 @@ async def test_a_worker_that_cannot_load_is_reported_loudly_and_not_ready(
 ) -> None:
     caplog.set_level(logging.CRITICAL)
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=FailsToLoad()) as service:
+    async with run_service(settings, engine=FailsToLoad(), in_process=True) as service:
         await service.runtime.wait_for_failure()
         health = await service.client.get("/health")
         ready = await service.client.get("/ready")
@@ -95,7 +95,9 @@ class LoadsOnSignal:
 
 async def test_a_loading_worker_is_alive_but_not_ready(tmp_path: Path, tiny_engine: Engine) -> None:
     engine = LoadsOnSignal(tiny_engine)
-    async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), engine=engine, in_process=True
+    ) as service:
         try:
             health = await service.client.get("/health")
             loading = await service.client.get("/ready")
