@@ -11,17 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from fluxserve.accounts import create_account
 from fluxserve.cli import app
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 from fluxserve.settings import Settings
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import ResultFile
 
 from conftest import Receiver, Service, make_settings, run_service, serve_asgi
+from hooked_engine import Hooked
 
 PROMPT = {"prompt": "a paper boat on a pond", "size": "1:1", "resolution": "1K"}
 PRO = {"model": "flux-2-pro", "input": PROMPT}
@@ -144,32 +144,22 @@ async def test_cancel_a_finished_task_is_a_conflict(queue_only: Settings) -> Non
         assert (await service.status(task_id, key)).json()["data"]["status"] == "finished"
 
 
-class SlowSteps:
+class SlowSteps(Hooked):
     """Wraps an engine: each denoising step takes at least `delay`; records the steps,
     and sets `reached` once `at_step` steps are done."""
 
     def __init__(self, inner: Engine, delay: float, at_step: int = 1) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner, self.slow)
         self.delay = delay
         self.steps: list[int] = []
-        self.at_step = at_step
+        self.reached_at = at_step
         self.reached = threading.Event()
 
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def slow(done: int, total: int) -> None:
-            self.steps.append(done)
-            if len(self.steps) >= self.at_step:
-                self.reached.set()
-            time.sleep(self.delay)
-            on_progress(done, total)
-
-        return self.inner.generate(request, slow)
+    def slow(self, _: object, done: int, __: int) -> None:
+        self.steps.append(done)
+        if len(self.steps) >= self.reached_at:
+            self.reached.set()
+        time.sleep(self.delay)
 
 
 async def test_a_cancel_from_another_process_stops_the_running_task_within_a_step(

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 
 from conftest import (
     Receiver,
@@ -36,6 +36,7 @@ from conftest import (
     settled_log,
     submit_ended,
 )
+from hooked_engine import Hooked
 
 BODY: dict[str, Any] = {"model": "flux-2-pro", "input": {"prompt": "a quiet harbour"}}
 CONNECTION_CLOSED = "RemoteProtocolError: Server disconnected without sending a response."
@@ -338,24 +339,9 @@ async def test_a_slow_receiver_holds_no_more_than_its_share_of_slots(tmp_path: P
     assert all(outcomes(log["events"][0]) == [(None, "timed out after 0.5s")] * 2 for log in logs)
 
 
-class SlowTiny:
+def slow_tiny(inner: Engine, step_seconds: float) -> Hooked:
     """The tiny engine with each denoising step slowed, so a task runs for seconds."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine, step_seconds: float) -> None:
-        self.inner = inner
-        self.step_seconds = step_seconds
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(self, request: GenerationRequest, on_progress: ProgressCallback) -> list[Any]:
-        def progress(done: int, total: int) -> None:
-            time.sleep(self.step_seconds)
-            on_progress(done, total)
-
-        return self.inner.generate(request, progress)
+    return Hooked(inner, lambda *_: time.sleep(step_seconds))
 
 
 async def test_progress_events_are_sent_when_asked_for(tmp_path: Path, tiny_engine: Engine) -> None:
@@ -363,7 +349,7 @@ async def test_progress_events_are_sent_when_asked_for(tmp_path: Path, tiny_engi
     settings = make_settings(tmp_path / "data")
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(settings, engine=SlowTiny(tiny_engine, 0.4), in_process=True) as service,
+        run_service(settings, engine=slow_tiny(tiny_engine, 0.4), in_process=True) as service,
     ):
         task_id = await submit(
             service, f"{hook}/hook", callback_events=["running", "progress", "finished"]

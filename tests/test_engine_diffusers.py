@@ -24,7 +24,7 @@ from PIL import Image
 from fluxserve.checkpoints import ModelRoute, local_checkpoint, plan_engines
 from fluxserve.engines import diffusers as diffusers_module
 from fluxserve.engines import make_engine
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine, GenerationRequest
 from fluxserve.engines.diffusers import DiffusersEngine
 from fluxserve.engines.routed import RoutedEngine
 from fluxserve.engines.tiny import TinyEngine
@@ -33,6 +33,7 @@ from fluxserve.settings import Settings
 from fluxserve.tasks import MODELS
 
 from conftest import make_settings, run_service
+from hooked_engine import Hooked
 
 SIZE = 128
 
@@ -302,35 +303,25 @@ def test_least_recently_used_checkpoint_is_unloaded(
 # --- through the worker: cancellation, timeouts, the status data ------------------
 
 
-class Gate:
+class Gate(Hooked):
     """Wraps an engine; pauses its denoising at `at_step` until released."""
 
     def __init__(self, inner: Engine, at_step: int, hold: float | None = None) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.at_step = at_step
+        super().__init__(inner, self.gated)
+        self.gate_at = at_step
         self.hold = hold
         self.reached = threading.Event()
         self.release = threading.Event()
         self.steps: list[int] = []
 
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def gated(done: int, total: int) -> None:
-            self.steps.append(done)
-            if done == self.at_step:
-                self.reached.set()
-                if self.hold is not None:
-                    time.sleep(self.hold)
-                else:
-                    self.release.wait(30)
-            on_progress(done, total)
-
-        return self.inner.generate(request, gated)
+    def gated(self, _: object, done: int, __: int) -> None:
+        self.steps.append(done)
+        if done == self.gate_at:
+            self.reached.set()
+            if self.hold is not None:
+                time.sleep(self.hold)
+            else:
+                self.release.wait(30)
 
 
 @pytest.fixture

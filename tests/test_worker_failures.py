@@ -1,7 +1,7 @@
 """A worker cannot die silently: what a task raises fails that task, and what ends the
 worker's loop ends the process loudly, with /health and /ready saying so.
 
-(An engine raising a BaseException mid-run: test_end_to_end.py, `Exploding`.)"""
+(An engine raising a BaseException mid-run: test_end_to_end.py, `explode`.)"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.tasks import TaskStatus
 
 from conftest import ended, make_settings, queue_task, run_service
+from hooked_engine import Hooked
 
 
 class Panic(BaseException):
@@ -74,27 +75,9 @@ async def test_a_worker_that_cannot_load_is_reported_loudly_and_not_ready(
     assert any(reason in message for message in critical), critical
 
 
-class LoadsOnSignal:
-    """The tiny engine, whose load waits until the test lets it finish."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.go = threading.Event()
-
-    def load(self) -> None:
-        self.go.wait()
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        return self.inner.generate(request, on_progress)
-
-
 async def test_a_loading_worker_is_alive_but_not_ready(tmp_path: Path, tiny_engine: Engine) -> None:
-    engine = LoadsOnSignal(tiny_engine)
+    go = threading.Event()
+    engine = Hooked(tiny_engine, before_load=go.wait)
     async with run_service(
         make_settings(tmp_path / "data"), engine=engine, in_process=True
     ) as service:
@@ -102,7 +85,7 @@ async def test_a_loading_worker_is_alive_but_not_ready(tmp_path: Path, tiny_engi
             health = await service.client.get("/health")
             loading = await service.client.get("/ready")
         finally:
-            engine.go.set()
+            go.set()
         task_id = (
             await service.submit({"model": "flux-2-pro", "input": {"prompt": "a calm sea"}})
         ).json()["data"]["task_id"]
