@@ -14,7 +14,7 @@ from fluxserve.engines.base import Engine
 
 from conftest import make_settings, run_service
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 
 
 def readme_block(heading: str) -> str:
