@@ -21,6 +21,10 @@ from fluxserve.tasks import TaskStatus
 
 from conftest import Service, ended, make_settings, run_service, serve_asgi
 
+PATIENT = 300.0
+"""A fetch timeout past any plain task's run on a busy machine: the slow host's task
+must still be fetching when the plain tasks have finished."""
+
 
 class SlowReference:
     """A reference host that answers only once the test opens its gate."""
@@ -62,7 +66,9 @@ async def test_a_plain_task_runs_while_the_task_ahead_of_it_fetches(
     async with (
         reference.serving() as url,
         run_service(
-            make_settings(tmp_path / "data"), engine=tiny_engine, in_process=True
+            make_settings(tmp_path / "data", fetch_timeout=PATIENT),
+            engine=tiny_engine,
+            in_process=True,
         ) as service,
     ):
         slow = await submit(service, image_urls=[url])
@@ -82,7 +88,7 @@ async def test_a_batch_of_plain_tasks_runs_while_the_task_ahead_of_it_fetches(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     reference = SlowReference()
-    settings = make_settings(tmp_path / "data", max_batch_size=3)
+    settings = make_settings(tmp_path / "data", max_batch_size=3, fetch_timeout=PATIENT)
     async with (
         reference.serving() as url,
         run_service(settings, engine=tiny_engine, in_process=True) as service,
