@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
+import functools
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import uvicorn
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,12 +32,16 @@ from starlette.routing import Route
 
 from fluxserve.accounts import create_key
 from fluxserve.api.app import create_app
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import MODELS, NewTask, ResultFile, Task, TaskInput, new_task_id
+
+from hooked_engine import Hooked
+
+T = TypeVar("T")
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -62,9 +70,12 @@ def _bound_socket(port: int = 0) -> socket.socket:
 
 
 @asynccontextmanager
-async def serve_asgi(app: Any, port: int = 0) -> AsyncIterator[str]:
-    """Serve an ASGI app with real uvicorn on 127.0.0.1 (on `port` if given); yields its URL."""
-    sock = _bound_socket(port)
+async def serve_asgi(
+    app: Any, port: int = 0, *, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """Serve an ASGI app with real uvicorn on 127.0.0.1 (on `port` if given, or on the
+    bound `sock`); yields its URL."""
+    sock = sock or _bound_socket(port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -117,6 +128,10 @@ class Service:
         raise AssertionError(f"task {task_id} did not end within {within}s")
 
 
+IN_PROCESS_URL = "http://fluxserve.test"
+"""The base URL of a service called in this process: nothing listens there."""
+
+
 @asynccontextmanager
 async def run_service(
     settings: Settings,
@@ -125,29 +140,98 @@ async def run_service(
     run_worker: bool = True,
     models: Sequence[str] = MODELS,
     make_app: Callable[[Runtime], Any] = create_app,
+    in_process: bool = False,
 ) -> AsyncIterator[Service]:
-    """fluxserve on a real uvicorn server on 127.0.0.1, with one API key; `make_app`
-    may wrap the app, to serve it as another server would."""
-    sock = _bound_socket()
-    port = sock.getsockname()[1]
-    settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
+    """fluxserve with one API key, on a real uvicorn server on 127.0.0.1; `make_app`
+    may wrap the app, to serve it as another server would.
+
+    With `in_process`, no server: the client calls the app in this process through
+    httpx's ASGITransport, its lifespan (the runtime's start and stop) run around
+    the test. For every test that needs no socket: no streams (the transport
+    answers once the app has sent everything), no other program calling in, no
+    fetches by the service of its own URLs.
+    """
+    _start_from_a_migrated_database(settings)
+    sock = None if in_process else _bound_socket()
+    url = IN_PROCESS_URL if sock is None else f"http://127.0.0.1:{sock.getsockname()[1]}"
+    settings = settings.model_copy(update={"public_url": url})
     runtime = Runtime(settings, run_worker=run_worker, models=models, engine=engine)
-    server = uvicorn.Server(uvicorn.Config(make_app(runtime), log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            service = Service(url, "", runtime, client)
-            service.key = await service.new_key("test")
-            yield service
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    app = make_app(runtime)
+    client = _in_process_client(app) if sock is None else _served_client(app, sock)
+    async with client as http:
+        service = Service(url, "", runtime, http)
+        service.key = await service.new_key("test")
+        yield service
+
+
+@functools.cache
+def _migrated_sqlite_database() -> Path:
+    """A SQLite database with every migration applied, made once per test run (in a
+    thread of its own, with its own event loop)."""
+    folder = Path(tempfile.mkdtemp(prefix="fluxserve-migrated-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "fluxserve.db"
+
+    run_in_a_loop_of_its_own(_migrate(f"sqlite:///{path}"))
+    return path
+
+
+async def _migrate(url: str) -> None:
+    store = open_store(url)
+    await store.start()
+    await store.close()
+
+
+def run_in_a_loop_of_its_own(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end on a new event loop in a thread of its own: from a
+    session fixture, or from a test's loop without joining it."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, work).result()
+
+
+def _start_from_a_migrated_database(settings: Settings) -> None:
+    """Where the service would make a new SQLite database in its data folder, put a
+    copy of a migrated one there: its start finds the schema current instead of
+    running every migration (tests/store/test_migrations.py and
+    tests/e2e/test_first_run.py start from empty databases)."""
+    if settings.database_url is not None:
+        return
+    path = settings.data_dir / "fluxserve.db"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_sqlite_database(), path)
+
+
+class _YieldingTransport(httpx.ASGITransport):
+    """ASGITransport, but each request first lets the loop's other tasks run, as a
+    request sent over a socket does: a test that polls without sleeping must not
+    starve the worker and the dispatcher sharing its loop."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)
+        return await super().handle_async_request(request)
+
+
+@asynccontextmanager
+async def _in_process_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client calling `app` in this process, the app's lifespan run around it."""
+    # raise_app_exceptions off: an error the app does not handle is a 500, as a server sends.
+    transport = _YieldingTransport(app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url=IN_PROCESS_URL, timeout=30) as client,
+    ):
+        yield client
+
+
+@asynccontextmanager
+async def _served_client(app: Any, sock: socket.socket) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` served by uvicorn on `sock`."""
+    async with (
+        serve_asgi(app, sock=sock) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        yield client
 
 
 @dataclass
@@ -187,26 +271,12 @@ def receiver_factory() -> Callable[..., Receiver]:
     return Receiver
 
 
-class Paused:
+class Paused(Hooked):
     """The tiny engine, paused after its first step's progress until `go` is set."""
 
-    name = "tiny"
-
     def __init__(self, inner: Engine) -> None:
-        self.inner = inner
         self.go = threading.Event()
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def progress(done: int, total: int) -> None:
-            on_progress(done, total)
-            self.go.wait(60)
-
-        return self.inner.generate(request, progress)
+        super().__init__(inner, lambda *_: self.go.wait(60), after_report=True)
 
 
 @pytest.fixture(scope="session")
@@ -246,6 +316,56 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
 async def postgres_url() -> AsyncIterator[str]:
     async with fresh_postgres_database() as url:
         yield url
+
+
+async def _as_postgres_admin(statement: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_url() -> Iterator[str]:
+    """A PostgreSQL database with every migration applied, made once per run."""
+    import asyncpg
+
+    name = f"fluxserve_{secrets.token_hex(6)}"
+    try:
+        run_in_a_loop_of_its_own(_as_postgres_admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL} ({exc}); scripts/test starts one")
+    try:
+        url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        run_in_a_loop_of_its_own(_migrate(url))
+        yield url
+    finally:
+        run_in_a_loop_of_its_own(_as_postgres_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def emptied_postgres_url(migrated_postgres_url: str) -> str:
+    """The run's migrated PostgreSQL database, every table emptied: for a test of what
+    stands on the store, a clean database far quicker than a new one."""
+    import asyncpg
+
+    async def empty() -> None:
+        conn = await asyncpg.connect(migrated_postgres_url)
+        try:
+            tables = await conn.fetch(
+                "SELECT tablename FROM pg_tables"
+                " WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+            )
+            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+        finally:
+            await conn.close()
+
+    run_in_a_loop_of_its_own(empty())
+    return migrated_postgres_url
 
 
 async def submit_ended(service: Service, url: str, model: str = "flux-2-pro") -> str:

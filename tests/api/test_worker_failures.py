@@ -1,7 +1,7 @@
 """A worker cannot die silently: what a task raises fails that task, and what ends the
 worker's loop ends the process loudly, with /health and /ready saying so.
 
-(An engine raising a BaseException mid-run: test_end_to_end.py, `Exploding`.)"""
+(An engine raising a BaseException mid-run: test_end_to_end.py, `explode`.)"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
 from fluxserve.tasks import TaskStatus
 
 from conftest import ended, make_settings, queue_task, run_service
+from hooked_engine import Hooked
 
 
 class Panic(BaseException):
@@ -28,7 +29,7 @@ async def test_the_tokenizers_panic_on_a_long_run_of_spaces_fails_only_that_task
     # The byte-level BPE pre-tokenizer's regex gives up after 10 million retries
     # and the Rust library panics. Queued through the store: submit refuses it.
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=tiny_engine) as service:
+    async with run_service(settings, engine=tiny_engine, in_process=True) as service:
         store = service.runtime.store
         poisoned = await queue_task(store, prompt="a cat" + " " * 10_000_000)
         plain = await queue_task(store, prompt="a calm sea")
@@ -59,7 +60,7 @@ async def test_a_worker_that_cannot_load_is_reported_loudly_and_not_ready(
 ) -> None:
     caplog.set_level(logging.CRITICAL)
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=FailsToLoad()) as service:
+    async with run_service(settings, engine=FailsToLoad(), in_process=True) as service:
         await service.runtime.wait_for_failure()
         health = await service.client.get("/health")
         ready = await service.client.get("/ready")
@@ -74,33 +75,17 @@ async def test_a_worker_that_cannot_load_is_reported_loudly_and_not_ready(
     assert any(reason in message for message in critical), critical
 
 
-class LoadsOnSignal:
-    """The tiny engine, whose load waits until the test lets it finish."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.go = threading.Event()
-
-    def load(self) -> None:
-        self.go.wait()
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        return self.inner.generate(request, on_progress)
-
-
 async def test_a_loading_worker_is_alive_but_not_ready(tmp_path: Path, tiny_engine: Engine) -> None:
-    engine = LoadsOnSignal(tiny_engine)
-    async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
+    go = threading.Event()
+    engine = Hooked(tiny_engine, before_load=go.wait)
+    async with run_service(
+        make_settings(tmp_path / "data"), engine=engine, in_process=True
+    ) as service:
         try:
             health = await service.client.get("/health")
             loading = await service.client.get("/ready")
         finally:
-            engine.go.set()
+            go.set()
         task_id = (
             await service.submit({"model": "flux-2-pro", "input": {"prompt": "a calm sea"}})
         ).json()["data"]["task_id"]

@@ -34,7 +34,7 @@ async def test_a_database_refusing_connections_makes_the_process_not_ready_but_a
     name = postgres_url.rsplit("/", 1)[1]
     admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
-        async with run_service(settings, run_worker=False) as service:
+        async with run_service(settings, run_worker=False, in_process=True) as service:
             assert (await service.client.get("/ready")).status_code == 200
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
             await admin.execute(
@@ -57,7 +57,7 @@ async def test_a_database_refusing_connections_makes_the_process_not_ready_but_a
 
 async def test_a_schema_behind_the_code_makes_the_process_not_ready(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         head = service.runtime.store.schema_head()
         with sqlite3.connect(tmp_path / "data" / "fluxserve.db") as conn:
             conn.execute("UPDATE alembic_version SET version_num = '0003'")
@@ -72,7 +72,7 @@ async def test_an_api_process_is_ready_only_while_a_live_worker_serves_its_model
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     settings = make_settings(tmp_path / "data", ready_requires_models=["flux-2-pro"])
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         alone = await service.client.get("/ready")
         # A worker process of its own, on the same database.
         worker = Runtime(settings, models=["flux-2-pro"], engine=tiny_engine)
@@ -96,7 +96,7 @@ async def test_a_worker_loop_that_ends_outside_a_task_is_logged_and_not_ready(
     # A long lease: the sweeper, which would fail on the same table, waits half of
     # one between rounds, so the worker's loop is what ends.
     settings = make_settings(tmp_path / "data", database_url=postgres_url, lease_seconds=600)
-    async with run_service(settings, engine=tiny_engine) as service:
+    async with run_service(settings, engine=tiny_engine, in_process=True) as service:
         await until_ready(service.client)
         # Claims now fail with an error that is no outage: the loop ends.
         conn = await asyncpg.connect(postgres_url)

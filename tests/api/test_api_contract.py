@@ -46,7 +46,9 @@ EDIT = {
 @pytest.fixture
 async def service(tmp_path: Any) -> AsyncIterator[Service]:
     # No worker: these tests look at the API alone, tasks stay queued.
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as svc:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as svc:
         yield svc
 
 
@@ -204,7 +206,7 @@ async def test_a_private_callback_is_refused_when_private_networks_are_off(
     tmp_path: Any,
 ) -> None:
     settings = make_settings(tmp_path / "data", allow_private_networks=False)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         response = await service.submit({**BODY, "callback_url": "http://127.0.0.1:9/hook"})
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("callback_url is not allowed")
@@ -223,7 +225,7 @@ async def test_missing_or_unknown_key_is_401(service: Service, header: str | Non
 
 async def test_a_revoked_key_is_401_once_the_key_cache_ttl_has_passed(tmp_path: Any) -> None:
     settings = make_settings(tmp_path / "data", api_key_cache_ttl=0.2)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         secret = await service.new_key("soon revoked")
         assert (await service.submit(BODY, key=secret)).status_code == 200
         keys = await service.runtime.store.list_keys()

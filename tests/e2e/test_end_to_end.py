@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine, GenerationRequest
 from fluxserve.errors import EngineError
 
 from conftest import Receiver, Service, make_settings, metric_samples, run_service, serve_asgi
+from hooked_engine import Hooked
 
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 
@@ -150,30 +151,15 @@ class Panic(BaseException):
     """What a library written in Rust raises when it panics: not an Exception."""
 
 
-class Exploding:
-    """The tiny engine, except that prompts naming a failure raise it mid-denoise."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def progress(done: int, total: int) -> None:
-            on_progress(done, total)
-            if done == 2 and "engine error" in request.prompt:
-                raise EngineError("the sampler diverged at step 2")
-            if done == 2 and "bug" in request.prompt:
-                raise ZeroDivisionError("division by zero")
-            if done == 2 and "panic" in request.prompt:
-                raise Panic("called `Option::unwrap()` on a `None` value")
-
-        return self.inner.generate(request, progress)
+def explode(requests: Sequence[GenerationRequest], done: int, _: int) -> None:
+    """Raise, after step 2's progress, the failure the prompt names, if it names one."""
+    prompt = requests[0].prompt
+    if done == 2 and "engine error" in prompt:
+        raise EngineError("the sampler diverged at step 2")
+    if done == 2 and "bug" in prompt:
+        raise ZeroDivisionError("division by zero")
+    if done == 2 and "panic" in prompt:
+        raise Panic("called `Option::unwrap()` on a `None` value")
 
 
 async def test_an_engine_error_fails_that_task_and_the_next_one_runs(
@@ -183,7 +169,7 @@ async def test_an_engine_error_fails_that_task_and_the_next_one_runs(
     receiver = Receiver()
     async with (
         serve_asgi(receiver.app()) as hook_url,
-        run_service(settings, engine=Exploding(tiny_engine)) as service,
+        run_service(settings, engine=Hooked(tiny_engine, explode, after_report=True)) as service,
     ):
         hook = f"{hook_url}/hook"
         ids = []

@@ -15,7 +15,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from tiny_loras import make_lora
 
 from fluxserve.checkpoints import ModelRoute
 from fluxserve.engines.tiny import TinyEngine
@@ -28,6 +27,7 @@ from fluxserve.store import Store
 from fluxserve.tasks import LoraSpec
 
 from conftest import Service, make_settings, queue_task, run_service, serve_asgi
+from tiny_loras import make_lora
 
 PROMPT = "a lighthouse on a cliff"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_bfl import KEY, FakeBfl, sample_png
 
 from fluxserve.store import Store
 
 from conftest import Service, make_settings, queue_task, run_service, serve_asgi
+from fake_bfl import KEY, FakeBfl, sample_png
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,7 +24,7 @@ from PIL import Image
 from fluxserve.checkpoints import ModelRoute, local_checkpoint, plan_engines
 from fluxserve.engines import diffusers as diffusers_module
 from fluxserve.engines import make_engine
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine, GenerationRequest
 from fluxserve.engines.diffusers import DiffusersEngine
 from fluxserve.engines.routed import RoutedEngine
 from fluxserve.engines.tiny import TinyEngine
@@ -33,6 +33,7 @@ from fluxserve.settings import Settings
 from fluxserve.tasks import MODELS
 
 from conftest import make_settings, run_service
+from hooked_engine import Hooked
 
 SIZE = 128
 
@@ -302,35 +303,25 @@ def test_least_recently_used_checkpoint_is_unloaded(
 # --- through the worker: cancellation, timeouts, the status data ------------------
 
 
-class Gate:
+class Gate(Hooked):
     """Wraps an engine; pauses its denoising at `at_step` until released."""
 
     def __init__(self, inner: Engine, at_step: int, hold: float | None = None) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.at_step = at_step
+        super().__init__(inner, self.gated)
+        self.gate_at = at_step
         self.hold = hold
         self.reached = threading.Event()
         self.release = threading.Event()
         self.steps: list[int] = []
 
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def gated(done: int, total: int) -> None:
-            self.steps.append(done)
-            if done == self.at_step:
-                self.reached.set()
-                if self.hold is not None:
-                    time.sleep(self.hold)
-                else:
-                    self.release.wait(30)
-            on_progress(done, total)
-
-        return self.inner.generate(request, gated)
+    def gated(self, _: object, done: int, __: int) -> None:
+        self.steps.append(done)
+        if done == self.gate_at:
+            self.reached.set()
+            if self.hold is not None:
+                time.sleep(self.hold)
+            else:
+                self.release.wait(30)
 
 
 @pytest.fixture
@@ -345,7 +336,7 @@ async def test_served_through_the_settings_reports_engine_diffusers(
     tmp_path: Path, klein_dir: Path
 ) -> None:
     settings = settings_for(tmp_path, engine="diffusers", models=klein_routes(klein_dir, steps=1))
-    async with run_service(settings) as service:
+    async with run_service(settings, in_process=True) as service:
         body = {
             "model": "flux-2-flex-edit",
             "input": {
@@ -368,7 +359,7 @@ async def test_cancel_stops_the_denoising_loop_at_the_next_step(
 ) -> None:
     gate = Gate(klein, at_step=2)
     gate_release.append(gate)
-    async with run_service(settings_for(tmp_path), engine=gate) as service:
+    async with run_service(settings_for(tmp_path), engine=gate, in_process=True) as service:
         body = {"model": "flux-2-flex", "input": {"prompt": "a long one", "steps": 10}}
         task_id = (await service.submit(body)).json()["data"]["task_id"]
         assert await asyncio.to_thread(gate.reached.wait, 30)
@@ -393,7 +384,7 @@ async def test_timeout_fails_the_task_at_the_next_step(
 ) -> None:
     gate = Gate(klein, at_step=1, hold=0.6)
     settings = settings_for(tmp_path, task_timeout=0.3)
-    async with run_service(settings, engine=gate) as service:
+    async with run_service(settings, engine=gate, in_process=True) as service:
         body = {"model": "flux-2-flex", "input": {"prompt": "a slow one", "steps": 10}}
         task_id = (await service.submit(body)).json()["data"]["task_id"]
         data = await service.wait(task_id)
@@ -451,7 +442,7 @@ def test_pull_offline_fails_at_once_with_the_reason(monkeypatch: pytest.MonkeyPa
 async def test_unusable_data_url_reference_is_a_400_at_submit(
     tmp_path: Path, tiny_engine: Engine, width: int, height: int, reason: str
 ) -> None:
-    async with run_service(settings_for(tmp_path), engine=tiny_engine) as service:
+    async with run_service(settings_for(tmp_path), engine=tiny_engine, in_process=True) as service:
         body = {
             "model": "flux-2-pro-edit",
             "input": {

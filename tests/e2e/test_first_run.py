@@ -29,7 +29,7 @@ from conftest import fresh_postgres_database
 from test_page import browser, image_size, open_page  # noqa: F401 (browser: a fixture)
 from test_processes import env, fluxserve, server  # noqa: F401 (env: a fixture)
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 KEY_IN_URL = re.compile(r"(http://127\.0\.0\.1:\d+/)#key=(fsk_[\w-]+)")
 PAGE_WITHOUT_KEY = re.compile(r"the page is at (http://127\.0\.0\.1:\d+/)\n")
 

@@ -83,7 +83,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    async with run_service(settings_for(tmp_path), run_worker=False) as svc:
+    async with run_service(settings_for(tmp_path), run_worker=False, in_process=True) as svc:
         yield svc
 
 
@@ -366,7 +366,7 @@ async def test_past_the_size_limits_is_413(tmp_path: Path) -> None:
     )
     big = image_bytes("PNG", (120, 120), noise=True)  # about 43 KB
     fits_stream = image_bytes("PNG", (64, 64), noise=True)  # about 12 KB
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         message = refusal(await stream_upload(service, big), 413)
         assert "20000 bytes" in message
         # Between the two limits: a stream upload takes it, a base64 upload does not.
@@ -413,7 +413,7 @@ async def test_a_declared_content_length_past_the_limit_is_refused_at_once(
     tmp_path: Path,
 ) -> None:
     settings = settings_for(tmp_path, max_stream_upload_bytes=20_000)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         big = image_bytes("PNG", (150, 150), noise=True)
         response = await stream_upload(service, big)
         assert refusal(response, 413) == "file is larger than 20000 bytes, the most allowed"
@@ -426,7 +426,7 @@ async def test_a_url_upload_of_a_private_address_is_refused(tmp_path: Path) -> N
     settings = settings_for(tmp_path, allow_private_networks=False)
     served: list[str] = []
     async with (
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
         serve_asgi(serve_images({"/a.png": image_bytes("PNG")}, served)) as origin,
     ):
         message = refusal(await url_upload(service, f"{origin}/a.png"), 400)
@@ -447,7 +447,7 @@ async def test_an_uploaded_file_edits_with_private_networks_disallowed(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     settings = settings_for(tmp_path, allow_private_networks=False)
-    async with run_service(settings, engine=tiny_engine) as service:
+    async with run_service(settings, engine=tiny_engine, in_process=True) as service:
         reference = image_bytes("PNG", (128, 96))
         upload = uploaded(await stream_upload(service, reference, "ref.png"))
         response = await service.submit(
@@ -487,7 +487,7 @@ async def test_a_reference_whose_upload_expired_fails_the_task_clearly(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     settings = settings_for(tmp_path, allow_private_networks=False)
-    async with run_service(settings, engine=tiny_engine) as service:
+    async with run_service(settings, engine=tiny_engine, in_process=True) as service:
         upload = uploaded(await stream_upload(service, image_bytes("PNG", (96, 96))))
         runtime = service.runtime
         await retention.sweep(runtime.store, runtime.storage, runtime.settings, now=_days(4))
@@ -534,7 +534,7 @@ async def test_expired_uploads_are_deleted(service: Service) -> None:
 async def test_the_sweeper_loop_removes_expired_uploads(tmp_path: Path) -> None:
     # The sweeper runs every lease_seconds / 2.
     settings = settings_for(tmp_path, upload_retention=0.2, lease_seconds=0.4)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         upload = uploaded(await base64_upload(service, b64(image_bytes("PNG"))))
         async with asyncio.timeout(10):
             while True:
@@ -563,7 +563,7 @@ async def test_sweeps_running_at_once_agree(service: Service) -> None:
 async def test_result_files_expire_after_result_retention(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
-    async with run_service(settings_for(tmp_path), engine=tiny_engine) as service:
+    async with run_service(settings_for(tmp_path), engine=tiny_engine, in_process=True) as service:
         runtime = service.runtime
         response = await service.submit(
             {"model": "flux-2-pro", "input": {"prompt": "a quiet pond"}}
@@ -596,7 +596,7 @@ async def test_result_files_expire_after_result_retention(
 async def test_results_are_kept_forever_when_asked(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, result_retention="forever")
     assert settings.result_retention is None
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         runtime = service.runtime
         response = await service.submit({"model": "flux-2-pro", "input": {"prompt": "a pond"}})
         task_id = response.json()["data"]["task_id"]

@@ -1,6 +1,6 @@
 """`fluxserve`, in a process where the `[local]` extra cannot be imported.
 
-Run as `python tests/no_torch.py serve` (or any other command): importing torch,
+Run as `python tests/e2e/no_torch.py serve` (or any other command): importing torch,
 diffusers, transformers, accelerate or huggingface_hub raises ImportError, as on a
 machine where only `pip install fluxserve` was run.
 """

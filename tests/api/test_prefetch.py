@@ -21,6 +21,10 @@ from fluxserve.tasks import TaskStatus
 
 from conftest import Service, ended, make_settings, run_service, serve_asgi
 
+PATIENT = 300.0
+"""A fetch timeout past any plain task's run on a busy machine: the slow host's task
+must still be fetching when the plain tasks have finished."""
+
 
 class SlowReference:
     """A reference host that answers only once the test opens its gate."""
@@ -61,7 +65,11 @@ async def test_a_plain_task_runs_while_the_task_ahead_of_it_fetches(
     reference = SlowReference()
     async with (
         reference.serving() as url,
-        run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service,
+        run_service(
+            make_settings(tmp_path / "data", fetch_timeout=PATIENT),
+            engine=tiny_engine,
+            in_process=True,
+        ) as service,
     ):
         slow = await submit(service, image_urls=[url])
         await reference.asked.wait()
@@ -80,8 +88,11 @@ async def test_a_batch_of_plain_tasks_runs_while_the_task_ahead_of_it_fetches(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     reference = SlowReference()
-    settings = make_settings(tmp_path / "data", max_batch_size=3)
-    async with reference.serving() as url, run_service(settings, engine=tiny_engine) as service:
+    settings = make_settings(tmp_path / "data", max_batch_size=3, fetch_timeout=PATIENT)
+    async with (
+        reference.serving() as url,
+        run_service(settings, engine=tiny_engine, in_process=True) as service,
+    ):
         slow = await submit(service, image_urls=[url])
         await reference.asked.wait()
         plain = [await submit(service, seed=seed) for seed in (1, 2)]
@@ -101,7 +112,9 @@ async def test_cancelling_a_task_while_it_fetches_fails_it_as_cancelled(
     reference = SlowReference()
     async with (
         reference.serving() as url,
-        run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service,
+        run_service(
+            make_settings(tmp_path / "data"), engine=tiny_engine, in_process=True
+        ) as service,
     ):
         slow = await submit(service, image_urls=[url])
         await reference.asked.wait()
@@ -121,13 +134,13 @@ async def test_stopping_the_worker_while_it_fetches_hands_the_task_back(
     settings = make_settings(tmp_path / "data")
     reference = SlowReference()
     async with reference.serving() as url:
-        async with run_service(settings, engine=tiny_engine) as service:
+        async with run_service(settings, engine=tiny_engine, in_process=True) as service:
             slow = await submit(service, image_urls=[url])
             await reference.asked.wait()
-        async with run_service(settings, run_worker=False) as stopped:
+        async with run_service(settings, run_worker=False, in_process=True) as stopped:
             handed_back = await stopped.runtime.store.get_task(slow)
         reference.gate.set()
-        async with run_service(settings, engine=tiny_engine) as restarted:
+        async with run_service(settings, engine=tiny_engine, in_process=True) as restarted:
             task = await ended(restarted.runtime.store, slow)
     assert handed_back is not None
     assert handed_back.status is TaskStatus.NOT_STARTED

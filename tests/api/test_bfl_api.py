@@ -9,8 +9,8 @@ import hashlib
 import hmac
 import io
 import os
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fluxserve.accounts import create_account
-from fluxserve.api.app import create_app
 from fluxserve.engines.base import Engine
-from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.tasks import MODELS
 
@@ -34,29 +32,21 @@ from conftest import (
     Service,
     fresh_postgres_database,
     make_settings,
+    run_service,
     serve_asgi,
     settled_log,
 )
 
-BASE = "http://fluxserve.test"
 PROMPT = "a lighthouse on a cliff at dusk"
 
 
-@asynccontextmanager
-async def in_process(
+def in_process(
     settings: Settings, engine: Engine | None = None, models: Sequence[str] = MODELS
-) -> AsyncIterator[Service]:
-    """fluxserve served in-process (httpx's ASGI transport), its worker running when
-    an engine is given; every URL it hands out is under BASE, which the client serves."""
-    settings = settings.model_copy(update={"public_url": BASE})
-    runtime = Runtime(settings, run_worker=engine is not None, models=models, engine=engine)
-    app = create_app(runtime)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE, timeout=30) as client:
-            service = Service(BASE, "", runtime, client)
-            service.key = await service.new_key("bfl")
-            yield service
+) -> AbstractAsyncContextManager[Service]:
+    """fluxserve in this process, its worker running when an engine is given."""
+    return run_service(
+        settings, engine=engine, run_worker=engine is not None, models=models, in_process=True
+    )
 
 
 def x_key(service: Service, key: str | None = None) -> dict[str, str]:
@@ -117,7 +107,7 @@ async def test_a_submit_polls_to_ready_and_the_unified_api_sees_the_same_task(
         assert submitted.status_code == 200, submitted.text
         answer = submitted.json()
         task_id = answer["id"]
-        assert answer["polling_url"] == f"{BASE}/v1/get_result?id={task_id}"
+        assert answer["polling_url"] == f"{service.url}/v1/get_result?id={task_id}"
         assert answer["output_mp"] == pytest.approx(256 * 192 / 1e6)
 
         ready = await poll(service, answer["polling_url"])
@@ -321,7 +311,7 @@ async def test_a_webhook_arrives_in_bfl_shape_signed_with_the_webhook_secret(
         await receiver.wait_for(1)
         sent = receiver.bodies[0]
         assert sent["id"] == task_id and sent["status"] == "Ready"
-        assert sent["result"]["sample"].startswith(f"{BASE}/files/")
+        assert sent["result"]["sample"].startswith(f"{service.url}/files/")
         assert sent["timestamp"].endswith("Z")
         signature = receiver.headers[0].get("x-bfl-signature")
         assert bfl_verify(receiver.raw[0], signature, secret)

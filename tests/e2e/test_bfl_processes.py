@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fake_bfl import COST, KEY, FakeBfl
 from typer.testing import CliRunner
 
 from conftest import serve_asgi
+from fake_bfl import COST, KEY, FakeBfl
 from test_processes import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

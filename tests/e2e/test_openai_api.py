@@ -332,7 +332,7 @@ def test_each_openai_size_is_made_as_docs_openai_api_md_says(
         assert (choice.size, choice.width, choice.height) == ("auto", *made)
     else:
         assert dimensions(size_ratio(choice.size), choice.resolution) == made
-    assert f"`{asked}`" in (Path(__file__).parents[1] / "docs" / "openai-api.md").read_text()
+    assert f"`{asked}`" in (Path(__file__).parents[2] / "docs" / "openai-api.md").read_text()
 
 
 def test_model_names_map_to_fluxserve_models() -> None:

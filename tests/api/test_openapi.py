@@ -175,7 +175,9 @@ async def test_answers_the_run_cannot_reach_match_the_document(tmp_path: Path) -
     buffer = io.BytesIO()
     Image.new("RGB", (96, 80), (200, 30, 90)).save(buffer, format="PNG")
     png = buffer.getvalue()
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         client, auth = service.client, service.auth()
         schema = schemathesis.openapi.from_dict((await client.get("/openapi.json")).json())
         task_id = await submit_ended(service, "http://127.0.0.1:9/hook")

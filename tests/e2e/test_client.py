@@ -252,7 +252,7 @@ def test_the_client_imports_nothing_of_the_server() -> None:
 
 
 def test_the_base_install_brings_the_client_and_no_torch() -> None:
-    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
     needs = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[; ]", need, maxsplit=1)[0].lower() for need in needs}
     assert {"httpx", "httpx-sse", "pydantic"} <= names

@@ -14,7 +14,7 @@ from fluxserve.engines.base import Engine
 
 from conftest import make_settings, run_service
 
-CLIENTS = Path(__file__).parents[1] / "docs" / "clients.md"
+CLIENTS = Path(__file__).parents[2] / "docs" / "clients.md"
 
 
 def docs_block(heading: str) -> str:

@@ -97,7 +97,9 @@ async def test_events_follow_a_real_task_in_order_and_end_with_the_status_body(
 
 
 async def test_an_ended_task_gets_its_terminal_event_alone(tmp_path: Path) -> None:
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         task_id = await submit(service)
         await service.client.post(f"/api/generate/cancel/{task_id}", headers=service.auth())
         async with aconnect_sse(
@@ -113,7 +115,9 @@ async def test_an_ended_task_gets_its_terminal_event_alone(tmp_path: Path) -> No
 
 
 async def test_a_stream_refuses_as_status_does(tmp_path: Path) -> None:
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         task_id = await submit(service)
         other = await service.new_key("other")
         cases = {

@@ -8,23 +8,21 @@ import base64
 import io
 import time
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from conftest import Service, fresh_postgres_database, make_settings, run_service
+from conftest import Service, make_settings, run_service
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def service(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Service]:
-    database = fresh_postgres_database() if request.param == "postgresql" else nullcontext()
-    async with database as url:
-        settings = make_settings(tmp_path / "data", database_url=url)
-        async with run_service(settings, run_worker=False) as running:
-            yield running
+    url = request.getfixturevalue("emptied_postgres_url") if request.param == "postgresql" else None
+    settings = make_settings(tmp_path / "data", database_url=url)
+    async with run_service(settings, run_worker=False, in_process=True) as running:
+        yield running
 
 
 def refusal(response: httpx.Response, status: int) -> str:

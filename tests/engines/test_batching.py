@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from PIL import Image
 from transformers import Qwen3ForCausalLM
 
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine, GenerationRequest
 from fluxserve.engines.routed import RoutedEngine
 from fluxserve.engines.tiny import TinyEngine
 from fluxserve.store import Store
@@ -26,6 +26,7 @@ from fluxserve.store.base import LeaseState
 from fluxserve.tasks import TaskStatus
 
 from conftest import Receiver, Service, make_settings, queue_task, run_service, serve_asgi
+from hooked_engine import HookedBatch
 
 # Measured on the tiny pipeline at 256x256 (CPU, float32): a batch of three
 # changed 2 to 5 of 196608 channel values, each by 1 of 255, against the same
@@ -145,43 +146,23 @@ def test_a_batch_encodes_each_distinct_prompt_once(monkeypatch: pytest.MonkeyPat
 # --- through the service ------------------------------------------------------------
 
 
-class Held:
+class Held(HookedBatch):
     """An engine that is not ready until `ready` is set, so tasks queue up first.
 
     With `pause_at`, its first call waits at that step until `resume` is set.
     """
 
-    name = "tiny"
-
     def __init__(self, inner: TinyEngine, pause_at: int | None = None) -> None:
-        self.inner = inner
-        self.pause_at = pause_at
         self.ready = threading.Event()
+        super().__init__(inner, self.gated, before_load=lambda: self.ready.wait(30))
+        self.pause_at = pause_at
         self.paused = threading.Event()
         self.resume = threading.Event()
 
-    def load(self) -> None:
-        self.ready.wait(30)
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        return self.inner.generate(request, self._gated(on_progress))
-
-    def generate_batch(
-        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback
-    ) -> list[list[Image.Image]]:
-        return self.inner.generate_batch(requests, self._gated(on_progress))
-
-    def _gated(self, on_progress: ProgressCallback) -> ProgressCallback:
-        def gated(done: int, total: int) -> None:
-            if done == self.pause_at and not self.paused.is_set():
-                self.paused.set()
-                self.resume.wait(30)
-            on_progress(done, total)
-
-        return gated
+    def gated(self, _: object, done: int, __: int) -> None:
+        if done == self.pause_at and not self.paused.is_set():
+            self.paused.set()
+            self.resume.wait(30)
 
 
 @pytest.fixture
@@ -230,7 +211,7 @@ async def test_three_queued_tasks_run_in_one_pipeline_call(
     seeds = (11, 12, 13)
     async with (
         serve_asgi(receiver.app()) as hook_url,
-        run_service(batching(tmp_path), engine=held) as service,
+        run_service(batching(tmp_path), engine=held, in_process=True) as service,
     ):
         ids = [await submit(service, seed, callback_url=f"{hook_url}/hook") for seed in seeds]
         held.ready.set()
@@ -248,7 +229,7 @@ async def test_three_queued_tasks_run_in_one_pipeline_call(
 async def test_a_task_of_another_shape_is_not_batched(
     tmp_path: Path, held: Held, pipeline_calls: list[int]
 ) -> None:
-    async with run_service(batching(tmp_path), engine=held) as service:
+    async with run_service(batching(tmp_path), engine=held, in_process=True) as service:
         first = await submit(service, 1)
         other = await submit(service, 2, input={"prompt": "more steps", "steps": 3})
         third = await submit(service, 3)
@@ -262,7 +243,7 @@ async def test_cancelling_one_task_hands_the_rest_of_its_batch_back(
     tmp_path: Path, held: Held, pipeline_calls: list[int]
 ) -> None:
     held.pause_at = 1
-    async with run_service(batching(tmp_path), engine=held) as service:
+    async with run_service(batching(tmp_path), engine=held, in_process=True) as service:
         ids = [await submit(service, seed) for seed in (1, 2, 3)]
         held.ready.set()
         assert await asyncio.to_thread(held.paused.wait, 30)
@@ -281,7 +262,7 @@ async def test_a_timeout_fails_every_task_of_the_batch(
 ) -> None:
     held.pause_at = 1
     settings = make_settings(tmp_path / "data", max_batch_size=3, task_timeout=0.3)
-    async with run_service(settings, engine=held) as service:
+    async with run_service(settings, engine=held, in_process=True) as service:
         ids = [await submit(service, seed) for seed in (1, 2)]
         held.ready.set()
         assert await asyncio.to_thread(held.paused.wait, 30)

@@ -25,7 +25,7 @@ PRO: dict[str, Any] = {"model": "flux-2-pro", "input": {"prompt": "a lantern in 
 @pytest.fixture
 async def service_without_worker(tmp_path: Path) -> AsyncIterator[Service]:
     settings = make_settings(tmp_path / "data", max_attempts=1)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         yield service
 
 
@@ -87,7 +87,9 @@ async def test_finished_and_failed_tasks_are_counted_and_timed(
     references = Starlette(routes=[Route("/cat.png", missing)])
     async with (
         serve_asgi(references) as references_url,
-        run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service,
+        run_service(
+            make_settings(tmp_path / "data"), engine=tiny_engine, in_process=True
+        ) as service,
     ):
         before = await scrape(service)
         finished = (await service.submit(PRO)).json()["data"]["task_id"]

@@ -11,17 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from fluxserve.accounts import create_account
 from fluxserve.cli import app
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 from fluxserve.settings import Settings
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import ResultFile
 
 from conftest import Receiver, Service, make_settings, run_service, serve_asgi
+from hooked_engine import Hooked
 
 PROMPT = {"prompt": "a paper boat on a pond", "size": "1:1", "resolution": "1K"}
 PRO = {"model": "flux-2-pro", "input": PROMPT}
@@ -73,7 +73,7 @@ def queue_only(tmp_path: Path) -> Settings:
 async def test_balance_and_credits_follow_a_task_from_hold_to_charge(
     queue_only: Settings,
 ) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         key = await account_key(service, "alice@example.com", credits=5)
         balance = await get(service, "/api/user/balance", key)
         assert balance.json() == {
@@ -108,7 +108,7 @@ async def test_cancel_a_queued_task_fires_its_callback_and_frees_its_credits(
     receiver = Receiver()
     async with (
         serve_asgi(receiver.app()) as hook_base,
-        run_service(queue_only, run_worker=False) as service,
+        run_service(queue_only, run_worker=False, in_process=True) as service,
     ):
         key = await account_key(service, "alice@example.com", credits=3)
         body = {**PRO, "callback_url": f"{hook_base}/hook"}
@@ -135,7 +135,7 @@ async def test_cancel_a_queued_task_fires_its_callback_and_frees_its_credits(
 
 
 async def test_cancel_a_finished_task_is_a_conflict(queue_only: Settings) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         key = await account_key(service, "alice@example.com", credits=3)
         task_id = (await service.submit(PRO, key)).json()["data"]["task_id"]
         await finish(service)
@@ -144,32 +144,22 @@ async def test_cancel_a_finished_task_is_a_conflict(queue_only: Settings) -> Non
         assert (await service.status(task_id, key)).json()["data"]["status"] == "finished"
 
 
-class SlowSteps:
+class SlowSteps(Hooked):
     """Wraps an engine: each denoising step takes at least `delay`; records the steps,
     and sets `reached` once `at_step` steps are done."""
 
     def __init__(self, inner: Engine, delay: float, at_step: int = 1) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner, self.slow)
         self.delay = delay
         self.steps: list[int] = []
-        self.at_step = at_step
+        self.reached_at = at_step
         self.reached = threading.Event()
 
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(
-        self, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> list[Image.Image]:
-        def slow(done: int, total: int) -> None:
-            self.steps.append(done)
-            if len(self.steps) >= self.at_step:
-                self.reached.set()
-            time.sleep(self.delay)
-            on_progress(done, total)
-
-        return self.inner.generate(request, slow)
+    def slow(self, _: object, done: int, __: int) -> None:
+        self.steps.append(done)
+        if len(self.steps) >= self.reached_at:
+            self.reached.set()
+        time.sleep(self.delay)
 
 
 async def test_a_cancel_from_another_process_stops_the_running_task_within_a_step(
@@ -177,7 +167,7 @@ async def test_a_cancel_from_another_process_stops_the_running_task_within_a_ste
 ) -> None:
     engine = SlowSteps(tiny_engine, delay=0.2, at_step=2)
     settings = make_settings(tmp_path / "data")
-    async with run_service(settings, engine=engine) as service:
+    async with run_service(settings, engine=engine, in_process=True) as service:
         body = {"model": "flux-2-flex", "input": {**PROMPT, "steps": 30}}
         task_id = (await service.submit(body)).json()["data"]["task_id"]
         assert await asyncio.to_thread(engine.reached.wait, 30)
@@ -196,7 +186,7 @@ async def test_a_cancel_from_another_process_stops_the_running_task_within_a_ste
 
 
 async def test_history_pages_an_accounts_tasks_newest_first(queue_only: Settings) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         key = await account_key(service, "alice@example.com")
         # Two keys of one account share its history; another account's never shows.
         second = await service.new_key("alice-ci", account="alice@example.com")
@@ -242,7 +232,7 @@ async def test_history_pages_an_accounts_tasks_newest_first(queue_only: Settings
 async def test_a_retried_submit_with_an_idempotency_key_answers_the_first_task(
     queue_only: Settings,
 ) -> None:
-    async with run_service(queue_only, run_worker=False) as service:
+    async with run_service(queue_only, run_worker=False, in_process=True) as service:
         headers = {**service.auth(), "Idempotency-Key": "order-2026-11-25-17"}
         flex = {"model": "flux-2-flex", "input": PROMPT}
         first = await service.client.post("/api/generate/submit", json=flex, headers=headers)
@@ -264,7 +254,7 @@ async def test_a_retried_submit_with_an_idempotency_key_answers_the_first_task(
 
 async def test_past_a_limit_a_submit_gets_429_with_retry_after(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", rate_limit_per_minute=2, max_active_tasks=5)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         for _ in range(2):
             assert (await service.submit(PRO)).status_code == 200
         refused = await service.submit(PRO)
@@ -274,7 +264,7 @@ async def test_past_a_limit_a_submit_gets_429_with_retry_after(tmp_path: Path) -
         assert (await service.submit(PRO, await service.new_key())).status_code == 200
 
     settings = make_settings(tmp_path / "other", max_active_tasks=1)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         assert (await service.submit(PRO)).status_code == 200
         refused = await service.submit(PRO)
         assert "at most 1 queued or running" in error_of(refused, 429, "rate_limit_error")
@@ -290,7 +280,9 @@ async def test_one_accounts_backlog_does_not_hold_back_anothers_task(
     tmp_path: Path, tiny_engine: Engine
 ) -> None:
     engine = SlowSteps(tiny_engine, delay=0.05)
-    async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), engine=engine, in_process=True
+    ) as service:
         alice = await account_key(service, "alice@example.com")
         bob = await account_key(service, "bob@example.com")
         small = {"model": "flux-2-pro", "input": {**PROMPT, "size": "1:1"}}
@@ -345,7 +337,9 @@ async def test_accounts_keys_and_credits_from_the_command_line(
     assert "\tgrant\t-10\t\trefund reversed" in shown and "\tgrant\t+40\t" in shown
     assert "No account" in await cli("credits", "show", "nobody@example.com", code=1)
 
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         balance = await get(service, "/api/user/balance", secret)
         assert balance.json()["data"]["email"] == "alice@example.com"
         assert balance.json()["data"]["credits_amount"] == 30

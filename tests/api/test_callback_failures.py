@@ -29,7 +29,9 @@ def outcomes(event: dict[str, Any]) -> list[tuple[int | None, str | None]]:
 async def test_a_host_the_resolver_refuses_fails_on_the_schedule(tmp_path: Path) -> None:
     """`a..b` has an empty label: the resolver's IDNA codec raises UnicodeError, not
     a resolution error. Each try is a failed attempt; then the event is given up."""
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         task_id = await submit_ended(service, "http://a..b/cb")
         log = await settled_log(service, task_id)
         [event] = log["events"]
@@ -67,7 +69,7 @@ async def test_a_retry_after_of_non_ascii_digits_is_ignored(tmp_path: Path) -> N
     receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
     async with (
         serve_asgi(receiver) as origin,
-        run_service(make_settings(tmp_path / "data"), run_worker=False) as service,
+        run_service(make_settings(tmp_path / "data"), run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, f"{origin}/hook")
         log = await settled_log(service, task_id)

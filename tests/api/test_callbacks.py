@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fluxserve.engines.base import Engine, GenerationRequest, ProgressCallback
+from fluxserve.engines.base import Engine
 
 from conftest import (
     Receiver,
@@ -36,6 +36,7 @@ from conftest import (
     settled_log,
     submit_ended,
 )
+from hooked_engine import Hooked
 
 BODY: dict[str, Any] = {"model": "flux-2-pro", "input": {"prompt": "a quiet harbour"}}
 CONNECTION_CLOSED = "RemoteProtocolError: Server disconnected without sending a response."
@@ -88,7 +89,7 @@ async def test_a_failing_receiver_gets_retries_until_it_answers(tmp_path: Path) 
     receiver = Receiver(fail=2, status_code=503)
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(make_settings(tmp_path / "data"), run_worker=False) as service,
+        run_service(make_settings(tmp_path / "data"), run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, f"{hook}/hook")
         log = await settled_log(service, task_id)
@@ -116,7 +117,7 @@ async def test_a_hanging_receiver_times_out_each_attempt_then_is_given_up(tmp_pa
     )
     async with (
         raw_receiver(hang) as hook,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, hook)
         log = await settled_log(service, task_id)
@@ -130,7 +131,7 @@ async def test_a_gone_receiver_is_not_retried(tmp_path: Path) -> None:
     receiver = Receiver(fail=100, status_code=410)
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(make_settings(tmp_path / "data"), run_worker=False) as service,
+        run_service(make_settings(tmp_path / "data"), run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, f"{hook}/hook")
         log = await settled_log(service, task_id)
@@ -151,7 +152,7 @@ async def test_a_receiver_that_closes_the_connection_is_retried(tmp_path: Path) 
     settings = make_settings(tmp_path / "data", callback_retry_delays=[0.05, 0.05])
     async with (
         raw_receiver(close_at_once) as hook,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, hook)
         log = await settled_log(service, task_id)
@@ -170,7 +171,7 @@ async def test_a_receiver_down_across_a_restart_gets_the_event_after_it(tmp_path
     down, port = closed_port()
     receiver = Receiver()
     with down:
-        async with run_service(settings, run_worker=False) as first:
+        async with run_service(settings, run_worker=False, in_process=True) as first:
             key = first.key
             task_id = await submit_ended(first, f"http://127.0.0.1:{port}/hook")
             await settled_log(
@@ -180,7 +181,7 @@ async def test_a_receiver_down_across_a_restart_gets_the_event_after_it(tmp_path
             )
     async with (
         serve_asgi(receiver.app(), port=port),
-        run_service(settings, run_worker=False) as second,
+        run_service(settings, run_worker=False, in_process=True) as second,
     ):
         log = await settled_log(second, task_id, key=key)
         final = (await second.status(task_id, key=key)).json()
@@ -207,7 +208,7 @@ async def test_retry_after_is_honoured(tmp_path: Path) -> None:
     receiver = Starlette(routes=[Route("/hook", busy_once, methods=["POST"])])
     async with (
         serve_asgi(receiver) as hook,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, f"{hook}/hook")
         log = await settled_log(service, task_id)
@@ -226,7 +227,7 @@ async def test_a_callback_host_that_resolves_to_a_private_address_is_refused(
     )
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         # "localhost" passes the syntactic check at submit; its address does not.
         port = hook.rsplit(":", 1)[1]
@@ -253,7 +254,7 @@ async def test_callback_urls_are_https_unless_http_is_allowed(
     tmp_path: Path, overrides: dict[str, Any], url: str, accepted: bool
 ) -> None:
     settings = make_settings(tmp_path / "data", allow_private_networks=False, **overrides)
-    async with run_service(settings, run_worker=False) as service:
+    async with run_service(settings, run_worker=False, in_process=True) as service:
         response = await service.submit({**BODY, "callback_url": url})
     if accepted:
         assert response.status_code == 200
@@ -281,7 +282,9 @@ async def test_dead_receivers_hold_up_neither_tasks_nor_status_nor_a_healthy_rec
         async with (
             raw_receiver(hang) as hanging,
             serve_asgi(healthy.app()) as good,
-            run_service(settings, engine=tiny_engine, models=["flux-2-pro"]) as service,
+            run_service(
+                settings, engine=tiny_engine, models=["flux-2-pro"], in_process=True
+            ) as service,
         ):
             storm = [
                 await submit_ended(service, url, model="flux-2-flex")
@@ -325,7 +328,7 @@ async def test_a_slow_receiver_holds_no_more_than_its_share_of_slots(tmp_path: P
     async with (
         raw_receiver(hang) as hanging,
         serve_asgi(healthy.app()) as good,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         slow = [await submit_ended(service, hanging) for _ in range(6)]
         fine = await submit_ended(service, f"{good}/hook")
@@ -336,24 +339,9 @@ async def test_a_slow_receiver_holds_no_more_than_its_share_of_slots(tmp_path: P
     assert all(outcomes(log["events"][0]) == [(None, "timed out after 0.5s")] * 2 for log in logs)
 
 
-class SlowTiny:
+def slow_tiny(inner: Engine, step_seconds: float) -> Hooked:
     """The tiny engine with each denoising step slowed, so a task runs for seconds."""
-
-    name = "tiny"
-
-    def __init__(self, inner: Engine, step_seconds: float) -> None:
-        self.inner = inner
-        self.step_seconds = step_seconds
-
-    def load(self) -> None:
-        self.inner.load()
-
-    def generate(self, request: GenerationRequest, on_progress: ProgressCallback) -> list[Any]:
-        def progress(done: int, total: int) -> None:
-            time.sleep(self.step_seconds)
-            on_progress(done, total)
-
-        return self.inner.generate(request, progress)
+    return Hooked(inner, lambda *_: time.sleep(step_seconds))
 
 
 async def test_progress_events_are_sent_when_asked_for(tmp_path: Path, tiny_engine: Engine) -> None:
@@ -361,7 +349,7 @@ async def test_progress_events_are_sent_when_asked_for(tmp_path: Path, tiny_engi
     settings = make_settings(tmp_path / "data")
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(settings, engine=SlowTiny(tiny_engine, 0.4)) as service,
+        run_service(settings, engine=slow_tiny(tiny_engine, 0.4), in_process=True) as service,
     ):
         task_id = await submit(
             service, f"{hook}/hook", callback_events=["running", "progress", "finished"]
@@ -401,7 +389,7 @@ async def test_redelivery_sends_the_same_event_again(tmp_path: Path) -> None:
     receiver = Receiver(fail=1, status_code=410)
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(make_settings(tmp_path / "data"), run_worker=False) as service,
+        run_service(make_settings(tmp_path / "data"), run_worker=False, in_process=True) as service,
     ):
         task_id = await submit_ended(service, f"{hook}/hook")
         [gone] = (await settled_log(service, task_id))["events"]
@@ -423,7 +411,9 @@ async def test_redelivery_sends_the_same_event_again(tmp_path: Path) -> None:
 
 
 async def test_the_callback_routes_refuse_what_they_cannot_do(tmp_path: Path) -> None:
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         queued = await submit(service, "http://127.0.0.1:9/hook")
         plain = (await service.submit(BODY)).json()["data"]["task_id"]
         other = await service.new_key()
@@ -464,7 +454,7 @@ async def test_delivery_metrics(tmp_path: Path) -> None:
     async with (
         serve_asgi(flaky.app()) as flaky_url,
         serve_asgi(gone.app()) as gone_url,
-        run_service(make_settings(tmp_path / "data"), run_worker=False) as service,
+        run_service(make_settings(tmp_path / "data"), run_worker=False, in_process=True) as service,
     ):
         for url in (f"{flaky_url}/hook", f"{gone_url}/hook"):
             await settled_log(service, await submit_ended(service, url))

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 async def fluxserve(*args: str, cwd: Path, **env: str) -> tuple[int, str, str]:
     """Run the `fluxserve` command; its exit code, stdout and stderr."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[2] / "src")
     clean["PYTHONPATH"] = os.pathsep.join(filter(None, [src, clean.get("PYTHONPATH")]))
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -75,7 +75,7 @@ async def test_a_callback_verifies_with_the_keys_secret(tmp_path: Path) -> None:
     receiver = Receiver()
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(make_settings(tmp_path / "data"), run_worker=False) as service,
+        run_service(make_settings(tmp_path / "data"), run_worker=False, in_process=True) as service,
     ):
         secret = await secret_of(service)
         assert (await secret_of(service)) == secret  # made once, then kept
@@ -93,7 +93,7 @@ async def test_after_a_rotation_old_and_new_secrets_both_verify(tmp_path: Path) 
     settings = make_settings(tmp_path / "data", webhook_secret_grace=3600)
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         old = (await secret_of(service))["secret"]
         new = await rotate(service)
@@ -112,7 +112,7 @@ async def test_once_the_grace_period_is_over_only_the_new_secret_verifies(
     settings = make_settings(tmp_path / "data", webhook_secret_grace=0)
     async with (
         serve_asgi(receiver.app()) as hook,
-        run_service(settings, run_worker=False) as service,
+        run_service(settings, run_worker=False, in_process=True) as service,
     ):
         old = (await secret_of(service))["secret"]
         new = await rotate(service)
@@ -127,7 +127,9 @@ async def test_once_the_grace_period_is_over_only_the_new_secret_verifies(
     ("method", "path"), [("GET", "/api/webhooks/secret"), ("POST", "/api/webhooks/secret/rotate")]
 )
 async def test_the_secret_routes_need_a_key(tmp_path: Path, method: str, path: str) -> None:
-    async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
         response = await service.client.request(method, path)
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
