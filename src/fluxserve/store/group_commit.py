@@ -18,9 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import sqlalchemy as sa
-
-from fluxserve.errors import ApiError
+from fluxserve.errors import AlreadyStored, ApiError
 from fluxserve.store.coalesce import Coalescer
 from fluxserve.store.direct import Program
 
@@ -86,7 +84,7 @@ class GroupCommit:
             try:
                 answers: dict[Write, Any] = await self._transact(lambda: _each(writes), wake)
                 return answers
-            except sa.exc.IntegrityError:
+            except AlreadyStored:
                 pass  # one of them refused to repeat: each alone, to learn which
             except Exception as exc:
                 return dict.fromkeys(writes, _Failed(exc))

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from fluxserve.errors import ConfigError, StoreUnavailable
 from fluxserve.store.coalesce import Coalescer
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
+from fluxserve.store.driver_errors import ASYNCPG_UNAVAILABLE, Errors, driver_errors
 from fluxserve.store.group_commit import GroupCommit, Write
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
@@ -50,15 +51,8 @@ SWEEP_LOCK = 0x464C5558_01
 MIGRATE_LOCK = 0x464C5558_02
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 DRIVER_POOL_SIZE = 10
-# What a read on a connection the server dropped (a restart, pg_terminate_backend)
-# raises, depending on how far the news of it got; or one that cannot reach it.
-CONNECTION_LOST = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
+# A connection the server dropped, or one that cannot reach it.
+CONNECTION_LOST: Errors = (OSError, *ASYNCPG_UNAVAILABLE)
 
 
 RANKED_FROM = 8
@@ -187,13 +181,12 @@ class PostgresStore(SqlStore):
         when the first try took (see `SqlBase._transact`).
         """
         try:
-            return await attempt()
-        except CONNECTION_LOST:
+            with driver_errors():
+                return await attempt()
+        except StoreUnavailable:
             await self._driver_pool.expire_connections()
-        try:
+        with driver_errors():
             return await attempt()
-        except CONNECTION_LOST as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
     async def _fetch_on_pool(self, read: CompiledStatement, params: dict[str, Any]) -> list[Any]:
         async with self._driver_pool.acquire() as connection:
@@ -240,10 +233,8 @@ class PostgresStore(SqlStore):
     async def _execute(self, connection: asyncpg.Connection, step: Step) -> Any:
         statement = self._compiled_step(step)
         arguments = statement.arguments(step.params)
-        try:
+        with driver_errors():
             return statement.shape(await connection.fetchrow(statement.sql, *arguments))
-        except asyncpg.IntegrityConstraintViolationError as exc:
-            raise sa.exc.IntegrityError(statement.sql, arguments, exc) from exc
 
     @property
     def _driver_pool(self) -> asyncpg.Pool:

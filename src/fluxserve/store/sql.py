@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fluxserve.errors import AlreadyStored
 from fluxserve.store.admission import submit
 from fluxserve.store.base import (
     IdempotencyKey,
@@ -161,7 +162,7 @@ class SqlStore(AccountQueries, CallbackQueries, ChangeQueries, FileQueries, Flee
         together = task.account_id if limits is None else None
         try:
             return await self._transact(program, wake=(TASKS,), together=together)
-        except sa.exc.IntegrityError:
+        except AlreadyStored:
             committed = await self.get_task(task.task_id)
             if committed is not None:
                 return committed  # by a try whose connection was lost as it committed

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fluxserve.errors import Conflict, NotFound
+from fluxserve.errors import AlreadyStored, Conflict, NotFound
 from fluxserve.store.base import Account, ApiKeyRecord, LedgerEntry
 from fluxserve.store.rows import key_from_row
 from fluxserve.store.schema import accounts, api_keys, credit_ledger
@@ -69,7 +69,7 @@ class AccountQueries(SqlBase):
                         account_id=account_id, email=email, created_at=time.time()
                     )
                 )
-        except sa.exc.IntegrityError as exc:
+        except AlreadyStored as exc:
             raise Conflict(f"An account with email {email} exists already") from exc
         made = await self.get_account(account_id)
         assert made is not None
@@ -89,7 +89,7 @@ class AccountQueries(SqlBase):
                     accounts.insert().values(account_id=account_id, email=email, created_at=now)
                 )
                 await conn.execute(_key_insert(key_id, name, key_hash, prefix, account_id))
-        except sa.exc.IntegrityError:
+        except AlreadyStored:
             return False
         return True
 

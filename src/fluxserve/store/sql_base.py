@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import cache, partial
 from importlib import resources
@@ -17,8 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from fluxserve.errors import StoreUnavailable
 from fluxserve.store.direct import CompiledStatement, Program, Step, run
+from fluxserve.store.driver_errors import driver_errors
 from fluxserve.store.group_commit import GroupCommit
 from fluxserve.store.wakeups import CALLBACKS, TASK_CHANGES, TASKS, TaskChanges
 from fluxserve.tasks import Task
@@ -87,7 +86,7 @@ class SqlBase:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        with _unavailable_on_connection_errors():
+        with driver_errors():
             async with self.engine.connect() as conn:
                 yield conn
 
@@ -142,7 +141,7 @@ class SqlBase:
         """A transaction; when it commits, wake whoever waits on the `wake` channels,
         and whoever watches the tasks whose ids the transaction put in `changes`
         (those whose status or progress it changed)."""
-        with _unavailable_on_connection_errors():
+        with driver_errors():
             async with self.engine.begin() as conn:
                 yield conn
                 await self._notify(conn, wake)
@@ -196,19 +195,6 @@ async def _execute(conn: AsyncConnection, step: Step) -> Any:
     """One step on a SQLAlchemy connection: its first row, or None."""
     result = await conn.execute(step.statement, dict(step.params))
     return result.first() if result.returns_rows else None
-
-
-@contextlib.contextmanager
-def _unavailable_on_connection_errors() -> Iterator[None]:
-    """Connection-level failures become StoreUnavailable: callers retry or answer 503."""
-    try:
-        yield
-    except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError) as exc:
-        raise StoreUnavailable(f"database unavailable: {exc}") from exc
-    except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise StoreUnavailable(f"database connection lost: {exc}") from exc
-        raise
 
 
 def _config() -> Config:

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fluxserve.errors import AlreadyStored
 from fluxserve.store.base import (
     Attempt,
     CallbackEvent,
@@ -225,7 +226,7 @@ class CallbackQueries(SqlBase):
                         key_id=key_id, secret=candidate, created_at=time.time()
                     )
                 )
-        except sa.exc.IntegrityError:
+        except AlreadyStored:
             pass  # another process made the key's secret first; that one holds
         made = await self._webhook_secret(key_id)
         assert made is not None
@@ -254,7 +255,7 @@ class CallbackQueries(SqlBase):
                             key_id=key_id, secret=new_secret, created_at=now
                         )
                     )
-        except sa.exc.IntegrityError:
+        except AlreadyStored:
             # Another process made the key's first secret meanwhile: rotate that one.
             async with self._write() as conn:
                 await conn.execute(rotate)

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from fluxserve.errors import StoreUnavailable
 from fluxserve.store.base import SqliteSynchronous
 from fluxserve.store.direct import Program, Step, run
+from fluxserve.store.driver_errors import driver_errors
 from fluxserve.store.group_commit import GroupCommit
 from fluxserve.store.sql import SqlStore
 from fluxserve.store.wakeups import TASKS
@@ -79,10 +79,8 @@ def _open_writer(path: Path, synchronous: SqliteSynchronous) -> sqlite3.Connecti
 
 
 def _commit(connection: sqlite3.Connection) -> None:
-    try:
+    with driver_errors():  # a full disk, an I/O error
         connection.execute("COMMIT")
-    except sqlite3.OperationalError as exc:  # a full disk, an I/O error
-        raise StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
 def _checkpoint(path: Path, synchronous: SqliteSynchronous) -> None:
@@ -237,13 +235,8 @@ class SqliteStore(SqlStore):
     async def _execute(self, connection: sqlite3.Connection, step: Step) -> Any:
         statement = self._compiled_step(step)
         arguments = statement.arguments(step.params)
-        try:
-            with closing(connection.execute(statement.sql, arguments)) as cursor:
-                rows = cursor.fetchall()
-        except sqlite3.IntegrityError as exc:
-            raise sa.exc.IntegrityError(statement.sql, arguments, exc) from exc
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        with driver_errors(), closing(connection.execute(statement.sql, arguments)) as cursor:
+            rows = cursor.fetchall()
         return statement.shape(rows[0] if rows else None)
 
     async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
