@@ -24,21 +24,28 @@ from fluxserve.store.wakeups import CALLBACKS
 from fluxserve.tasks import TERMINAL_EVENTS, Task, new_event_id
 
 
+def _new_event(
+    event_id: str, task_id: str, url: str, event_type: str, at: float, **values: Any
+) -> sa.Insert:
+    return callbacks.insert().values(
+        event_id=event_id,
+        task_id=task_id,
+        url=url,
+        origin=callback_origin(url),
+        event_type=event_type,
+        next_attempt_at=at,
+        created_at=at,
+        **values,
+    )
+
+
 async def queue_callback(conn: Connection, task: Task, event_type: str, now: float) -> str:
+    """Queue the task's `event_type` event, due now, in the caller's transaction."""
     assert task.callback_url is not None
     event_id = new_event_id()
+    pending = {"state": CallbackState.PENDING.value, "attempts": 0}
     await conn.execute(
-        callbacks.insert().values(
-            event_id=event_id,
-            task_id=task.task_id,
-            url=task.callback_url,
-            origin=callback_origin(task.callback_url),
-            event_type=event_type,
-            state=CallbackState.PENDING.value,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
+        _new_event(event_id, task.task_id, task.callback_url, event_type, now, **pending)
     )
     return event_id
 
@@ -125,23 +132,18 @@ async def record_event(
 ) -> None:
     state = CallbackState.DELIVERED if attempt.delivered else CallbackState.FAILED
     async with db.transaction() as conn:
-        row = await conn.one(
-            callbacks.insert()
-            .values(
-                event_id=event_id,
-                task_id=task_id,
-                url=url,
-                origin=callback_origin(url),
-                event_type=event_type,
-                state=state.value,
-                attempts=1,
-                next_attempt_at=attempt.attempted_at,
-                last_error=attempt.error,
-                created_at=attempt.attempted_at,
-                delivered_at=_ended(attempt) if attempt.delivered else None,
-            )
-            .returning(callbacks.c.callback_id)
+        event = _new_event(
+            event_id,
+            task_id,
+            url,
+            event_type,
+            attempt.attempted_at,
+            state=state.value,
+            attempts=1,
+            last_error=attempt.error,
+            delivered_at=_ended(attempt) if attempt.delivered else None,
         )
+        row = await conn.one(event.returning(callbacks.c.callback_id))
         await conn.execute(_attempt_row(row.callback_id, attempt))
 
 

@@ -131,7 +131,9 @@ class Statements:
     def compiled(self, statement: Any, params: Mapping[str, Any]) -> Compiled:
         # A bare INSERT is given its whole row as `params`; any other statement binds by name.
         keys = tuple(params) if isinstance(statement, sa.Insert) else ()
-        by_keys = self._compiled.setdefault(statement, {})
+        by_keys = self._compiled.get(statement)
+        if by_keys is None:
+            by_keys = self._compiled[statement] = {}
         found = by_keys.get(keys)
         if found is None:
             found = by_keys[keys] = Compiled.of(statement, self._dialect, keys)
