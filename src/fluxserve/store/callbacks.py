@@ -23,11 +23,14 @@ from fluxserve.store.schema import callback_attempts, callbacks, webhook_secrets
 from fluxserve.store.wakeups import CALLBACKS
 from fluxserve.tasks import TERMINAL_EVENTS, Task, new_event_id
 
+_NEW_EVENT = callbacks.insert()  # given whole rows (see `_event_row`): compiled once
+_NEW_LOGGED_EVENT = callbacks.insert().returning(callbacks.c.callback_id)
 
-def _new_event(
+
+def _event_row(
     event_id: str, task_id: str, url: str, event_type: str, at: float, **values: Any
-) -> sa.Insert:
-    return callbacks.insert().values(
+) -> dict[str, Any]:
+    return dict(
         event_id=event_id,
         task_id=task_id,
         url=url,
@@ -44,9 +47,8 @@ async def queue_callback(conn: Connection, task: Task, event_type: str, now: flo
     assert task.callback_url is not None
     event_id = new_event_id()
     pending = {"state": CallbackState.PENDING.value, "attempts": 0}
-    await conn.execute(
-        _new_event(event_id, task.task_id, task.callback_url, event_type, now, **pending)
-    )
+    row = _event_row(event_id, task.task_id, task.callback_url, event_type, now, **pending)
+    await conn.execute(_NEW_EVENT, **row)
     return event_id
 
 
@@ -132,7 +134,7 @@ async def record_event(
 ) -> None:
     state = CallbackState.DELIVERED if attempt.delivered else CallbackState.FAILED
     async with db.transaction() as conn:
-        event = _new_event(
+        event = _event_row(
             event_id,
             task_id,
             url,
@@ -143,7 +145,7 @@ async def record_event(
             last_error=attempt.error,
             delivered_at=_ended(attempt) if attempt.delivered else None,
         )
-        row = await conn.one(event.returning(callbacks.c.callback_id))
+        row = await conn.one(_NEW_LOGGED_EVENT, **event)
         await conn.execute(_attempt_row(row.callback_id, attempt))
 
 

@@ -77,11 +77,12 @@ class Compiled:
     @classmethod
     def of(cls, statement: Any, dialect: sa.Dialect, column_keys: Sequence[str]) -> Compiled:
         """`column_keys`: the columns a bare INSERT is given, each bound by its own name."""
-        compiled = statement.compile(
-            dialect=dialect,
-            column_keys=list(column_keys) or None,
-            compile_kwargs={"render_postcompile": True},  # IN (...) of a list given
-        )
+        keys = list(column_keys) or None
+        compiled = statement.compile(dialect=dialect, column_keys=keys)
+        if "__[POSTCOMPILE_" in compiled.string:  # IN (...) of a list: one parameter each
+            compiled = statement.compile(
+                dialect=dialect, column_keys=keys, compile_kwargs={"render_postcompile": True}
+            )
         if compiled.insert_prefetch or compiled.update_prefetch:
             # SQLAlchemy would compute these defaults per call; the driver cannot.
             raise ValueError(f"give every column with a default a value: {compiled.string}")

@@ -8,11 +8,13 @@ transaction, its callback (`callbacks.py`) and its credits (`credits.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -71,21 +73,48 @@ class _Lease:
     token: str
     expires_at: float
 
-    def claim(self, which: sa.ColumnElement[bool]) -> sa.Update:
-        """Queued tasks matching `which` -> running under this lease; returns their rows."""
-        return (
-            _move(QUEUED, RUNNING)
-            .where(which)
-            .values(
-                progress=0,
-                worker_id=self.worker_id,
-                lease_token=self.token,
-                lease_expires_at=self.expires_at,
-                attempts=tasks.c.attempts + 1,
-                started_at=sa.func.coalesce(tasks.c.started_at, time.time()),
-            )
-            .returning(*tasks.c)
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "now": time.time()}
+
+
+def _claiming(which: sa.ColumnElement[bool], lease: Mapping[str, Any] | None = None) -> sa.Update:
+    """Queued tasks matching `which` -> running under a lease (`_Lease.params`), given
+    here or when the statement runs; returns their rows."""
+
+    def given(name: str, type_: Any = None) -> Any:
+        if lease is None:
+            return sa.bindparam(name, type_=type_)
+        return sa.bindparam(name, lease[name], type_=type_)
+
+    return (
+        _move(QUEUED, RUNNING)
+        .where(which)
+        .values(
+            progress=0,
+            worker_id=given("worker_id"),
+            lease_token=given("token"),
+            lease_expires_at=given("expires_at", sa.Float),
+            attempts=tasks.c.attempts + 1,
+            started_at=sa.func.coalesce(tasks.c.started_at, given("now", sa.Float)),
         )
+        .returning(*tasks.c)
+    )
+
+
+@cache
+def _claim_oldest(models: tuple[str, ...]) -> sa.Update:
+    """The claim of the oldest queued task of `models`: built (and compiled) once each."""
+    oldest = (
+        sa.select(tasks.c.seq)
+        # Equalities, not IN: a list would be bound only when the statement runs.
+        .where(tasks.c.status == QUEUED.value, sa.or_(*(tasks.c.model == m for m in models)))
+        .order_by(tasks.c.vtime, tasks.c.seq)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return _claiming(tasks.c.seq == oldest)
 
 
 async def claim_batch(
@@ -99,17 +128,9 @@ async def claim_batch(
 ) -> list[Claim]:
     # One token for the batch: a lease is still per row, checked with the task id.
     lease = _Lease(worker_id, secrets.token_hex(8), time.time() + lease_seconds)
-    oldest = (
-        sa.select(tasks.c.seq)
-        .where(tasks.c.status == QUEUED.value, tasks.c.model.in_(list(models)))
-        .order_by(tasks.c.vtime, tasks.c.seq)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
     changes: list[str] = []
     async with db.transaction(changes=changes) as conn:
-        head = await conn.one(lease.claim(tasks.c.seq == oldest))
+        head = await conn.one(_claim_oldest(tuple(models)), **lease.params)
         if head is None:
             return []
         rows = [head]
@@ -140,7 +161,7 @@ async def _claim_companions(
     alike = [row.seq for row in nearest if TaskInput.from_json(row.input).batch_shape == shape]
     if not alike:
         return []
-    return await conn.all(lease.claim(tasks.c.seq.in_(alike[:limit])))
+    return await conn.all(_claiming(tasks.c.seq.in_(alike[:limit]), lease.params))
 
 
 async def report_progress(
@@ -197,18 +218,32 @@ async def fail_task(db: Database, on_end: OnEnd, claim: Claim, message: str) -> 
     return await _end(db, claim, TaskStatus.FAILED, on_end, {"error_message": message})
 
 
+@cache
+def _end_of(status: TaskStatus, columns: tuple[str, ...]) -> sa.Update:
+    """A claim's task -> `status`, with `columns` given: built (and compiled) once each."""
+    return (
+        _move(RUNNING, status)
+        .where(
+            tasks.c.task_id == sa.bindparam("task_id"),
+            tasks.c.lease_token == sa.bindparam("token"),
+        )
+        .values(
+            finished_at=sa.bindparam("finished_at", type_=sa.Float),
+            lease_expires_at=None,
+            **{name: sa.bindparam(name, type_=tasks.c[name].type) for name in columns},
+        )
+        .returning(tasks.c.cancelled_at)
+    )
+
+
 async def _end(
     db: Database, claim: Claim, status: TaskStatus, on_end: OnEnd, values: dict[str, Any]
 ) -> bool:
     now = time.time()
     changes: list[str] = []
     async with _ending(db, on_end, changes) as (conn, ended):
-        row = await conn.one(
-            _move(RUNNING, status)
-            .where(_held_by(claim))
-            .values(finished_at=now, lease_expires_at=None, **values)
-            .returning(tasks.c.cancelled_at)
-        )
+        held = {"task_id": claim.task.task_id, "token": claim.lease_token}
+        row = await conn.one(_end_of(status, tuple(values)), finished_at=now, **held, **values)
         if row is None:
             return False
         task = replace(claim.task, status=status, finished_at=now, cancelled_at=row.cancelled_at)
