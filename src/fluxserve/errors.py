@@ -15,6 +15,7 @@ FluxserveError
 │   └── ResponseTooLarge      the response was larger than allowed
 ├── ReferenceImageError       a reference image that is not a usable image
 ├── StoreUnavailable          the database cannot be reached right now
+├── AlreadyStored             a write refused to repeat: its unique key is taken
 ├── EngineError               the engine could not produce an image
 │   └── EngineUnavailable     the engine cannot start (missing extra, no weights)
 └── ConfigError               settings that cannot work together
@@ -102,6 +103,11 @@ class ReferenceImageError(FluxserveError):
 
 class StoreUnavailable(FluxserveError):
     """The database cannot be reached; the caller retries later (the API answers 503)."""
+
+
+class AlreadyStored(FluxserveError):
+    """A write refused to repeat: a row with its unique key (a task id, an email, an
+    Idempotency-Key) is stored already."""
 
 
 class EngineError(FluxserveError):

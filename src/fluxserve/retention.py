@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage
 from fluxserve.storage.local import LocalStorage
-from fluxserve.store import Store
+from fluxserve.store.ports import Files
 
 BATCH = 100
 PARTIAL_FILE_AGE = 3600.0
@@ -33,7 +33,7 @@ class Swept:
 
 
 async def sweep(
-    store: Store, storage: Storage, settings: Settings, now: float | None = None
+    store: Files, storage: Storage, settings: Settings, now: float | None = None
 ) -> Swept:
     """Delete every file that has expired at `now` (default: the current time)."""
     now = time.time() if now is None else now
@@ -47,7 +47,7 @@ async def sweep(
     return Swept(uploads=uploads, tasks=tasks, partials=partials)
 
 
-async def remove_expired_uploads(store: Store, storage: Storage, now: float) -> int:
+async def remove_expired_uploads(store: Files, storage: Storage, now: float) -> int:
     """Delete uploads whose `expires_at` has passed; how many."""
     removed = 0
     while True:
@@ -60,7 +60,7 @@ async def remove_expired_uploads(store: Store, storage: Storage, now: float) -> 
 
 
 async def remove_old_results(
-    store: Store, storage: Storage, ended_before: float, now: float
+    store: Files, storage: Storage, ended_before: float, now: float
 ) -> int:
     """Delete the files of tasks that finished before `ended_before`; how many tasks."""
     removed = 0

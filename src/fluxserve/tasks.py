@@ -17,7 +17,9 @@ from fluxserve.protocol import OUTPUT_FORMATS as OUTPUT_FORMATS
 from fluxserve.protocol import TERMINAL_EVENTS as TERMINAL_EVENTS
 from fluxserve.protocol import TaskStatus as TaskStatus
 
-# Every status write is checked against this table, in the store's WHERE clause.
+# Every status write is checked against this table: the store makes each one with
+# `_move` (store/queue.py), which refuses any other and names the source status
+# in its WHERE clause, so a task leaves each status once.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.NOT_STARTED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED}),
     # running -> not_started: a lost worker's task handed back to the queue.

@@ -27,7 +27,7 @@ STORE_SOURCE = str(Path(sqlite_store.__file__))
 
 @dataclass
 class Opened:
-    opened_by: str  # the store's function that opened it, or "engine" (aiosqlite's)
+    opened_by: str  # the store's function that opened it
     synchronous: str | None = None  # read as it closed; None while open
 
 
@@ -35,8 +35,6 @@ def _opener() -> str:
     for frame in reversed(traceback.extract_stack()):
         if frame.filename == STORE_SOURCE and frame.name != "_connect":
             return frame.name
-        if "aiosqlite" in frame.filename:
-            return "engine"
     return "elsewhere"
 
 

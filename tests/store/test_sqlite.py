@@ -19,7 +19,8 @@ from fluxserve.errors import StoreUnavailable
 from fluxserve.runtime import Runtime
 from fluxserve.store import sqlite as sqlite_module
 from fluxserve.store.base import SqliteSynchronous
-from fluxserve.store.sqlite import SqliteStore
+from fluxserve.store.sqlite import SqliteDatabase
+from fluxserve.store.store import SqlStore
 from fluxserve.tasks import TaskStatus
 
 import sqlite_connections
@@ -27,10 +28,10 @@ from conftest import make_settings, queue_position, queue_task
 
 
 @pytest.fixture
-async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
+async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[SqlStore, SqlStore]]:
     """Two stores on one file: as an `api` and a `worker` process hold it."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    first, second = SqliteStore(url), SqliteStore(url)
+    first, second = SqlStore(SqliteDatabase(url)), SqlStore(SqliteDatabase(url))
     await first.start()
     await second.start()
     try:
@@ -41,7 +42,7 @@ async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteS
 
 
 async def test_a_submit_in_one_process_wakes_a_worker_in_another(
-    two_stores: tuple[SqliteStore, SqliteStore],
+    two_stores: tuple[SqlStore, SqlStore],
 ) -> None:
     worker_side, api_side = two_stores
     # The poll fallback is 60 s here: only the commit watcher can end this wait in time.
@@ -55,7 +56,7 @@ async def test_a_submit_in_one_process_wakes_a_worker_in_another(
 
 
 async def test_a_commit_between_a_claim_and_the_wait_is_not_missed(
-    two_stores: tuple[SqliteStore, SqliteStore],
+    two_stores: tuple[SqlStore, SqlStore],
 ) -> None:
     worker_side, api_side = two_stores
     await queue_task(api_side)
@@ -66,7 +67,7 @@ async def test_a_commit_between_a_claim_and_the_wait_is_not_missed(
 
 
 async def test_reads_see_each_commit_of_another_process_at_once(
-    two_stores: tuple[SqliteStore, SqliteStore],
+    two_stores: tuple[SqlStore, SqlStore],
 ) -> None:
     reader, writer = two_stores
     first = await queue_task(writer)
@@ -82,7 +83,7 @@ async def test_reads_see_each_commit_of_another_process_at_once(
 
 
 async def test_a_submit_waits_off_the_loop_while_another_process_writes(
-    two_stores: tuple[SqliteStore, SqliteStore], tmp_path: Path
+    two_stores: tuple[SqlStore, SqlStore], tmp_path: Path
 ) -> None:
     store, _ = two_stores
     other_process = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
@@ -110,7 +111,7 @@ async def test_a_submit_waits_off_the_loop_while_another_process_writes(
 
 
 async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
-    two_stores: tuple[SqliteStore, SqliteStore],
+    two_stores: tuple[SqlStore, SqlStore],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -140,7 +141,7 @@ async def test_submits_on_the_loop_leave_the_wal_checkpoint_to_a_thread(
 
 
 async def test_submits_arriving_together_share_one_commit(
-    two_stores: tuple[SqliteStore, SqliteStore], tmp_path: Path
+    two_stores: tuple[SqlStore, SqlStore], tmp_path: Path
 ) -> None:
     # Each commit appends the pages it changed to the WAL: a burst that commits
     # once appends them once.
@@ -175,16 +176,18 @@ class FailingCommit:
 # One submit commits alone; several arriving together share one commit.
 @pytest.mark.parametrize("submits", [1, 4])
 async def test_submits_whose_commit_fails_are_unavailable_and_leave_nothing(
-    two_stores: tuple[SqliteStore, SqliteStore], submits: int
+    two_stores: tuple[SqlStore, SqlStore], submits: int
 ) -> None:
     store, _ = two_stores
-    writer, store._writer = store._writer, FailingCommit(store._writer)  # type: ignore[arg-type,assignment]
+    database = store.db
+    assert isinstance(database, SqliteDatabase)
+    writer, database._writer = database._writer, FailingCommit(database._writer)  # type: ignore[arg-type,assignment]
     try:
         answers = await asyncio.gather(
             *(queue_task(store) for _ in range(submits)), return_exceptions=True
         )
     finally:
-        store._writer = writer
+        database._writer = writer
     assert all(isinstance(answer, StoreUnavailable) for answer in answers)
     assert all("disk I/O error" in str(answer) for answer in answers)
     assert await store.queue_depths() == {}
@@ -200,15 +203,17 @@ class LockedConnection:
 
 
 async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
-    two_stores: tuple[SqliteStore, SqliteStore],
+    two_stores: tuple[SqlStore, SqlStore],
 ) -> None:
     store, _ = two_stores
     task_id = await queue_task(store)
-    reader, store._reader = store._reader, LockedConnection()  # type: ignore[assignment]
+    database = store.db
+    assert isinstance(database, SqliteDatabase)
+    reader, database._reader = database._reader, LockedConnection()  # type: ignore[assignment]
     try:
         task = await store.get_task(task_id)
     finally:
-        store._reader = reader
+        database._reader = reader
     assert task is not None and task.task_id == task_id
 
 
@@ -243,23 +248,18 @@ async def test_the_sync_setting_reaches_every_connection_of_every_process(
     try:
         for _ in range(3):
             await queue_task(runtime.store)  # the third commit checkpoints, on a thread
-        engine = runtime.store.engine  # type: ignore[attr-defined]
-        async with engine.connect() as first, engine.connect() as second:
-            for conn in (first, second):
-                assert (await conn.exec_driver_sql("SELECT count(*) FROM tasks")).scalar() == 3
         other = await asyncio.to_thread(
             connections_of_another_process, settings.data_dir, synchronous, tmp_path / "other.json"
         )
     finally:
         await runtime.stop()
     # Each path the store opens connections on, with the mode its connections ran in.
-    every_path = ["_checkpoint", "_open_reader", "_open_writer", "engine"]
+    every_path = ["_checkpoint", "_migrate", "_open_reader", "_open_writer"]
     assert sorted({(each.opened_by, each.synchronous) for each in opened}) == [
         (path, synchronous) for path in every_path
     ]
-    assert sum(each.opened_by == "engine" for each in opened) >= 2, "not only the first"
     assert sorted({(each.opened_by, each.synchronous) for each in other}) == [
-        (path, synchronous) for path in ["_open_reader", "_open_writer", "engine"]
+        (path, synchronous) for path in ["_migrate", "_open_reader", "_open_writer"]
     ]
 
 
@@ -294,7 +294,7 @@ async def test_a_commit_that_waits_for_the_disk_leaves_the_loop_free(
         committed_on.append(threading.current_thread())
 
     monkeypatch.setattr(sqlite_module, "_commit", watched_commit)
-    store = SqliteStore(f"sqlite:///{tmp_path / 'store.db'}", synchronous)
+    store = SqlStore(SqliteDatabase(f"sqlite:///{tmp_path / 'store.db'}", synchronous))
     await store.start()
     try:
         together = await asyncio.gather(*(queue_task(store) for _ in range(4)))

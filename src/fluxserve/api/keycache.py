@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fluxserve.store import ApiKeyRecord, Store
+from fluxserve.store import ApiKeyRecord
+from fluxserve.store.ports import Accounts
 
 MAX_KEYS = 10_000
 
@@ -22,7 +23,7 @@ class KeyCache:
 
     def __init__(
         self,
-        store: Store,
+        store: Accounts,
         ttl: float,
         *,
         max_keys: int = MAX_KEYS,

@@ -1,24 +1,27 @@
-"""Durable state: tasks (the queue), API keys and the callback outbox."""
+"""Durable state: tasks (the queue), accounts and keys, the callback outbox, files."""
 
 from __future__ import annotations
 
 from fluxserve.errors import ConfigError
-from fluxserve.store.base import ApiKeyRecord, CallbackRecord, SqliteSynchronous, Store
+from fluxserve.store.base import ApiKeyRecord, CallbackRecord, SqliteSynchronous
+from fluxserve.store.ports import Store
 
 
 def open_store(database_url: str, *, sqlite_synchronous: SqliteSynchronous = "full") -> Store:
     """The store for `database_url` (`sqlite:///path`), not yet started.
 
     `sqlite_synchronous` applies to SQLite alone; PostgreSQL syncs as its server says."""
+    from fluxserve.store.store import SqlStore
+
     scheme = database_url.partition(":")[0].lower()
     if scheme == "sqlite":
-        from fluxserve.store.sqlite import SqliteStore
+        from fluxserve.store.sqlite import SqliteDatabase
 
-        return SqliteStore(database_url, sqlite_synchronous)
+        return SqlStore(SqliteDatabase(database_url, sqlite_synchronous))
     if scheme in ("postgresql", "postgres"):
-        from fluxserve.store.postgres import PostgresStore
+        from fluxserve.store.postgres import PostgresDatabase
 
-        return PostgresStore(database_url)
+        return SqlStore(PostgresDatabase(database_url))
     raise ConfigError(
         f"database_url: unsupported scheme {scheme!r}; use sqlite:///PATH or postgresql://..."
     )

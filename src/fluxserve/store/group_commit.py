@@ -3,8 +3,8 @@
 A submit without per-key limits refuses (its credits, its Idempotency-Key)
 before it writes anything, and locks no row but its account's. So the submits
 that reach a busy process while its previous ones are being written can run one
-after another in one transaction: one commit (and, on PostgreSQL, one NOTIFY)
-for all of them. A lone submit still runs at once, on its own.
+after another in one transaction: one commit (one sync of the disk on SQLite,
+one NOTIFY on PostgreSQL) for all of them. A lone submit still runs at once.
 
 Each submit is answered once the shared transaction has committed, with its own
 task or its own refusal. When the shared transaction fails (a write refused to
@@ -18,22 +18,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import sqlalchemy as sa
-
-from fluxserve.errors import ApiError
+from fluxserve.errors import AlreadyStored, ApiError
 from fluxserve.store.coalesce import Coalescer
-from fluxserve.store.direct import Program
+from fluxserve.store.connection import Connection, Database
 
 T = TypeVar("T")
-Transact = Callable[[Callable[[], Program[Any]], tuple[str, ...]], Awaitable[Any]]
+Work = Callable[[Connection], Awaitable[Any]]
 
 
 @dataclass(eq=False)
 class Write:
-    """A program, the channels its commit wakes, and the key (an account) whose
-    rows alone it locks."""
+    """A write, the channels its commit wakes, and the key (an account) whose rows
+    alone it locks."""
 
-    program: Callable[[], Program[Any]]
+    work: Work
     wake: tuple[str, ...]
     key: str
 
@@ -46,9 +44,8 @@ class _Failed:
 
 
 class GroupCommit:
-    """`write()` through a store's `transact(program, wake)`, which runs one program
-    as one transaction, and `alone(write)`, which runs a lone write (by default,
-    as a transaction of its own).
+    """`write()` on `db`; `alone(write)` runs a lone write (by default, as a
+    transaction of its own).
 
     `per_key`: the writes of each key share transactions of their own, and the
     keys' transactions run side by side (PostgreSQL: no two of them wait on
@@ -58,20 +55,22 @@ class GroupCommit:
 
     def __init__(
         self,
-        transact: Transact,
+        db: Database,
         alone: Callable[[Write], Awaitable[Any]] | None = None,
         *,
         per_key: bool,
     ) -> None:
-        self._transact = transact
-        self._alone = alone or (lambda write: transact(write.program, write.wake))
+        self._db = db
+        self._alone = alone or self._transaction_of_its_own
         self._rounds: Coalescer[Write, Any] = Coalescer(
             self._group, (lambda write: write.key) if per_key else (lambda _write: None)
         )
 
-    async def write(self, program: Callable[[], Program[T]], wake: tuple[str, ...], key: str) -> T:
-        """The program's answer, once the transaction it shared has committed."""
-        answer = await self._rounds.get(Write(program, wake, key))
+    async def write(
+        self, work: Callable[[Connection], Awaitable[T]], wake: tuple[str, ...], key: str
+    ) -> T:
+        """The write's answer, once the transaction it shared has committed."""
+        answer = await self._rounds.get(Write(work, wake, key))
         if isinstance(answer, _Failed):
             raise answer.error
         return cast(T, answer)
@@ -79,14 +78,18 @@ class GroupCommit:
     async def close(self) -> None:
         await self._rounds.close()
 
+    async def _transaction_of_its_own(self, write: Write) -> Any:
+        async with self._db.transaction(write.wake) as conn:
+            return await write.work(conn)
+
     async def _group(self, writes: list[Write]) -> dict[Write, Any]:
         """Each write's answer, or its own error as `_Failed`."""
         if len(writes) > 1:
             wake = tuple(sorted({channel for write in writes for channel in write.wake}))
             try:
-                answers: dict[Write, Any] = await self._transact(lambda: _each(writes), wake)
-                return answers
-            except sa.exc.IntegrityError:
+                async with self._db.transaction(wake) as conn:
+                    return {write: await _answer(write, conn) for write in writes}
+            except AlreadyStored:
                 pass  # one of them refused to repeat: each alone, to learn which
             except Exception as exc:
                 return dict.fromkeys(writes, _Failed(exc))
@@ -99,13 +102,10 @@ class GroupCommit:
         return answers
 
 
-def _each(writes: list[Write]) -> Program[dict[Write, Any]]:
-    """Every write's program in turn, as one program: each one's answer, or its
-    refusal (an ApiError, raised before it wrote). Any other error ends the whole."""
-    answers: dict[Write, Any] = {}
-    for write in writes:
-        try:
-            answers[write] = yield from write.program()
-        except ApiError as exc:
-            answers[write] = _Failed(exc)
-    return answers
+async def _answer(write: Write, conn: Connection) -> Any:
+    """The write's answer, or its refusal (an ApiError, raised before it wrote).
+    Any other error ends the whole transaction."""
+    try:
+        return await write.work(conn)
+    except ApiError as exc:
+        return _Failed(exc)

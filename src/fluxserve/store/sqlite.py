@@ -1,25 +1,36 @@
-"""The embedded store: SQLite in WAL mode, one file, one machine."""
+"""The embedded database: SQLite in WAL mode, one file, one machine, on sqlite3.
+
+A process holds two connections on the event loop: a reader and the writer.
+Writes in one process take turns on a lock. A transaction begins with
+`BEGIN IMMEDIATE` on the loop, which fails at once while another process holds
+the write lock; it then waits for the lock on a thread, under SQLite's busy
+timeout. Its statements (indexed, microseconds each) run on the loop; a COMMIT
+that syncs waits for the disk on a thread. A read is an indexed lookup on the
+reader, less than one hand-off to a thread; one that finds the database locked
+goes to a thread instead. Checkpoints of the WAL run on a thread too. Waiters see
+another process's commits by watching `PRAGMA data_version`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, closing
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from fluxserve.errors import StoreUnavailable
+from fluxserve.store import migrate
 from fluxserve.store.base import SqliteSynchronous
-from fluxserve.store.direct import Program, Step, run
-from fluxserve.store.group_commit import GroupCommit
-from fluxserve.store.sql import SqlStore
-from fluxserve.store.wakeups import TASKS
+from fluxserve.store.connection import Compiled, Connection, Statements
+from fluxserve.store.driver_errors import driver_errors
+from fluxserve.store.wakeups import TASKS, Wakeups
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -30,18 +41,12 @@ CHANGE_POLL = 0.05
 """Seconds between looks for another process's commit while streams watch tasks: what
 they show is for people, and each commit seen costs one read of the watched tasks."""
 CHECKPOINT_EVERY = 200
-"""Commits on the loop between two checkpoints of the WAL, which run on a thread."""
-BEGIN_RETRIES = (0.0005, 0.001, 0.002, 0.004)
-"""Pauses, in seconds, between tries on the loop for a write lock another process holds;
-a longer wait goes to a thread, on SQLite's own busy handler."""
-
-
+"""Commits between two checkpoints of the WAL, which run on a thread."""
 LOCK_WAIT = 10.0
-"""Seconds a connection off the loop waits for a lock another connection holds
-(an `api` process beside a `worker`), instead of failing at once."""
+"""Seconds a connection off the loop waits for a lock another process holds."""
 
 
-def _configure(connection: Any, synchronous: SqliteSynchronous, lock_wait: float) -> None:
+def _configure(connection: sqlite3.Connection, synchronous: SqliteSynchronous) -> None:
     """Set the PRAGMAs of a connection; every connection the store opens, on whatever
     path and in whatever process, gets them here, since SQLite keeps them per connection.
 
@@ -50,39 +55,82 @@ def _configure(connection: Any, synchronous: SqliteSynchronous, lock_wait: float
     with `normal`, the WAL is synced only at checkpoints, so a power cut or an OS
     crash can lose the last commits (a process crash cannot).
     """
-    cursor = connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        cursor.execute(f"PRAGMA busy_timeout={round(lock_wait * 1000)}")
-    finally:
-        cursor.close()
+    connection.execute("PRAGMA journal_mode=WAL").close()
+    connection.execute(f"PRAGMA synchronous={synchronous.upper()}").close()
 
 
 def _connect(path: Path, synchronous: SqliteSynchronous, lock_wait: float) -> sqlite3.Connection:
-    """A sqlite3 connection, autocommit until BEGIN; usable from one thread at a time,
-    whichever (the store's locks make sure of that)."""
+    """A sqlite3 connection, autocommit until BEGIN; used by one thread at a time,
+    whichever (the store's lock makes sure of that)."""
     connection = sqlite3.connect(
-        path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False
+        path, timeout=lock_wait, isolation_level=None, check_same_thread=False
     )
-    _configure(connection, synchronous, lock_wait)
+    _configure(connection, synchronous)
     return connection
 
 
+def _migrate(path: Path, synchronous: SqliteSynchronous) -> None:
+    """Run the migrations, one process at a time (BEGIN IMMEDIATE waits for the others)."""
+    engine = sa.create_engine(
+        "sqlite://",
+        creator=partial(_connect, path, synchronous, LOCK_WAIT),
+        poolclass=sa.pool.NullPool,
+    )
+    sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    try:
+        with engine.begin() as connection:
+            migrate.upgrade(connection)
+    finally:
+        engine.dispose()
+
+
 def _open_writer(path: Path, synchronous: SqliteSynchronous) -> sqlite3.Connection:
-    """The loop's writer: it never waits for a lock (see `_begin_on_loop`). It leaves
-    checkpoints, which write the WAL back into the database file and sync it
-    (milliseconds), to a thread: see `_checkpoint`."""
+    """The loop's writer: it never waits for a lock on the loop (see `_begin`), and
+    leaves checkpoints to a thread (see `_checkpoint`)."""
     writer = _connect(path, synchronous, lock_wait=0)
-    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("PRAGMA wal_autocheckpoint=0").close()
     return writer
 
 
-def _commit(connection: sqlite3.Connection) -> None:
+def _open_reader(path: Path, synchronous: SqliteSynchronous) -> sqlite3.Connection:
+    """The loop's reader: it never waits for a lock (see `SqliteDatabase.all`)."""
+    reader = _connect(path, synchronous, lock_wait=0)
+    reader.execute("PRAGMA query_only=ON").close()
+    return reader
+
+
+def _run(connection: sqlite3.Connection, statement: Compiled, params: Mapping[str, Any]) -> Any:
+    """(rows, rows changed) of one statement. Closing the cursor ends a read at once:
+    an open one would pin its snapshot, hiding later commits and holding back checkpoints."""
+    with (
+        driver_errors(),
+        closing(connection.execute(statement.sql, statement.arguments(params))) as cursor,
+    ):
+        rows = cursor.fetchall()
+        return rows, cursor.rowcount
+
+
+def _read_waiting(
+    path: Path, synchronous: SqliteSynchronous, statement: Compiled, params: Mapping[str, Any]
+) -> Any:
+    """A read that waits for a lock, on a thread, on a connection of its own."""
+    with closing(_connect(path, synchronous, LOCK_WAIT)) as connection:
+        return _run(connection, statement, params)
+
+
+def _begin_waiting(writer: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE under SQLite's busy timeout: on a thread, while another process writes."""
+    writer.execute(f"PRAGMA busy_timeout={round(LOCK_WAIT * 1000)}").close()
     try:
-        connection.execute("COMMIT")
-    except sqlite3.OperationalError as exc:  # a full disk, an I/O error
-        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        with driver_errors():
+            writer.execute("BEGIN IMMEDIATE").close()
+    finally:
+        writer.execute("PRAGMA busy_timeout=0").close()
+
+
+def _commit(writer: sqlite3.Connection) -> None:
+    with driver_errors():  # a full disk, an I/O error
+        writer.execute("COMMIT").close()
 
 
 def _checkpoint(path: Path, synchronous: SqliteSynchronous) -> None:
@@ -91,34 +139,54 @@ def _checkpoint(path: Path, synchronous: SqliteSynchronous) -> None:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _open_reader(path: Path, synchronous: SqliteSynchronous) -> sqlite3.Connection:
-    """The loop's reader: it never waits for a lock (see `_fetch_one`)."""
-    reader = _connect(path, synchronous, lock_wait=0)
-    reader.execute("PRAGMA query_only=ON")
-    return reader
+async def _on_thread(work: Callable[[], T]) -> T:
+    """`work()` on a thread; if the caller is cancelled meanwhile, it still waits for
+    `work` to return (the connection is the thread's until then), then is cancelled."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        raise
 
 
-class SqliteStore(SqlStore):
-    """SQLite through aiosqlite, with hot reads and submits on sqlite3 in the event loop.
+class _Writer:
+    """The writer's `Connection` inside a transaction: each statement on the loop."""
 
-    Writes in one process take turns on a lock, so they never wait on SQLite's
-    sleeping busy handler. A hot read (a key or a task by its id) is an indexed
-    lookup that takes microseconds on WAL, less than one hand-off to a thread; one
-    that would wait for a lock goes to a thread instead. A submit's transaction
-    is a few such statements: it runs on the loop too, but for a COMMIT that
-    syncs, which waits for the disk on a thread. While another process
-    holds the write lock, it tries again after short pauses, and after a few
-    milliseconds waits for the lock on a thread. Submits that arrive while
-    others are written share one transaction (see `group_commit.py`). A worker
-    waiting for a task sees another process's commits by watching
-    `PRAGMA data_version`.
-    """
+    def __init__(self, writer: sqlite3.Connection, statements: Statements) -> None:
+        self._writer = writer
+        self._statements = statements
+
+    def _rows(self, statement: Any, params: Mapping[str, Any]) -> Any:
+        compiled = self._statements.compiled(statement, params)
+        rows, count = _run(self._writer, compiled, params)
+        return compiled, rows, count
+
+    async def one(self, statement: Any, **params: Any) -> Any:
+        compiled, rows, _ = self._rows(statement, params)
+        return compiled.shape(rows[0]) if rows else None
+
+    async def all(self, statement: Any, **params: Any) -> list[Any]:
+        compiled, rows, _ = self._rows(statement, params)
+        return [compiled.shape(row) for row in rows]
+
+    async def execute(self, statement: Any, **params: Any) -> int:
+        _, rows, count = self._rows(statement, params)
+        return max(count, len(rows))
+
+
+class SqliteDatabase:
+    """SQLite at `sqlite:///PATH`; see the module's docstring."""
+
+    name = "sqlite"
+    max_seq = 2**63 - 1  # SQLite's integer primary key: 64 bits
 
     def __init__(self, database_url: str, synchronous: SqliteSynchronous = "full") -> None:
+        self.url = database_url
         self._path = Path(database_url.removeprefix("sqlite:///"))
         self._synchronous = synchronous
-        super().__init__(f"sqlite+aiosqlite:///{self._path}")
-        self._write_lock = asyncio.Lock()
+        self._statements = Statements(sqlite_dialect.dialect())
+        self._lock = asyncio.Lock()
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._commits_since_checkpoint = 0
@@ -126,83 +194,86 @@ class SqliteStore(SqlStore):
         self._seen_version = 0
         self._changes_seen_version = 0
         self._commit_watcher: asyncio.Task[None] | None = None
-        self._submits = GroupCommit(self._transact_alone, per_key=False)
-
-    def _create_engine(self) -> AsyncEngine:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(self._url)
-        sa.event.listen(
-            engine.sync_engine,
-            "connect",
-            lambda connection, _record: _configure(connection, self._synchronous, LOCK_WAIT),
-        )
-        return engine
+        self.wakeups = Wakeups()
 
     async def start(self) -> None:
-        await super().start()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_migrate, self._path, self._synchronous)
         self._reader = _open_reader(self._path, self._synchronous)
         self._writer = _open_writer(self._path, self._synchronous)
         self._seen_version = self._changes_seen_version = self._data_version()
 
     async def close(self) -> None:
-        await self._stop_submits()
         if self._commit_watcher is not None:
             self._commit_watcher.cancel()
             await asyncio.gather(self._commit_watcher, return_exceptions=True)
             self._commit_watcher = None
-        if self._checkpointing is not None:
-            await self._checkpointing
-        for connection in (self._reader, self._writer):
-            if connection is not None:
-                connection.close()
-        self._reader = self._writer = None
-        await super().close()
+        async with self._lock:
+            if self._checkpointing is not None:
+                await self._checkpointing
+            for connection in (self._reader, self._writer):
+                if connection is not None:
+                    connection.close()
+            self._reader = self._writer = None
 
-    @property
-    def reader(self) -> sqlite3.Connection:
-        if self._reader is None:
+    def _started(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
+        if connection is None:
             raise RuntimeError("store not started")
-        return self._reader
+        return connection
+
+    async def one(self, statement: Any, **params: Any) -> Any:
+        rows = await self.all(statement, **params)
+        return rows[0] if rows else None
+
+    async def all(self, statement: Any, **params: Any) -> list[Any]:
+        if not statement.is_select:
+            async with self.transaction() as conn:
+                return await conn.all(statement, **params)
+        compiled = self._statements.compiled(statement, params)
+        try:
+            rows, _ = _run(self._started(self._reader), compiled, params)
+        except StoreUnavailable:
+            # Locked (another process recovering the WAL, say): wait on a thread instead.
+            rows, _ = await asyncio.to_thread(
+                _read_waiting, self._path, self._synchronous, compiled, params
+            )
+        return [compiled.shape(row) for row in rows]
+
+    async def execute(self, statement: Any, **params: Any) -> int:
+        async with self.transaction() as conn:
+            return await conn.execute(statement, **params)
 
     @asynccontextmanager
-    async def _write(
-        self, wake: tuple[str, ...] = (), changes: list[str] | None = None
-    ) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock, super()._write(wake, changes) as conn:
-            yield conn
-
-    async def _transact_alone(self, program: Callable[[], Program[T]], wake: tuple[str, ...]) -> T:
-        async with self._write_lock:
-            writer = await self._begin_on_loop()
-            if writer is not None:
+    async def transaction(
+        self, wake: Sequence[str] = (), changes: list[str] | None = None
+    ) -> AsyncIterator[Connection]:
+        async with self._lock:
+            writer = self._started(self._writer)
+            try:
                 try:
-                    value = await run(program(), partial(self._execute, writer))
-                    await self._commit(writer)
-                    self._count_commit()
-                except BaseException:
-                    if writer.in_transaction:
-                        writer.execute("ROLLBACK")
-                    raise
-        if writer is None:
-            return await super()._transact_alone(program, wake)
-        self._wake_local(*wake)
-        return value
+                    writer.execute("BEGIN IMMEDIATE").close()
+                except sqlite3.OperationalError:  # another process writes: wait off the loop
+                    await _on_thread(lambda: _begin_waiting(writer))
+                yield _Writer(writer, self._statements)
+                await self._commit(writer)
+            except BaseException:
+                if writer.in_transaction:
+                    writer.execute("ROLLBACK").close()
+                raise
+            self._count_commit()
+        self.wakeups.wake(*wake)
+        if changes:
+            self.wakeups.changes.add(changes)
 
     async def _commit(self, writer: sqlite3.Connection) -> None:
-        """COMMIT the loop's writer. A commit that syncs waits for the disk (from a
-        fraction of a millisecond to milliseconds), so it runs on a thread: the loop
-        serves requests meanwhile, and the submits that arrive gather for the next
-        group commit. One that does not sync takes microseconds, on the loop."""
-        if self._synchronous != "full":
+        """A commit that syncs waits for the disk (from a fraction of a millisecond to
+        milliseconds), so it runs on a thread: the loop serves requests meanwhile, and
+        the submits that arrive gather for the next group commit. One that does not
+        sync takes microseconds, on the loop."""
+        if self._synchronous == "full":
+            await _on_thread(lambda: _commit(writer))
+        else:
             _commit(writer)
-            return
-        committing = asyncio.ensure_future(asyncio.to_thread(_commit, writer))
-        try:
-            await asyncio.shield(committing)
-        except asyncio.CancelledError:
-            # The writer is the thread's until COMMIT returns: no ROLLBACK meanwhile.
-            await asyncio.wait([committing])
-            raise
 
     def _count_commit(self) -> None:
         self._commits_since_checkpoint += 1
@@ -218,51 +289,17 @@ class SqliteStore(SqlStore):
         finally:
             self._checkpointing = None
 
-    async def _begin_on_loop(self) -> sqlite3.Connection | None:
-        """The loop's writer in a transaction holding the write lock; None when another
-        process held it through every try."""
-        if self._writer is None:
-            raise RuntimeError("store not started")
-        for pause in (*BEGIN_RETRIES, None):
-            try:
-                self._writer.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:
-                if pause is None:
-                    return None
-                await asyncio.sleep(pause)
-            else:
-                return self._writer
-        return None
+    async def notify(self, *channels: str) -> None:
+        self.wakeups.wake(*channels)  # other processes see the commit (`_wake_on_commit`)
 
-    async def _execute(self, connection: sqlite3.Connection, step: Step) -> Any:
-        statement = self._compiled_step(step)
-        arguments = statement.arguments(step.params)
-        try:
-            with closing(connection.execute(statement.sql, arguments)) as cursor:
-                rows = cursor.fetchall()
-        except sqlite3.IntegrityError as exc:
-            raise sa.exc.IntegrityError(statement.sql, arguments, exc) from exc
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
-        return statement.shape(rows[0] if rows else None)
-
-    async def _fetch_one(self, statement: sa.Select[Any], **params: Any) -> Any | None:
-        read = self._compiled(statement)
-        try:
-            # Closing the cursor ends the read at once: an open one would pin the
-            # snapshot, hiding later commits and holding back checkpoints.
-            with closing(self.reader.execute(read.sql, read.arguments(params))) as cursor:
-                values = cursor.fetchone()
-        except sqlite3.OperationalError:
-            # Locked (another process recovering the WAL, say): wait on a thread instead.
-            return await super()._fetch_one(statement, **params)
-        return None if values is None else read.shape(values)
-
-    async def wait_for_task(self, at_most: float) -> None:
+    async def wait(self, channel: str, at_most: float) -> None:
+        if channel != TASKS:
+            await self.wakeups.wait(channel, at_most)
+            return
         # A submit in another process wakes no one here: watch for its commit.
         watcher = asyncio.create_task(self._wake_on_commit())
         try:
-            await super().wait_for_task(at_most)
+            await self.wakeups.wait(channel, at_most)
         finally:
             watcher.cancel()
             # Commits from here on are ones the caller's next claim may not see.
@@ -272,14 +309,14 @@ class SqliteStore(SqlStore):
         """Wake the task waiters once another connection commits (this process's own too)."""
         while True:
             if self._data_version() != self._seen_version:
-                self._wake_local(TASKS)
+                self.wakeups.wake(TASKS)
                 return
             await asyncio.sleep(COMMIT_POLL)
 
     async def task_changes(self, at_most: float) -> frozenset[str] | None:
         if self._commit_watcher is None:
             self._commit_watcher = asyncio.create_task(self._watch_commits())
-        return await super().task_changes(at_most)
+        return await self.wakeups.changes.take(at_most)
 
     async def _watch_commits(self) -> None:
         """Say that any task may have changed whenever another connection has committed:
@@ -290,10 +327,10 @@ class SqliteStore(SqlStore):
             version = self._data_version()
             if version != self._changes_seen_version:
                 self._changes_seen_version = version
-                self._task_changes.set()
+                self.wakeups.changes.set()
 
     def _data_version(self) -> int:
         """Changes whenever another connection commits to the database."""
-        with closing(self.reader.execute("PRAGMA data_version")) as cursor:
+        with closing(self._started(self._reader).execute("PRAGMA data_version")) as cursor:
             version: int = cursor.fetchone()[0]
         return version

@@ -1,8 +1,8 @@
 """Wake-up channels, and waiting on one: a task became claimable; a callback became due;
 a task's status or progress changed.
 
-A write names the channels it wakes; each backend carries the wake-up to the
-waiters of other processes its own way (see `sqlite.py` and `postgres.py`).
+A transaction names the channels it wakes; each database carries the wake-up to
+the waiters of other processes its own way (see `sqlite.py` and `postgres.py`).
 """
 
 from __future__ import annotations
@@ -60,3 +60,22 @@ class TaskChanges:
         ids, unknown = self._ids, self._unknown
         self._ids, self._unknown = set(), False
         return None if unknown else frozenset(ids)
+
+
+class Wakeups:
+    """This process's waiters: on each channel, and on task changes."""
+
+    def __init__(self) -> None:
+        self._events = {TASKS: asyncio.Event(), CALLBACKS: asyncio.Event()}
+        self.changes = TaskChanges()
+
+    def wake(self, *channels: str) -> None:
+        """Wake the waiters on `channels`; TASK_CHANGES says any task may have changed."""
+        for channel in channels:
+            if channel == TASK_CHANGES:
+                self.changes.set()
+            else:
+                self._events[channel].set()
+
+    async def wait(self, channel: str, at_most: float) -> None:
+        await wait(self._events[channel], at_most)

@@ -4,7 +4,7 @@ failures, drops, and the outbox's backlog."""
 from __future__ import annotations
 
 from fluxserve.metrics import Metrics
-from fluxserve.store import Store
+from fluxserve.store.ports import Outbox
 from fluxserve.tasks import CALLBACK_EVENTS, TERMINAL_EVENTS
 from fluxserve.webhooks.sender import Sent
 
@@ -15,7 +15,7 @@ ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
 class WebhookMetrics:
     """Counters and timings of this process's deliveries, and the store-wide pending gauge."""
 
-    def __init__(self, metrics: Metrics, store: Store) -> None:
+    def __init__(self, metrics: Metrics, store: Outbox) -> None:
         by_event = ("event",)
         self.attempts = metrics.counter(
             "fluxserve_webhook_attempts_total", "Callback POSTs tried.", by_event

@@ -1,0 +1,59 @@
+"""The one place where the database drivers' errors become fluxserve's own.
+
+Every statement the store runs, on sqlite3, asyncpg or SQLAlchemy, runs inside
+`driver_errors()`: a unique key already taken becomes `AlreadyStored`, and a
+database that cannot be reached (or a connection it dropped) `StoreUnavailable`.
+Anything else is a fault in the store itself and stays as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+
+from fluxserve.errors import AlreadyStored, StoreUnavailable
+
+Errors = tuple[type[BaseException], ...]
+ASYNCPG_DUPLICATE: Errors = ()
+ASYNCPG_UNAVAILABLE: Errors = ()
+try:
+    import asyncpg
+except ImportError:  # pragma: no cover - PostgreSQL is an extra
+    pass
+else:
+    ASYNCPG_DUPLICATE = (asyncpg.IntegrityConstraintViolationError,)
+    # What a statement on a connection the server dropped (a restart,
+    # pg_terminate_backend) raises, depending on how far the news of it got.
+    ASYNCPG_UNAVAILABLE = (
+        asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    )
+
+DUPLICATE: Errors = (sqlite3.IntegrityError, sa.exc.IntegrityError, *ASYNCPG_DUPLICATE)
+UNAVAILABLE: Errors = (
+    OSError,
+    sqlite3.OperationalError,  # locked, a full disk, an I/O error
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    *ASYNCPG_UNAVAILABLE,
+)
+
+
+@contextlib.contextmanager
+def driver_errors() -> Iterator[None]:
+    """Translate the driver errors raised inside into `AlreadyStored` or `StoreUnavailable`."""
+    try:
+        yield
+    except DUPLICATE as exc:
+        raise AlreadyStored(str(exc)) from exc
+    except UNAVAILABLE as exc:
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable(f"database connection lost: {exc}") from exc
+        raise

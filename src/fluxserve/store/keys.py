@@ -1,0 +1,69 @@
+"""API keys: their hashes and prefixes, never the keys themselves."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+
+from fluxserve.errors import AlreadyStored
+from fluxserve.store import credits
+from fluxserve.store.base import ApiKeyRecord
+from fluxserve.store.connection import Database
+from fluxserve.store.rows import key_from_row
+from fluxserve.store.schema import accounts, api_keys
+
+KEY_BY_HASH = api_keys.select().where(api_keys.c.key_hash == sa.bindparam("key_hash"))
+
+
+def _new_key(key_id: str, name: str, key_hash: str, prefix: str, account_id: str) -> sa.Insert:
+    return api_keys.insert().values(
+        key_id=key_id,
+        name=name,
+        key_hash=key_hash,
+        prefix=prefix,
+        created_at=time.time(),
+        account_id=account_id,
+    )
+
+
+async def create_key(
+    db: Database, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
+) -> None:
+    await db.execute(_new_key(key_id, name, key_hash, prefix, account_id))
+
+
+async def create_first_key(
+    db: Database, account_id: str, email: str, key_id: str, name: str, key_hash: str, prefix: str
+) -> bool:
+    # One transaction: a crash leaves no account without its key, and of two
+    # processes that found no account at once, the unique email lets one through.
+    try:
+        async with db.transaction() as conn:
+            if await conn.one(sa.select(accounts.c.account_id).limit(1)) is not None:
+                return False
+            await conn.execute(credits.new_account(account_id, email))
+            await conn.execute(_new_key(key_id, name, key_hash, prefix, account_id))
+    except AlreadyStored:
+        return False
+    return True
+
+
+async def key_for_hash(db: Database, key_hash: str) -> ApiKeyRecord | None:
+    row = await db.one(KEY_BY_HASH, key_hash=key_hash)
+    return None if row is None else key_from_row(row)
+
+
+async def list_keys(db: Database) -> list[ApiKeyRecord]:
+    return [
+        key_from_row(row) for row in await db.all(api_keys.select().order_by(api_keys.c.created_at))
+    ]
+
+
+async def revoke_key(db: Database, key_id: str) -> bool:
+    revoked = await db.execute(
+        api_keys.update()
+        .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=time.time())
+    )
+    return revoked == 1
