@@ -30,7 +30,7 @@ from fluxserve.client import (
     TaskData,
     TaskFailedError,
 )
-from fluxserve.client.flows import TaskOptions
+from fluxserve.client.flows import LoraOption, TaskOptions
 from fluxserve.local_key import local_key, saved_key
 from fluxserve.protocol import EDIT_MODELS, OUTPUT_FORMATS
 from fluxserve.settings import Settings
@@ -58,6 +58,14 @@ def generate(
             "--image",
             help="A reference image: a file (uploaded first) or a URL; repeat for more. "
             "With references, a model is run as its -edit form.",
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="A LoRA as NAME[:SCALE] (see GET /api/loras), or an https:// URL of a "
+            ".safetensors file; repeat for more.",
         ),
     ] = None,
     output: Annotated[
@@ -98,6 +106,8 @@ def generate(
         options["resolution"] = resolution
     if seed is not None:
         options["seed"] = seed
+    if lora:
+        options["loras"] = [_lora(value) for value in lora]
     chosen_format = output_format or (SUFFIXES.get(output.suffix.lower()) if output else None)
     if chosen_format:
         options["output_format"] = chosen_format
@@ -145,6 +155,22 @@ def generate(
 def _model(model: str, has_references: bool) -> str:
     edit = f"{model}-edit"
     return edit if has_references and edit in EDIT_MODELS else model
+
+
+def _lora(value: str) -> LoraOption:
+    """`--lora NAME[:SCALE]` as an `input.loras` entry; an https:// URL is sent as `url`."""
+    source, colon, scale = value.rpartition(":")
+    if not colon or "/" in scale:  # no scale: the colon is a URL's own
+        source, scale = value, ""
+    entry: LoraOption = {"url": source} if source.startswith("https://") else {"name": source}
+    if scale:
+        try:
+            entry["scale"] = float(scale)
+        except ValueError:
+            message = f"fluxserve: --lora {value}: the scale must be a number"
+            typer.secho(message, fg="red", err=True)
+            raise typer.Exit(2) from None
+    return entry
 
 
 def _extension(content_type: str | None) -> str:

@@ -59,6 +59,14 @@ class FileInfo(WireModel):
     file_size: int | None = None
 
 
+class TaskLora(WireModel):
+    """One LoRA of a task: an `input.loras` entry, and the status data's `loras`."""
+
+    name: str | None = None
+    url: str | None = None
+    scale: float = 1.0
+
+
 class TaskData(WireModel):
     """A task's status: GET status, cancel, each history entry, a callback's body."""
 
@@ -79,6 +87,7 @@ class TaskData(WireModel):
     cancelled: bool = False
     cancel_requested: bool = False
     files_expired: bool = False
+    loras: list[TaskLora] | None = None  # present when the task asked for LoRAs
 
 
 class SubmittedTask(WireModel):
@@ -117,6 +126,23 @@ class Balance(WireModel):
     credits_amount: int
     email: str | None = None
     held_credits: int | None = None
+
+
+class LoraInfo(WireModel):
+    """A LoRA a task may name: `source` is "folder" or "huggingface"."""
+
+    name: str
+    source: str
+    base_model: str | None = None
+
+
+class LoraList(WireModel):
+    """GET /api/loras: the LoRAs a task may name, and what LoRAs the server accepts."""
+
+    loras: list[LoraInfo]
+    max_loras: int | None = None
+    urls_allowed: bool | None = None
+    models: list[str] = []
 
 
 class ErrorInfo(WireModel):

@@ -85,6 +85,30 @@ async def test_generate_against_a_running_server(service: Service, tmp_path: Pat
     assert url.startswith(f"{service.url}/files/uploads/"), "the local file was uploaded first"
 
 
+@pytest.mark.timeout(600)
+async def test_generate_with_a_lora(tmp_path: Path, lora_dir: Path, lora_engine: Engine) -> None:
+    settings = make_settings(tmp_path / "data", lora_dir=lora_dir)
+    async with run_service(settings, engine=lora_engine) as svc:
+        code, out, err = await fluxserve(
+            "generate",
+            PROMPT,
+            "--server",
+            svc.url,
+            "--size",
+            "1:1",
+            "--lora",
+            "ink:0.5",
+            "--lora",
+            "plain",
+            cwd=tmp_path,
+            FLUXSERVE_API_KEY=svc.key,
+        )
+        assert code == 0, err
+        task = (await svc.status(printed(out)["task"])).json()["data"]
+    assert task["status"] == "finished"
+    assert task["loras"] == [{"name": "ink", "scale": 0.5}, {"name": "plain", "scale": 1.0}]
+
+
 async def test_failures_exit_non_zero_with_the_servers_message(
     service: Service, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from fluxserve.client import (
     RateLimitError,
     TaskData,
     TaskFailedError,
+    TaskLora,
     TaskStatus,
     WaitTimeoutError,
 )
@@ -129,6 +130,35 @@ async def test_the_sync_client_does_the_same(service: Service, tmp_path: Path) -
     assert name == "cat.png"
     assert Image.open(io.BytesIO(data)).size == (1024, 1024)
     assert task.status is TaskStatus.FINISHED and task.model == "flux-2-pro-edit"
+
+
+@pytest.mark.timeout(600)  # two 1K images on the CPU
+async def test_a_named_lora_changes_the_image_and_is_listed(
+    tmp_path: Path, lora_dir: Path, lora_engine: Engine
+) -> None:
+    settings = make_settings(tmp_path / "data", lora_dir=lora_dir)
+    async with (
+        run_service(settings, engine=lora_engine) as svc,
+        AsyncClient(svc.url, svc.key, poll_interval=0.05) as client,
+    ):
+        plain = await client.generate(PROMPT, size="1:1", seed=5)
+        inked = await client.generate(
+            PROMPT, size="1:1", seed=5, loras=[{"name": "ink", "scale": 0.8}]
+        )
+        status = await client.status(inked.task_id)
+
+        def listed() -> list[str]:
+            with Client(svc.url, svc.key) as sync_client:
+                return [lora.name for lora in sync_client.loras().loras]
+
+        names = await asyncio.to_thread(listed)
+        catalog = await client.loras()
+    assert status.loras == [TaskLora(name="ink", scale=0.8)] and plain.task.loras is None
+    assert inked.data != plain.data
+    assert "ink" in names and names == [lora.name for lora in catalog.loras]
+    assert catalog.urls_allowed is False and "flux-2-pro" in catalog.models
+    declared_only(status)
+    declared_only(catalog)
 
 
 async def test_cancel_and_a_wait_that_times_out(queue: Service) -> None:

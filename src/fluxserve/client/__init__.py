@@ -29,13 +29,16 @@ from fluxserve.client.errors import (
     UnavailableError,
     WaitTimeoutError,
 )
-from fluxserve.client.flows import GeneratedImage, TaskOptions
+from fluxserve.client.flows import GeneratedImage, LoraOption, TaskOptions
 from fluxserve.client.sync import Client
 from fluxserve.protocol import (
     Balance,
     FileInfo,
+    LoraInfo,
+    LoraList,
     SubmittedTask,
     TaskData,
+    TaskLora,
     TaskPage,
     TaskStatus,
     UploadedFile,
@@ -54,6 +57,9 @@ __all__ = [
     "GeneratedImage",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "LoraInfo",
+    "LoraList",
+    "LoraOption",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -61,6 +67,7 @@ __all__ = [
     "SubmittedTask",
     "TaskData",
     "TaskFailedError",
+    "TaskLora",
     "TaskOptions",
     "TaskPage",
     "TaskStatus",

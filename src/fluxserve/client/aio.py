@@ -11,7 +11,7 @@ import httpx
 from httpx_sse import EventSource
 
 from fluxserve.client import flows
-from fluxserve.client.flows import Flow, GeneratedImage, Progress, TaskOptions
+from fluxserve.client.flows import Flow, GeneratedImage, LoraList, Progress, TaskOptions
 from fluxserve.protocol import Balance, FileInfo, SubmittedTask, TaskData, TaskPage, UploadedFile
 
 T = TypeVar("T")
@@ -46,7 +46,8 @@ class AsyncClient:
     async def submit(
         self, model: str, prompt: str, **options: Unpack[TaskOptions]
     ) -> SubmittedTask:
-        """Queue a task; `options` are its input fields (size, resolution, seed, ...)."""
+        """Queue a task; `options` are its input fields (size, resolution, seed,
+        loras, ...)."""
         return await self._run(flows.submit(self._cfg, model, prompt, options))
 
     async def status(self, task_id: str) -> TaskData:
@@ -100,6 +101,10 @@ class AsyncClient:
     ) -> UploadedFile:
         """Upload an image from a file path, bytes, or an http(s) URL the server fetches."""
         return await self._run(flows.upload(self._cfg, source, file_name, upload_path))
+
+    async def loras(self) -> LoraList:
+        """The LoRAs a task may name in `loras`, and what LoRAs the server accepts."""
+        return await self._run(flows.loras(self._cfg))
 
     async def balance(self) -> Balance:
         return await self._run(flows.balance(self._cfg))

@@ -36,8 +36,10 @@ from fluxserve.client.errors import (
 from fluxserve.protocol import (
     Balance,
     FileInfo,
+    LoraList,
     SubmittedTask,
     TaskData,
+    TaskLora,
     TaskPage,
     TaskStatus,
     UploadedFile,
@@ -81,6 +83,14 @@ Step = Send | Pause | Listen
 Flow = Generator[Step, Any, T]
 
 
+class LoraOption(TypedDict, total=False):
+    """One of `loras`: a `name` (see `loras()`) or a `url`, and a `scale` (default 1)."""
+
+    name: str
+    url: str
+    scale: float
+
+
 class TaskOptions(TypedDict, total=False):
     """Keyword arguments of `submit` and `generate`: the task's `input` fields, its
     callback, and an `Idempotency-Key` (one is made when not given). Any other
@@ -93,6 +103,7 @@ class TaskOptions(TypedDict, total=False):
     output_format: str
     steps: int
     guidance: float
+    loras: Sequence[LoraOption | TaskLora]
     callback_url: str
     callback_events: Sequence[str]
     idempotency_key: str
@@ -236,6 +247,11 @@ def submit(cfg: Config, model: str, prompt: str, options: TaskOptions) -> Flow[S
             body[name] = list(value) if name == "callback_events" else value
     if fields.get("image_urls") is not None:
         fields["image_urls"] = list(fields["image_urls"])
+    if fields.get("loras") is not None:
+        fields["loras"] = [
+            lora.model_dump(exclude_none=True) if isinstance(lora, TaskLora) else dict(lora)
+            for lora in fields["loras"]
+        ]
     body["input"] = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
     request = cfg.api("POST", "/api/generate/submit", json=body, headers={"Idempotency-Key": key})
     return parse((yield from call(cfg, request, retry=True)), SubmittedTask)
@@ -260,6 +276,11 @@ def tasks(cfg: Config, query: Mapping[str, Any]) -> Flow[TaskPage]:
 def balance(cfg: Config) -> Flow[Balance]:
     request = cfg.api("GET", "/api/user/balance")
     return parse((yield from call(cfg, request, retry=True)), Balance)
+
+
+def loras(cfg: Config) -> Flow[LoraList]:
+    request = cfg.api("GET", "/api/loras")
+    return parse((yield from call(cfg, request, retry=True)), LoraList)
 
 
 def upload(

@@ -11,7 +11,7 @@ import httpx
 from httpx_sse import EventSource
 
 from fluxserve.client import flows
-from fluxserve.client.flows import Flow, GeneratedImage, Progress, TaskOptions
+from fluxserve.client.flows import Flow, GeneratedImage, LoraList, Progress, TaskOptions
 from fluxserve.protocol import Balance, FileInfo, SubmittedTask, TaskData, TaskPage, UploadedFile
 
 T = TypeVar("T")
@@ -51,7 +51,8 @@ class Client:
         )
 
     def submit(self, model: str, prompt: str, **options: Unpack[TaskOptions]) -> SubmittedTask:
-        """Queue a task; `options` are its input fields (size, resolution, seed, ...)."""
+        """Queue a task; `options` are its input fields (size, resolution, seed,
+        loras, ...)."""
         return self._run(flows.submit(self._cfg, model, prompt, options))
 
     def status(self, task_id: str) -> TaskData:
@@ -99,6 +100,10 @@ class Client:
     ) -> UploadedFile:
         """Upload an image from a file path, bytes, or an http(s) URL the server fetches."""
         return self._run(flows.upload(self._cfg, source, file_name, upload_path))
+
+    def loras(self) -> LoraList:
+        """The LoRAs a task may name in `loras`, and what LoRAs the server accepts."""
+        return self._run(flows.loras(self._cfg))
 
     def balance(self) -> Balance:
         return self._run(flows.balance(self._cfg))
