@@ -20,7 +20,8 @@ import httpx
 from fluxserve.engines.base import LoraWeights
 from fluxserve.errors import EngineError
 from fluxserve.loras import SUFFIX, LoraCatalog, is_lora, safetensors_header
-from fluxserve.netguard import NetPolicy, fetch_bytes
+from fluxserve.net_fetch import fetch_bytes
+from fluxserve.net_policy import NetPolicy
 from fluxserve.settings import Settings
 from fluxserve.tasks import LoraSpec
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from fluxserve.errors import InvalidRequest, UnsafeURLError
 from fluxserve.loras import LoraCatalog
-from fluxserve.netguard import NetPolicy, check_url
+from fluxserve.net_policy import NetPolicy, check_url
 from fluxserve.settings import Settings
 from fluxserve.tasks import LoraSpec
 

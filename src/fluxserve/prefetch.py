@@ -24,7 +24,7 @@ from fluxserve.engines.base import GenerationRequest
 from fluxserve.errors import EngineError
 from fluxserve.logs import context_about
 from fluxserve.lora_fetch import LoraSource
-from fluxserve.netguard import NetPolicy
+from fluxserve.net_policy import NetPolicy
 from fluxserve.references import load_references
 from fluxserve.settings import Settings
 from fluxserve.sizes import dimensions, size_ratio

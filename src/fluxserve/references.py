@@ -29,7 +29,8 @@ from PIL import (
 )
 
 from fluxserve.errors import FetchError, ReferenceImageError, UnsafeURLError
-from fluxserve.netguard import NetPolicy, fetch_bytes
+from fluxserve.net_fetch import fetch_bytes
+from fluxserve.net_policy import NetPolicy
 from fluxserve.storage import Storage
 
 MAX_REFERENCE_IMAGES = 8

@@ -13,7 +13,7 @@ from fluxserve.engines.base import Engine
 from fluxserve.errors import StoreUnavailable
 from fluxserve.lora_rules import LoraRules
 from fluxserve.metrics import Metrics
-from fluxserve.netguard import NetPolicy
+from fluxserve.net_policy import NetPolicy
 from fluxserve.service import TaskService
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage, open_storage

@@ -12,7 +12,7 @@ from fluxserve.data_references import is_data_url, store_data_references
 from fluxserve.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, UnsafeURLError
 from fluxserve.logs import bind_task
 from fluxserve.lora_rules import LoraRules
-from fluxserve.netguard import NetPolicy, check_url
+from fluxserve.net_policy import NetPolicy, check_url
 from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord, Store
 from fluxserve.store.base import CallbackEvent, IdempotencyKey, SubmitLimits, TaskPage

@@ -24,7 +24,9 @@ from fluxserve.errors import (
     ResponseTooLarge,
     UnsafeURLError,
 )
-from fluxserve.netguard import NetPolicy, fetch_bytes, guarded_client
+from fluxserve.net_fetch import fetch_bytes
+from fluxserve.net_policy import NetPolicy
+from fluxserve.netguard import guarded_client
 from fluxserve.references import (
     Base64TooLarge,
     decode_base64_payload,

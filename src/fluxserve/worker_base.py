@@ -24,7 +24,7 @@ from fluxserve.errors import (
     StoreUnavailable,
     UnsafeURLError,
 )
-from fluxserve.netguard import NetPolicy
+from fluxserve.net_policy import NetPolicy
 from fluxserve.progress_reporter import ProgressReporter
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage

@@ -21,7 +21,7 @@ from fluxserve.engines.tiny import TinyEngine
 from fluxserve.errors import InvalidRequest
 from fluxserve.lora_rules import LoraRules
 from fluxserve.loras import LoraCatalog
-from fluxserve.netguard import NetPolicy
+from fluxserve.net_policy import NetPolicy
 from fluxserve.settings import Settings
 from fluxserve.store import Store
 from fluxserve.tasks import LoraSpec

@@ -26,7 +26,8 @@ from starlette.routing import Route
 from fluxserve import retention
 from fluxserve.engines.base import Engine
 from fluxserve.errors import UnsafeURLError
-from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.net_policy import NetPolicy
+from fluxserve.netguard import guarded_client
 from fluxserve.references import load_references
 from fluxserve.settings import Settings
 from fluxserve.storage.local import LocalStorage

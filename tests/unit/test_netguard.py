@@ -17,17 +17,10 @@ import httpx
 import pytest
 
 from fluxserve.errors import FetchError, UnsafeURLError
-from fluxserve.netguard import (
-    Fetched,
-    GuardedNetworkBackend,
-    GuardedTransport,
-    NetPolicy,
-    Resolver,
-    check_url,
-    fetch_bytes,
-    guarded_client,
-    is_public_address,
-)
+from fluxserve.net_addresses import is_public_address
+from fluxserve.net_fetch import Fetched, fetch_bytes
+from fluxserve.net_policy import NetPolicy, check_url
+from fluxserve.netguard import GuardedNetworkBackend, GuardedTransport, Resolver, guarded_client
 
 LOOPBACK_OK = NetPolicy(allow_private_networks=True)
 

@@ -16,7 +16,7 @@ from fluxserve.api.file_response import _span
 from fluxserve.api.schemas import SubmitBody
 from fluxserve.data_references import decode_data_reference
 from fluxserve.errors import InvalidRequest, PayloadTooLarge, UnsafeURLError
-from fluxserve.netguard import NetPolicy, check_url
+from fluxserve.net_policy import NetPolicy, check_url
 from fluxserve.sizes import SIZE_CHOICES
 from fluxserve.uploads import MAX_NAME_BYTES, destination, stored_name
 from fluxserve.webhooks.retry import parse_retry_after

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from fluxserve.errors import FetchError, ReferenceImageError, UnsafeURLError
-from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.net_policy import NetPolicy
+from fluxserve.netguard import guarded_client
 from fluxserve.references import (
     MAX_REFERENCE_IMAGES,
     decode_data_url,

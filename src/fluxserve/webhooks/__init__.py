@@ -16,7 +16,8 @@ from typing import Any
 
 from fluxserve.bfl_wire import webhook_body
 from fluxserve.metrics import Metrics
-from fluxserve.netguard import NetPolicy, guarded_client
+from fluxserve.net_policy import NetPolicy
+from fluxserve.netguard import guarded_client
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage
 from fluxserve.store import Store
