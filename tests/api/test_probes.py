@@ -113,6 +113,7 @@ async def test_a_worker_loop_that_ends_outside_a_task_is_logged_and_not_ready(
     assert ready.status_code == 503 and failure in ready.json()["reasons"]
     worker = ready.json()["worker"]
     assert worker["state"] == "defunct"
-    assert worker["error"].startswith("worker loop ended: ProgrammingError: ")
+    assert worker["error"].startswith("worker loop ended: UndefinedTableError: ")
+    assert 'relation "tasks" does not exist' in worker["error"]
     critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
     assert any('relation "tasks" does not exist' in message for message in critical), critical
