@@ -349,3 +349,27 @@ async def test_claims_from_two_processes_never_share_a_task(
     )
     claimed = [c.task.task_id for c in claims if c is not None]
     assert len(claimed) == len(set(claimed)) == 30 and set(claimed) == ids
+
+
+async def test_a_database_refusing_new_connections_is_an_outage_not_a_fault() -> None:
+    """Every pooled connection gone and the database refusing new ones: a read is
+    StoreUnavailable (what the loops wait out), not the driver's own error."""
+    async with fresh_postgres_database() as url:
+        store = open_store(url)
+        await store.start()
+        name = url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                name,
+            )
+            with pytest.raises(StoreUnavailable, match="not currently accepting connections"):
+                await store.next_callback_at()
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            assert await store.next_callback_at() is None
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
+            await store.close()

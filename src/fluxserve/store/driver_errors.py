@@ -27,9 +27,12 @@ else:
     ASYNCPG_DUPLICATE = (asyncpg.IntegrityConstraintViolationError,)
     # What a statement on a connection the server dropped (a restart,
     # pg_terminate_backend) raises, depending on how far the news of it got.
+    # A database that refuses new connections (ALLOW_CONNECTIONS false) answers a
+    # connect with "object not in prerequisite state": an outage, not a fault.
     ASYNCPG_UNAVAILABLE = (
         asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
         asyncpg.InterfaceError,
         asyncpg.InternalClientError,
     )
