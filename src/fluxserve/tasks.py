@@ -205,6 +205,22 @@ class NewTask:
     callback_events: tuple[str, ...] = TERMINAL_EVENTS
     price: int = 0  # credits held now, charged when it finishes
 
+    def queued(self) -> Task:
+        """The task as it is once stored: queued, no progress."""
+        return Task(
+            task_id=self.task_id,
+            owner=self.owner,
+            model=self.model,
+            input=self.input,
+            callback_url=self.callback_url,
+            status=TaskStatus.NOT_STARTED,
+            progress=0,
+            created_at=self.created_at,
+            callback_events=self.callback_events,
+            account_id=self.account_id,
+            price=self.price,
+        )
+
 
 CANCELLED_MESSAGE = "Task was cancelled"
 

@@ -131,19 +131,7 @@ async def submit(
         await conn.execute(_NEW_TASK, **row, vtime=vtime)
         if idempotency is not None:
             await conn.execute(_NEW_IDEMPOTENCY_KEY, **key_row)
-    return Task(
-        task_id=task.task_id,
-        owner=task.owner,
-        model=task.model,
-        input=task.input,
-        callback_url=task.callback_url,
-        status=TaskStatus.NOT_STARTED,
-        progress=0,
-        created_at=task.created_at,
-        callback_events=task.callback_events,
-        account_id=task.account_id,
-        price=task.price,
-    )
+    return task.queued()
 
 
 def _task_row(task: NewTask) -> dict[str, Any]:
