@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import create_async_engine
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from fluxserve.store import open_store
-from fluxserve.store.schema import api_keys, callbacks, tasks
+from fluxserve.store.schema import api_keys, callbacks, metadata, tasks
 from fluxserve.tasks import TERMINAL_EVENTS, NewTask, TaskInput
 
 from conftest import fresh_postgres_database, queue_position
@@ -29,6 +31,12 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             yield f"sqlite:///{tmp_path / 'store.db'}"
         else:
             yield await stack.enter_async_context(fresh_postgres_database())
+
+
+def async_engine(database_url: str) -> AsyncEngine:
+    """SQLAlchemy's own engine on the database, to write rows as older versions did."""
+    driver = "sqlite+aiosqlite" if database_url.startswith("sqlite") else "postgresql+asyncpg"
+    return create_async_engine(driver + database_url[database_url.index(":") :])
 
 
 def upgrade_to(revision: str) -> Callable[[sa.Connection], None]:
@@ -73,8 +81,7 @@ def callback_row(task_id: str, event_id: str) -> dict[str, object]:
 async def test_callbacks_from_before_0002_keep_their_task_status_as_event_type(
     database_url: str,
 ) -> None:
-    driver = "sqlite+aiosqlite" if database_url.startswith("sqlite") else "postgresql+asyncpg"
-    engine = create_async_engine(driver + database_url[database_url.index(":") :])
+    engine = async_engine(database_url)
     async with engine.begin() as conn:
         await conn.run_sync(upgrade_to("0001"))
         for task_id, status in (("task-a", "finished"), ("task-b", "failed")):
@@ -99,8 +106,7 @@ async def test_callbacks_from_before_0002_keep_their_task_status_as_event_type(
 async def test_keys_and_tasks_from_before_0004_get_accounts_and_keep_their_order(
     database_url: str,
 ) -> None:
-    driver = "sqlite+aiosqlite" if database_url.startswith("sqlite") else "postgresql+asyncpg"
-    engine = create_async_engine(driver + database_url[database_url.index(":") :])
+    engine = async_engine(database_url)
     async with engine.begin() as conn:
         await conn.run_sync(upgrade_to("0003"))
         await conn.execute(
@@ -136,3 +142,18 @@ async def test_keys_and_tasks_from_before_0004_get_accounts_and_keep_their_order
     assert queued == 1
     assert [c.task.task_id for c in claims if c] == ["task-b", later.task_id]
     assert [t.task_id for t in page.tasks] == ["task-b", "task-a"]
+
+
+async def test_the_migrations_build_the_tables_schema_py_describes(database_url: str) -> None:
+    """A column, index or table added to schema.py needs its migration, and the other way
+    round: alembic's comparison of the migrated database with schema.py finds nothing."""
+    engine = async_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(upgrade_to("head"))
+            differences = await conn.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), metadata)
+            )
+    finally:
+        await engine.dispose()
+    assert differences == []
