@@ -4,14 +4,19 @@ A named LoRA is looked up again in the LoRA folder and the Hugging Face cache (i
 may have gone since submit). A LoRA by URL is fetched through the net guard,
 checked to be a LoRA safetensors file, and kept in `lora_cache_dir` under its
 content hash, with a note of the URL's hash pointing at it: the same URL is
-fetched once, and the same bytes from two URLs are one adapter.
+fetched once, and the same bytes from two URLs are one adapter. Each use marks a
+file's time; past `lora_cache_bytes`, a new fetch removes the least recently
+used files, but none used in the last `IN_USE` seconds (a task may be about to
+load it, here or in another worker on this disk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +32,8 @@ from fluxserve.tasks import LoraSpec
 
 # A LoRA may be hundreds of megabytes: longer than a reference image's fetch_timeout.
 LORA_FETCH_TIMEOUT = 600.0
+IN_USE = 3600.0
+"""Seconds after its last use that a cached LoRA is never removed, whatever the cache's size."""
 
 
 class LoraSource:
@@ -93,7 +100,11 @@ class LoraSource:
         except OSError:
             return None
         path = self.cache_dir / f"{content_hash}{SUFFIX}"
-        return path if path.is_file() else None
+        try:
+            os.utime(path)  # used now: the last to be removed
+        except OSError:
+            return None
+        return path
 
     def _keep(self, url: str, url_hash: str, content: bytes) -> Path:
         content_hash = hashlib.sha256(content).hexdigest()
@@ -104,6 +115,7 @@ class LoraSource:
             path.unlink(missing_ok=True)
             raise EngineError(f"LoRA {url} is not a LoRA in the safetensors format")
         _write_atomically(self.cache_dir / "urls" / url_hash, content_hash.encode())
+        _trim(self.cache_dir, self.settings.lora_cache_bytes)
         return path
 
 
@@ -119,3 +131,21 @@ def _write_atomically(path: Path, content: bytes) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_bytes(content)
     os.replace(partial, path)
+
+
+def _trim(cache_dir: Path, limit: int) -> None:
+    """Remove the least recently used LoRAs while the cache holds more than `limit`
+    bytes, sparing those used in the last `IN_USE` seconds (the newest among them)."""
+    files = []
+    for path in cache_dir.glob(f"*{SUFFIX}"):
+        with contextlib.suppress(OSError):  # removed meanwhile by another worker
+            stat = path.stat()
+            files.append((stat.st_mtime, stat.st_size, path))
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    recent = time.time() - IN_USE
+    for used, size, path in files:
+        if total <= limit or used > recent:
+            return
+        path.unlink(missing_ok=True)
+        total -= size

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     max_lora_bytes: int = Field(
         default=1024**3, gt=0, description="Largest LoRA file fetched from a URL"
     )
+    lora_cache_bytes: int = Field(
+        default=20 * 1024**3,
+        gt=0,
+        description="LoRAs fetched from URLs kept on disk; the least recently used go first",
+    )
     lora_memory_bytes: int = Field(
         default=2 * 1024**3,
         gt=0,
