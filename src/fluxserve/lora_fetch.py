@@ -45,8 +45,6 @@ class LoraSource:
         self.catalog = LoraCatalog(settings.resolved_lora_dir)
         self.cache_dir = settings.lora_cache_dir
         self._url_locks: dict[str, asyncio.Lock] = {}
-        self.fetches = 0
-        """URLs fetched so far (not answered from the cache)."""
 
     async def resolve(
         self, specs: Sequence[LoraSpec], client: httpx.AsyncClient
@@ -91,7 +89,6 @@ class LoraSource:
                 max_bytes=self.settings.max_lora_bytes,
                 total_timeout=LORA_FETCH_TIMEOUT,
             )
-            self.fetches += 1
             return await asyncio.to_thread(self._keep, url, url_hash, fetched.content)
 
     def _cached(self, url_hash: str) -> Path | None:
