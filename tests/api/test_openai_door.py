@@ -35,3 +35,16 @@ async def test_more_images_than_a_key_may_queue_is_a_400_on_n(
         assert setting in error["message"]
         listed = await service.client.get("/api/generate/tasks", headers=service.auth())
         assert listed.json()["data"]["tasks"] == []
+
+
+@pytest.mark.parametrize("size", ["auto\n", "1024x1024\n", "64x64\r\n"])
+async def test_a_size_with_a_line_break_after_it_is_a_400_on_size(
+    tmp_path: Path, size: str
+) -> None:
+    settings = make_settings(tmp_path / "data", openai_wait=1)
+    async with run_service(settings, run_worker=False, in_process=True) as service:
+        response = await service.client.post(
+            "/v1/images/generations", json={"prompt": PROMPT, "size": size}, headers=service.auth()
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "size"
