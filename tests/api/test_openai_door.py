@@ -3,9 +3,11 @@ server's settings (docs/openai-api.md)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import make_settings, run_service
 
@@ -48,3 +50,21 @@ async def test_a_size_with_a_line_break_after_it_is_a_400_on_size(
         )
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "size"
+
+
+async def test_an_edits_n_too_long_to_be_a_number_is_a_400_on_n(tmp_path: Path) -> None:
+    """Multipart sends `n` as text: digits past Python's int conversion limit are
+    refused like any other `n` that is not a whole number."""
+    image = io.BytesIO()
+    Image.new("RGB", (96, 80), (10, 120, 60)).save(image, format="PNG")
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
+        response = await service.client.post(
+            "/v1/images/edits",
+            data={"prompt": PROMPT, "n": "9" * 5000},
+            files={"image": ("a.png", image.getvalue())},
+            headers=service.auth(),
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "n"

@@ -11,6 +11,7 @@ OpenAI does not define are ignored.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,7 +215,9 @@ def _options(form: FormData) -> ImageOptions:
             fields[name] = value
     n, stream = fields.get("n"), fields.get("stream")
     if isinstance(n, str) and n.isascii() and n.isdigit():
-        fields["n"] = int(n)
+        # Digits past Python's conversion limit stay text, refused as not an integer.
+        with contextlib.suppress(ValueError):
+            fields["n"] = int(n)
     if isinstance(stream, str) and stream.lower() in ("true", "false"):
         fields["stream"] = stream.lower() == "true"
     try:
