@@ -101,7 +101,8 @@ def size_choice(size: str | None) -> SizeChoice:
     nearest its area."""
     if size is None or size == "auto":
         return SizeChoice("auto", "1K")
-    if not _SIZE.match(size):
+    # fullmatch: `$` alone also matches before a final line break.
+    if not _SIZE.fullmatch(size):
         raise OpenAIValueError("size", f"size must be 'auto' or WIDTHxHEIGHT, got {size!r}")
     width, height = (int(side) for side in size.split("x"))
     if makes_exactly(width, height):

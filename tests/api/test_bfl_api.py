@@ -218,6 +218,21 @@ async def test_an_unusable_input_image_is_named_by_its_bfl_field(tmp_path: Path)
         assert wrong_scheme.json()["detail"][0]["loc"] == ["body", "input_image"]
 
 
+@pytest.mark.parametrize(
+    "webhook_url", ["http://example.com/hook", "https://127.0.0.1/hook", "https://10.0.0.7/hook"]
+)
+async def test_a_webhook_url_the_net_guard_refuses_is_named_as_sent(
+    tmp_path: Path, webhook_url: str
+) -> None:
+    """https only, and no private address: refused naming `webhook_url`, the field the
+    request holds (the unified API names its own `callback_url`)."""
+    settings = make_settings(tmp_path / "data", allow_private_networks=False)
+    async with in_process(settings) as service:
+        refused = await post(service, "flux-2-pro", {"prompt": PROMPT, "webhook_url": webhook_url})
+        assert refused.status_code == 400
+        assert refused.json()["detail"].startswith("webhook_url is not allowed: ")
+
+
 async def test_a_missing_or_bad_key_is_401_in_bfl_shape(tmp_path: Path) -> None:
     async with in_process(make_settings(tmp_path / "data")) as service:
         client = service.client

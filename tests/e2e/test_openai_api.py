@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from fluxserve.accounts import create_account
-from fluxserve.engines.base import Engine
+from fluxserve.engines.base import Engine, GenerationRequest
+from fluxserve.errors import EngineError
 from fluxserve.openai_images import OpenAIValueError, fluxserve_model, size_choice
 from fluxserve.sizes import dimensions, size_ratio
 
 from conftest import Paused, Service, make_settings, run_service, send_until_answered
+from hooked_engine import Hooked
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 
@@ -204,6 +206,27 @@ async def test_a_wait_that_runs_out_names_the_tasks_which_go_on(
         engine.go.set()
         for task_id in task_ids:
             assert (await service.wait(task_id))["status"] == "finished"
+
+
+def fail_every_task(_requests: Sequence[GenerationRequest], done: int, _total: int) -> None:
+    if done == 1:
+        raise EngineError("the sampler diverged at step 1")
+
+
+async def test_images_that_all_failed_are_not_queued_again_by_the_sdk(
+    tmp_path: Path, tiny_engine: Engine
+) -> None:
+    """The SDK sends a 500 again unless told not to: each time, its images would be
+    queued (and fail) once more."""
+    engine = Hooked(tiny_engine, fail_every_task)
+    async with run_service(make_settings(tmp_path / "data"), engine=engine) as service:
+        async with client(service) as oai:
+            with pytest.raises(openai.InternalServerError) as caught:
+                await oai.images.generate(prompt=PROMPT, n=2)
+        assert caught.value.status_code == 500 and caught.value.code == "generation_failed"
+        assert "the sampler diverged at step 1" in caught.value.message
+        tasks = await account_tasks(service, service.key)
+        assert len(tasks) == 2 and {task["status"] for task in tasks} == {"failed"}
 
 
 async def test_the_guard_answers_openai_routes_in_openai_shape(service: Service) -> None:

@@ -30,19 +30,22 @@ GET_RESULT_PATH = "/v1/get_result"
 SUBMIT_PATHS = tuple(f"/v1/{path}" for path in BFL_PATHS)
 BFL_ROUTES = frozenset({*SUBMIT_PATHS, GET_RESULT_PATH})
 
-# The unified submit names a reference `input.image_urls[i]`; this wire names it
-# by its field, `input_image`, `input_image_2`, ...
+# The unified submit names a reference `input.image_urls[i]` and the webhook's URL
+# `callback_url`; this wire names them `input_image`, `input_image_2`, ... and
+# `webhook_url`.
 _IMAGE_URL = re.compile(r"input\.image_urls\[(\d+)\]")
+_CALLBACK_URL = re.compile(r"\bcallback_url\b")
 
 
-def name_images(message: str, fields: Sequence[str]) -> str:
-    """`message` with each `input.image_urls[i]` named by the field it came from."""
+def in_bfl_words(message: str, image_fields: Sequence[str]) -> str:
+    """`message` with each `input.image_urls[i]` named by the field it came from, and
+    `callback_url` as `webhook_url`."""
 
     def field(match: re.Match[str]) -> str:
         index = int(match.group(1))
-        return fields[index] if index < len(fields) else match.group(0)
+        return image_fields[index] if index < len(image_fields) else match.group(0)
 
-    return _IMAGE_URL.sub(field, message)
+    return _CALLBACK_URL.sub("webhook_url", _IMAGE_URL.sub(field, message))
 
 
 def bfl_refusal(exc: ApiError | HTTPException | StoreUnavailable) -> JSONResponse:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 
-from fluxserve.api.bfl_errors import GET_RESULT_PATH, BflApiRoute, name_images
+from fluxserve.api.bfl_errors import GET_RESULT_PATH, BflApiRoute, in_bfl_words
 from fluxserve.api.bfl_openapi import RESULT_ANSWERS, SUBMIT_ANSWERS
 from fluxserve.api.bfl_schemas import BflInputs, inputs_of
 from fluxserve.api.guard import api_key_of
@@ -64,7 +64,7 @@ def _add_submit(path: str) -> None:
         try:
             task = await rt.service.submit(key, model, task_input, body.webhook_url)
         except ApiError as exc:
-            exc.message = name_images(exc.message, [name for name, _ in body.images()])
+            exc.message = in_bfl_words(exc.message, [name for name, _ in body.images()])
             raise
         return submitted(task, rt.settings.base_url)
 

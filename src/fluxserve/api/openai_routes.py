@@ -11,6 +11,7 @@ OpenAI does not define are ignored.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +102,8 @@ def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan
     model = fluxserve_model(
         options.model, settings.openai_models, settings.openai_default_model, edit=edit
     )
+    n = options.n or 1
+    _check_n_within_limits(n, settings)
     choice = size_choice(options.size)
     task_input = TaskInput(
         prompt=prompt,
@@ -113,10 +116,26 @@ def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan
     return ImagesPlan(
         model,
         task_input,
-        n=options.n or 1,
+        n=n,
         # b64_json unless asked: what OpenAI's current models always answer.
         response_format="url" if options.response_format == "url" else "b64_json",
     )
+
+
+def _check_n_within_limits(n: int, settings: Settings) -> None:
+    """A 400 for `n` past a per-key limit: such a request is refused however long
+    it waits (each image is one task), so a 429 that says "retry" would mislead."""
+    limits = (
+        ("max_active_tasks", settings.max_active_tasks, "tasks queued or running at once"),
+        ("rate_limit_per_minute", settings.rate_limit_per_minute, "submits a minute"),
+    )
+    for setting, limit, what in limits:
+        if limit is not None and n > limit:
+            raise invalid(
+                "n",
+                f"n is {n}, but an API key may have at most {limit} {what} here "
+                f"({setting}), one per image; ask for at most {limit}",
+            )
 
 
 def _check_choice(field: str, value: str | None, choices: Sequence[str], why: str = "") -> None:
@@ -196,7 +215,9 @@ def _options(form: FormData) -> ImageOptions:
             fields[name] = value
     n, stream = fields.get("n"), fields.get("stream")
     if isinstance(n, str) and n.isascii() and n.isdigit():
-        fields["n"] = int(n)
+        # Digits past Python's conversion limit stay text, refused as not an integer.
+        with contextlib.suppress(ValueError):
+            fields["n"] = int(n)
     if isinstance(stream, str) and stream.lower() in ("true", "false"):
         fields["stream"] = stream.lower() == "true"
     try:

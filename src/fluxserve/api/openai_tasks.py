@@ -92,6 +92,8 @@ async def _answer(rt: Runtime, plan: ImagesPlan, tasks: Sequence[Task]) -> dict[
             f"Image generation failed ({reasons})",
             type="server_error",
             code="generation_failed",
+            # Sent again, it would queue its images again, most likely to fail alike.
+            headers=NO_RETRY,
             extra={"task_ids": [task.task_id for task in tasks]},
         )
     data = [await _image(rt, task, plan.response_format) for task in finished]
