@@ -135,6 +135,6 @@ async def upstream_key_check(settings: Settings) -> str:
             credits = await engine.credits(client)
         except UpstreamFailed as exc:
             return f"does not work: {exc}"
-        except (UpstreamUnavailable, UpstreamBusy, KeyError, ValueError) as exc:
+        except (UpstreamUnavailable, UpstreamBusy) as exc:
             return f"not checked: {engine.base_url} did not answer ({exc}); offline?"
     return f"works ({credits:g} credits left at {engine.base_url})"

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from fluxserve.cli_models import upstream_key_check
 from fluxserve.store import Store
 
 from conftest import Service, make_settings, queue_task, run_service, serve_asgi
@@ -307,3 +312,17 @@ async def test_bfl_api_code_runs_through_fluxserve_to_the_bfl_engine(tmp_path: P
     [first] = [task.body for task in fake.tasks.values() if task.body["prompt"] == "a kite"]
     assert {key: first[key] for key in body} == body
     assert first["prompt_upsampling"] is True and first["output_format"] == "jpeg"
+
+
+@pytest.mark.parametrize("answer", [{"credits": None}, {"credits": "many"}, {}])
+async def test_doctor_does_not_trust_a_credits_answer_without_a_number(
+    tmp_path: Path, answer: dict[str, Any]
+) -> None:
+    async def credits(_request: Request) -> Response:
+        return JSONResponse(answer)
+
+    app = Starlette(routes=[Route("/v1/credits", credits)])
+    async with serve_asgi(app) as url:
+        settings = make_settings(tmp_path / "data", bfl_api_key=KEY, bfl_base_url=url)
+        said = await upstream_key_check(settings)
+    assert said.startswith("not checked:") and "no number of credits" in said

@@ -150,7 +150,10 @@ class BflEngine:
     async def credits(self, client: httpx.AsyncClient) -> float:
         """The account's credits: one cheap call that proves the key works."""
         url = self.base_url + "/v1/credits"
-        return float(_json(await _send(client, "GET", url, self._headers(url)), url)["credits"])
+        credits = _json(await _send(client, "GET", url, self._headers(url)), url).get("credits")
+        if not isinstance(credits, int | float) or isinstance(credits, bool):
+            raise UpstreamUnavailable(f"Upstream answered {url} with no number of credits")
+        return float(credits)
 
 
 def request_body(
