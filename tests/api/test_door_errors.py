@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from fluxserve.errors import StoreUnavailable
+
 from conftest import make_settings, run_service
 
 PROMPT = "a lighthouse on a cliff at dawn"
@@ -55,28 +57,40 @@ DOORS: list[tuple[str, str, dict[str, Any] | None, Callable[[httpx.Response], st
 ]
 
 
+@pytest.mark.parametrize(
+    ("raised", "status", "message", "retry_after"),
+    [
+        # The cause stays in the server's log, not in the answer.
+        (RuntimeError("the disk caught fire"), 500, "Internal server error", None),
+        (StoreUnavailable("connection refused"), 503, "The database is unavailable", "1"),
+    ],
+)
 @pytest.mark.parametrize(("method", "path", "body", "message_of"), DOORS)
-async def test_an_unexpected_error_is_a_500_in_the_doors_shape(
+async def test_an_error_of_the_service_is_answered_in_the_doors_shape(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     method: str,
     path: str,
     body: dict[str, Any] | None,
     message_of: Callable[[httpx.Response], str],
+    raised: Exception,
+    status: int,
+    message: str,
+    retry_after: str | None,
 ) -> None:
     async with run_service(
         make_settings(tmp_path / "data"), run_worker=False, in_process=True
     ) as service:
 
         async def broken(*_: Any, **__: Any) -> Any:
-            raise RuntimeError("the disk caught fire")
+            raise raised
 
         monkeypatch.setattr(service.runtime.service, "submit", broken)
         monkeypatch.setattr(service.runtime.service, "get", broken)
         response = await service.client.request(method, path, json=body, headers=service.auth())
-        assert response.status_code == 500, response.text
-        # The cause stays in the server's log, not in the answer.
-        assert message_of(response) == "Internal server error"
+        assert response.status_code == status, response.text
+        assert message_of(response).startswith(message)
+        assert response.headers.get("retry-after") == retry_after
 
 
 @pytest.mark.parametrize(("method", "path", "body", "message_of"), DOORS)
