@@ -2,29 +2,23 @@
 
 A request that does not validate is answered 422 with `detail`, a list of
 `{loc, msg, type}`; any other refusal keeps fluxserve's status (401, 402, 404,
-413, 429, 503...) with `detail` a message. The guard's refusals (a bad key, a
-body past its cap) take the same shape on these routes.
+413, 429, 500, 503...) with `detail` a message. The guard's refusals (a bad key,
+a body past its cap) take the same shape on these routes.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
-from fluxserve.api.guard import Door
+from fluxserve.api.doors import Door, door_route, refused
 from fluxserve.bfl_models import BFL_PATHS
-from fluxserve.errors import ApiError, StoreUnavailable
-
-logger = logging.getLogger(__name__)
 
 GET_RESULT_PATH = "/v1/get_result"
 SUBMIT_PATHS = tuple(f"/v1/{path}" for path in BFL_PATHS)
@@ -48,20 +42,6 @@ def in_bfl_words(message: str, image_fields: Sequence[str]) -> str:
     return _CALLBACK_URL.sub("webhook_url", _IMAGE_URL.sub(field, message))
 
 
-def bfl_refusal(exc: ApiError | HTTPException | StoreUnavailable) -> JSONResponse:
-    """A refusal as `{"detail": message}`, with fluxserve's status and headers."""
-    if isinstance(exc, ApiError):
-        status, message, headers = exc.status_code, exc.message, exc.headers
-    elif isinstance(exc, HTTPException):
-        message = exc.detail if isinstance(exc.detail, str) else "Request failed"
-        status, headers = exc.status_code, dict(exc.headers or {})
-    else:
-        logger.warning("answering 503: %s", exc)
-        status, message = 503, "The database is unavailable; retry shortly"
-        headers = {"Retry-After": "1"}
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
-
-
 def validation_detail(errors: list[Any]) -> list[dict[str, Any]]:
     """pydantic's errors as FastAPI lists them, without the input they quote (a
     body of base64 images would come back whole)."""
@@ -75,22 +55,15 @@ def validation_detail(errors: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
-BFL_DOOR = Door(lambda path: path in BFL_ROUTES, bfl_refusal)
+def bfl_answer(exc: Exception, scope: Scope) -> Response:
+    """Any error as `{"detail": ...}`: FastAPI's 422 list for a body that does not
+    validate, else fluxserve's status with its message."""
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": validation_detail(list(exc.errors()))}, 422)
+    refusal = refused(exc, scope)
+    return JSONResponse({"detail": refusal.message}, refusal.status, refusal.headers)
+
+
+BFL_DOOR = Door(lambda path: path in BFL_ROUTES, bfl_answer)
 """The guard's door for these routes: `x-key` (or a bearer token), BFL's error shape."""
-
-
-class BflApiRoute(APIRoute):
-    """A route whose errors are written in BFL's shape rather than the envelope."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def answer(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return JSONResponse({"detail": validation_detail(list(exc.errors()))}, 422)
-            except (ApiError, HTTPException, StoreUnavailable) as exc:
-                return bfl_refusal(exc)
-
-        return answer
+BflApiRoute = door_route(bfl_answer)

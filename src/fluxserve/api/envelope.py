@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
+from fluxserve.api.doors import refused
 from fluxserve.api.schemas import describe_validation_error
 from fluxserve.errors import ApiError, StoreUnavailable
-
-logger = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -44,36 +42,19 @@ def error_response(
     )
 
 
-def refusal(exc: ApiError | StarletteHTTPException | StoreUnavailable) -> JSONResponse:
-    """The answer to an error raised on purpose: a client's mistake, or a 503 while
-    the database is away."""
-    if isinstance(exc, ApiError):
-        return error_response(exc.status_code, exc.message, exc.headers)
-    if isinstance(exc, StarletteHTTPException):
-        message = exc.detail if isinstance(exc.detail, str) else "Request failed"
-        return error_response(exc.status_code, message, dict(exc.headers or {}))
-    logger.warning("answering 503: %s", exc)
-    return error_response(503, "The database is unavailable; retry shortly", {"Retry-After": "1"})
+def envelope_answer(exc: Exception, scope: Scope) -> Response:
+    """Any error in the envelope; a body that does not validate is a 400 naming the field."""
+    if isinstance(exc, RequestValidationError):
+        return error_response(400, describe_validation_error(list(exc.errors())))
+    refusal = refused(exc, scope)
+    return error_response(refusal.status, refusal.message, refusal.headers)
 
 
-async def _refused(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError | StarletteHTTPException | StoreUnavailable)
-    return refusal(exc)
-
-
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    return error_response(400, describe_validation_error(list(exc.errors())))
-
-
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "Internal server error")
+async def _answer(request: Request, exc: Exception) -> Response:
+    return envelope_answer(exc, request.scope)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _refused)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _refused)
-    app.add_exception_handler(StoreUnavailable, _refused)
-    app.add_exception_handler(Exception, _unexpected)
+    kinds = (ApiError, RequestValidationError, StarletteHTTPException, StoreUnavailable, Exception)
+    for kind in kinds:
+        app.add_exception_handler(kind, _answer)

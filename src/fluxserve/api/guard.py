@@ -19,16 +19,16 @@ system reset the connection before it has read the answer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve.api.auth import authenticate
-from fluxserve.api.envelope import refusal
+from fluxserve.api.doors import Door
+from fluxserve.api.envelope import envelope_answer
 from fluxserve.api.keycache import KeyCache
 from fluxserve.errors import ApiError, StoreUnavailable
 from fluxserve.store import ApiKeyRecord
@@ -40,8 +40,8 @@ API_KEY_SCOPE = "fluxserve.api_key"
 
 class BodyTooLarge(HTTPException):
     """A body past its route's cap. An HTTPException, because FastAPI re-raises
-    those from its body parsing (anything else becomes a 400 there), so the app's
-    handler answers it in the error envelope."""
+    those from its body parsing (anything else becomes a 400 there), so it is
+    answered in the error shape of the route's door."""
 
     def __init__(self, cap: int) -> None:
         super().__init__(
@@ -66,18 +66,7 @@ class BodyCaps:
         return self.by_path.get(path, self.default)
 
 
-Refusal = Callable[[ApiError | HTTPException | StoreUnavailable], Response]
-
-
-@dataclass(frozen=True)
-class Door:
-    """Routes that want an API key, and how their refusals are written."""
-
-    wants_key: Callable[[str], bool]
-    refuse: Refusal
-
-
-API_DOOR = Door(lambda path: path.startswith(API_PREFIX), refusal)
+API_DOOR = Door(lambda path: path.startswith(API_PREFIX), envelope_answer)
 
 
 class RequestGuard:
@@ -110,7 +99,7 @@ class RequestGuard:
             if cap is not None and _declared_length(headers) > cap:
                 raise BodyTooLarge(cap)
         except (ApiError, HTTPException, StoreUnavailable) as exc:
-            response = (refusal if door is None else door.refuse)(exc)
+            response = (envelope_answer if door is None else door.answer)(exc, scope)
             if "transfer-encoding" in headers or _declared_length(headers) > self.caps.default:
                 response.headers["connection"] = "close"
             await response(scope, receive, send)

@@ -2,37 +2,26 @@
 exceptions: `{"error": {"message", "type", "param", "code"}}` with the status
 OpenAI gives (docs/openai-api.md lists them).
 
-Every refusal on the way in is answered in it: the guard's (a bad key, a body
-too large, the database away: `OPENAI_DOOR`) and the routes' (`OpenAIRoute`
-catches what a route raises, FastAPI's validation errors included).
+Every error of a request through this door is answered in it: the guard's
+refusals (a bad key, a body too large, the database away: `OPENAI_DOOR`) and
+whatever a route raises (`OpenAIRoute`), FastAPI's validation errors and an
+unexpected error (500) included.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
-from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
-from fluxserve.api.guard import Door
+from fluxserve.api.doors import Door, Refused, door_route, refused
 from fluxserve.api.schemas import describe_validation_error
-from fluxserve.errors import (
-    ApiError,
-    InsufficientCredits,
-    RateLimited,
-    StoreUnavailable,
-    Unauthenticated,
-)
 from fluxserve.openai_images import OpenAIValueError
-
-logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/images/"
 NO_RETRY = {"x-should-retry": "false"}
@@ -79,65 +68,36 @@ def invalid(param: str | None, message: str) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_value" if param else None)
 
 
-def translated(exc: ApiError | HTTPException | StoreUnavailable) -> OpenAIError:
+def openai_answer(exc: Exception, scope: Scope) -> Response:
+    """Any error in OpenAI's shape, with the status and code OpenAI gives it."""
+    if isinstance(exc, OpenAIValueError):
+        exc = invalid(exc.param, str(exc))
+    elif isinstance(exc, RequestValidationError):
+        errors = list(exc.errors())
+        exc = invalid(_param(errors), describe_validation_error(errors))
+    elif not isinstance(exc, OpenAIError):
+        exc = _translated(refused(exc, scope))
+    return exc.response()
+
+
+_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}
+
+
+def _translated(refusal: Refused) -> OpenAIError:
     """A fluxserve refusal as OpenAI words it."""
-    if isinstance(exc, InsufficientCredits):
-        # OpenAI answers an exhausted quota with this 429.
-        return OpenAIError(
-            429, exc.message, type="insufficient_quota", code="insufficient_quota", headers=NO_RETRY
-        )
-    if isinstance(exc, RateLimited):
-        return OpenAIError(
-            429, exc.message, type="requests", code="rate_limit_exceeded", headers=exc.headers
-        )
-    if isinstance(exc, Unauthenticated):
-        return OpenAIError(401, exc.message, code="invalid_api_key")
-    if isinstance(exc, StoreUnavailable):
-        logger.warning("answering 503: %s", exc)
-        message = "The database is unavailable; retry shortly"
-        return OpenAIError(503, message, type="server_error", headers={"Retry-After": "1"})
-    if isinstance(exc, ApiError):
-        status, message, headers = exc.status_code, exc.message, exc.headers
-    else:
-        status, headers = exc.status_code, dict(exc.headers or {})
-        message = exc.detail if isinstance(exc.detail, str) else "Request failed"
-    code = "request_too_large" if status == 413 else None
+    status, message = refusal.status, refusal.message
+    if status == 402:  # OpenAI answers an exhausted quota with this 429.
+        kind = "insufficient_quota"
+        return OpenAIError(429, message, type=kind, code=kind, headers=NO_RETRY)
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return OpenAIError(status, message, type=kind, code=code, headers=headers)
+    kind = "requests" if status == 429 else kind
+    code = _CODES.get(status)
+    return OpenAIError(status, message, type=kind, code=code, headers=refusal.headers)
 
 
-def openai_refusal(exc: ApiError | HTTPException | StoreUnavailable) -> Response:
-    """The guard's refusal of a request through this door."""
-    return translated(exc).response()
-
-
-OPENAI_DOOR = Door(lambda path: path.startswith(OPENAI_PREFIX), openai_refusal)
+OPENAI_DOOR = Door(lambda path: path.startswith(OPENAI_PREFIX), openai_answer)
 """Its key as OpenAI's SDKs send theirs: `Authorization: Bearer <fluxserve API key>`."""
-
-
-class OpenAIRoute(APIRoute):
-    """A route whose every error leaves in OpenAI's shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def answer(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except OpenAIError as exc:
-                return exc.response()
-            except OpenAIValueError as exc:
-                return invalid(exc.param, str(exc)).response()
-            except RequestValidationError as exc:
-                errors = list(exc.errors())
-                return invalid(_param(errors), describe_validation_error(errors)).response()
-            except (ApiError, HTTPException, StoreUnavailable) as exc:
-                return translated(exc).response()
-            except Exception:
-                logger.exception("unhandled error on %s %s", request.method, request.url.path)
-                return OpenAIError(500, "Internal server error", type="server_error").response()
-
-        return answer
+OpenAIRoute = door_route(openai_answer)
 
 
 def _param(errors: list[Any]) -> str | None:
