@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -207,19 +207,8 @@ class NewTask:
 
     def queued(self) -> Task:
         """The task as it is once stored: queued, no progress."""
-        return Task(
-            task_id=self.task_id,
-            owner=self.owner,
-            model=self.model,
-            input=self.input,
-            callback_url=self.callback_url,
-            status=TaskStatus.NOT_STARTED,
-            progress=0,
-            created_at=self.created_at,
-            callback_events=self.callback_events,
-            account_id=self.account_id,
-            price=self.price,
-        )
+        given = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Task(status=TaskStatus.NOT_STARTED, progress=0, **given)
 
 
 CANCELLED_MESSAGE = "Task was cancelled"
