@@ -18,6 +18,8 @@ from types import TracebackType
 
 import asyncpg
 import httpx
+import uvicorn
+from starlette.types import ASGIApp
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -114,6 +116,9 @@ class Children:
         return self
 
     def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -154,6 +159,24 @@ class Children:
         )
         await child.healthy()
         return child
+
+
+@asynccontextmanager
+async def in_process(app: ASGIApp) -> AsyncIterator[int]:
+    """`app` served by uvicorn in this process on a free port, until the block ends; the port."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            while not server.started:
+                if serving.done():
+                    serving.result()  # raises why it could not start
+                await asyncio.sleep(0.01)
+            yield int(sock.getsockname()[1])
+        finally:
+            server.should_exit = True
+            await serving
 
 
 @asynccontextmanager

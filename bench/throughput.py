@@ -64,6 +64,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+
 from harness import (
     FLUXSERVE,
     HOST,
