@@ -168,9 +168,9 @@ async def measure_config(
         ]
         ports, pids = [child.port for child in servers], [child.pid for child in servers]
         database = store.database if store else None
-        secrets_ = [secret for _, secret in store.keys] if store else [BARE_SECRET]
+        bearers = [secret for _, secret in store.keys] if store else [BARE_SECRET]
         submits = await drive(
-            ports, secrets_, lambda: SUBMIT_PATH, args, server_pids=pids, database=database,
+            ports, bearers, lambda: SUBMIT_PATH, args, server_pids=pids, database=database,
             body=SUBMIT_BODY,
         )  # fmt: skip
         # A task's queue position is counted on each read, so the reads' cost grows
@@ -178,7 +178,7 @@ async def measure_config(
         ids = await store.keep_queued(args.queue_depth) if store else made_up_ids(args.queue_depth)
         ids = ids or made_up_ids(1)  # no task stored: every read a 404, counted as an error
         reads = await drive(
-            ports, secrets_[:1], lambda: f"/api/generate/status/{random.choice(ids)}", args,
+            ports, bearers[:1], lambda: f"/api/generate/status/{random.choice(ids)}", args,
             server_pids=pids, database=database,
         )  # fmt: skip
     return {"submit": (submits, 0), "status": (reads, len(ids) if store else 0)}
