@@ -25,7 +25,7 @@ HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 FLUXSERVE = [sys.executable, "-m", "fluxserve"]
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 180.0  # a loaded machine can take minutes to start a worker
 
 
 def free_port() -> int:
