@@ -2,7 +2,7 @@
 them and against the bare ceiling, in one run.
 
 Status reads/s (GET /api/generate/status/{id} of queued tasks, SQLite, one
-process, --clients keep-alive clients, the raw client of bench/throughput.py) for
+process, --clients keep-alive clients, the raw client of bench/load.py) for
   bare        bench/bare_app.py: the route's JSON shape, no storage (the ceiling)
   baseline    `fluxserve api` from --baseline, a copy of src/ from before (made by
               `git archive <rev> src | tar -x -C /tmp/base`)
@@ -22,31 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from throughput import (
-    BARE_KEY,
-    BENCH_DIR,
-    Child,
-    Children,
-    SqliteBench,
-    Tally,
-    base_env,
-    children,
-    create_key,
-    drive,
-    free_port,
-    load_average,
-    start_bare,
-    status_calls,
-    submit_call,
-    wait_healthy,
-    wait_quiet,
-)
+from harness import BENCH_DIR, Child, Children, create_key, load_average
+from load import Tally, drive, wait_quiet
+from throughput import BARE_SECRET, SUBMIT_BODY, SUBMIT_PATH, Store
 
 SRC = BENCH_DIR.parent / "src"
 VARIANTS = ("bare", "baseline", "current", "json")
@@ -62,49 +46,40 @@ class Result:
         self.cpu_ms.append(tally.cpu_ms())
 
 
-async def start(group: Children, variant: str, store: SqliteBench, baseline: Path) -> Child:
+async def start(group: Children, variant: str, store: Store, baseline: Path) -> Child:
     if variant == "bare":
-        return await start_bare(group)
-    port = free_port()
-    env = {**base_env(store), "FLUXSERVE_PORT": str(port)}
-    env["PYTHONPATH"] = str(baseline if variant == "baseline" else SRC)
+        return await group.bare()
+    env = {**store.env(), "PYTHONPATH": str(baseline if variant == "baseline" else SRC)}
     if variant == "json":
         env["FLUXSERVE_LOG_FORMAT"] = "json"
-    child = group.start(variant, [sys.executable, "-m", "fluxserve", "api"], env)
-    child.port = port
-    await wait_healthy(child)
-    return child
+    return await group.fluxserve("api", env)
 
 
 async def run(args: argparse.Namespace, baseline: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="fluxserve-observe-") as tmp:
         log_dir = Path(tmp)
-        store = SqliteBench(log_dir / "data")
+        store = Store("sqlite", {"data_dir": str(log_dir / "data")})
         os.environ["PYTHONPATH"] = str(SRC)  # the key and the schema: this tree's
-        key = create_key(store)
-        with children(log_dir) as group:
+        store.keys = [create_key(store.env())]
+        secret = store.keys[0][1]
+        with Children(log_dir) as group:
             server = await start(group, "current", store, baseline)
             submits = await drive(
-                [server.port],
-                [key.secret],
-                submit_call,
-                args,
-                server_pids=[server.pid],
-                keep_bodies=True,
-            )
+                [server.port], [secret], lambda: SUBMIT_PATH, args, server_pids=[server.pid],
+                body=SUBMIT_BODY,
+            )  # fmt: skip
         assert submits.ok >= args.queue_depth, "too few submits for the queue"
-        ids = await store.keep_queued(args.queue_depth, key.key_id)
+        ids = await store.keep_queued(args.queue_depth)
         results = {variant: Result() for variant in VARIANTS}
         for _ in range(args.rounds):
             for variant in VARIANTS:
                 await wait_quiet()
-                with children(log_dir) as group:
+                with Children(log_dir) as group:
                     server = await start(group, variant, store, baseline)
-                    secret = BARE_KEY.secret if variant == "bare" else key.secret
                     tally = await drive(
                         [server.port],
-                        [secret],
-                        status_calls(ids),
+                        [BARE_SECRET if variant == "bare" else secret],
+                        lambda: f"/api/generate/status/{random.choice(ids)}",
                         args,
                         server_pids=[server.pid],
                     )
@@ -115,7 +90,7 @@ async def run(args: argparse.Namespace, baseline: Path) -> None:
 def print_table(args: argparse.Namespace, results: dict[str, Result], queued: int) -> None:
     print(
         f"status reads, SQLite, 1 process, {args.clients} clients, {queued} queued tasks, "
-        f"{args.rounds} rounds of {args.duration:g} s; load average {' '.join(load_average())}"
+        f"{args.rounds} rounds of {args.duration:g} s; load average {load_average()}"
     )
     print(
         f"{'server':9} {'rate/s':>7} {'vs bare':>8} {'rounds':<24} {'ms cpu/req':>10} "
@@ -140,7 +115,6 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64, help="concurrent connections")
     parser.add_argument("--queue-depth", type=int, default=200, help="queued tasks read")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; best rate is shown")
-    parser.add_argument("--client", default="raw", help=argparse.SUPPRESS)
     args = parser.parse_args()
     asyncio.run(run(args, Path(args.baseline).resolve()))
 

@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import closing
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,14 +38,10 @@ from starlette.routing import Route
 from fluxserve.engines.tiny import build_tiny_pipeline
 from fluxserve.sizes import dimensions, size_ratio
 
+from harness import HOST, Children, create_key, fluxserve_env, in_process
+
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def raw_call(pipe: Any, width: int, height: int, seed: int) -> float:
@@ -71,52 +62,31 @@ class Service:
 
     def __init__(self, prompt_cache_size: int | None) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
-        self.port = free_port()
-        self.hook_port = free_port()
-        self.env = {
-            **os.environ,
-            "FLUXSERVE_DATA_DIR": str(self.data_dir),
-            "FLUXSERVE_PORT": str(self.port),
-            "FLUXSERVE_ALLOW_PRIVATE_NETWORKS": "true",
-            "FLUXSERVE_TINY_STEPS": str(STEPS),
-        }
+        settings = {"data_dir": str(self.data_dir), "tiny_steps": str(STEPS)}
         if prompt_cache_size is not None:
-            self.env["FLUXSERVE_PROMPT_CACHE_SIZE"] = str(prompt_cache_size)
+            settings["prompt_cache_size"] = str(prompt_cache_size)
+        self.env = fluxserve_env(**settings)
+        self.children = Children(self.data_dir)
         self.arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.stack = AsyncExitStack()
 
     async def start(self) -> None:
-        cli = [sys.executable, "-m", "fluxserve"]
-        keys = await asyncio.create_subprocess_exec(
-            *cli, "keys", "create", "--name", "bench", env=self.env, stdout=subprocess.PIPE
-        )
-        self.key = (await keys.communicate())[0].decode().split()[-1]
+        self.key = create_key(self.env)[1]
 
         async def hook(request: Request) -> Response:
             self.arrived.put_nowait(await request.json())
             return Response(status_code=204)
 
         app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.hook_port, log_level="warning")
-        self.receiver = uvicorn.Server(config)
-        self.receiver_task = asyncio.create_task(self.receiver.serve())
-        self.server = await asyncio.create_subprocess_exec(
-            *cli, "serve", env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        while True:
-            try:
-                health = (await self.client.get("/health")).json()
-                if health["worker"]["state"] == "ready":
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
+        self.hook_port = await self.stack.enter_async_context(in_process(app))
+        server = await self.children.fluxserve("serve", self.env, worker_ready=True)
+        self.client = httpx.AsyncClient(base_url=f"http://{HOST}:{server.port}", timeout=60)
 
     async def task(self, size: str, resolution: str, seed: int) -> float:
         """One task, submit to callback; seconds."""
         body = {
             "model": "flux-2-pro",
-            "callback_url": f"http://127.0.0.1:{self.hook_port}/hook",
+            "callback_url": f"http://{HOST}:{self.hook_port}/hook",
             "input": {"prompt": PROMPT, "size": size, "resolution": resolution, "seed": seed},
         }
         headers = {"Authorization": f"Bearer {self.key}"}
@@ -134,10 +104,8 @@ class Service:
     async def stop(self) -> list[tuple[float, float]]:
         """Stop everything; per task, the server's submit -> running and running -> done."""
         await self.client.aclose()
-        self.server.terminate()
-        await self.server.wait()
-        self.receiver.should_exit = True
-        await self.receiver_task
+        self.children.close()
+        await self.stack.aclose()
         with closing(sqlite3.connect(self.data_dir / "fluxserve.db")) as conn:
             rows = conn.execute(
                 "select started_at - created_at, finished_at - started_at from tasks order by seq"

@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -42,6 +40,8 @@ from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
 from fluxserve.store.base import ApiKeyRecord
 from fluxserve.tasks import TaskInput
+
+from harness import HOST, in_process
 
 PROMPT = "a harbour at noon"
 
@@ -88,30 +88,28 @@ async def plain_task_time(runtime: Runtime, key: ApiKeyRecord, slow_url: str | N
 
 
 async def main(args: argparse.Namespace) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(reference_host(args.delay), log_level="warning"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    slow_url = f"http://127.0.0.1:{sock.getsockname()[1]}/slow.png"
-    with tempfile.TemporaryDirectory() as folder:
-        settings = Settings(
-            data_dir=Path(folder), poll_interval=0.05, allow_private_networks=True, engine="tiny"
-        )
-        runtime = Runtime(settings, run_worker=True, engine=TinyEngine())
-        await runtime.start()
-        try:
-            new_key, _ = await create_key(runtime.store, "bench")
-            key = await runtime.store.key_for_hash(new_key.key_hash)
-            assert key is not None
-            await plain_task_time(runtime, key, None)  # warm-up: the engine loads
-            alone, behind = [], []
-            for _ in range(args.rounds):
-                alone.append(await plain_task_time(runtime, key, None))
-                behind.append(await plain_task_time(runtime, key, slow_url))
-        finally:
-            await runtime.stop()
-            server.should_exit = True
-            await serving
+    async with in_process(reference_host(args.delay)) as port:
+        slow_url = f"http://{HOST}:{port}/slow.png"
+        with tempfile.TemporaryDirectory() as folder:
+            settings = Settings(
+                data_dir=Path(folder),
+                poll_interval=0.05,
+                allow_private_networks=True,
+                engine="tiny",
+            )
+            runtime = Runtime(settings, run_worker=True, engine=TinyEngine())
+            await runtime.start()
+            try:
+                new_key, _ = await create_key(runtime.store, "bench")
+                key = await runtime.store.key_for_hash(new_key.key_hash)
+                assert key is not None
+                await plain_task_time(runtime, key, None)  # warm-up: the engine loads
+                alone, behind = [], []
+                for _ in range(args.rounds):
+                    alone.append(await plain_task_time(runtime, key, None))
+                    behind.append(await plain_task_time(runtime, key, slow_url))
+            finally:
+                await runtime.stop()
     baseline = statistics.median(alone)
     print(f"reference delay {args.delay:g} s, {args.rounds} rounds, median time to finish")
     print("| scenario | plain task s | x baseline |")

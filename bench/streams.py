@@ -35,13 +35,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import secrets
-import socket
-import sys
 import tempfile
 import time
-from asyncio.subprocess import PIPE
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +50,16 @@ from fluxserve.store import open_store
 from fluxserve.store.base import LeaseState
 from fluxserve.tasks import Claim
 
-ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from harness import (
+    HOST,
+    PG_ADMIN_URL,
+    Children,
+    create_key,
+    fluxserve_env,
+    postgres_database,
+    rss_mb,
+)
+
 TARGET_MB = 100.0
 
 
@@ -120,19 +125,6 @@ class Worker:
         await self.store.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 async def xacts(admin: asyncpg.Connection, database: str) -> int:
     value: int = await admin.fetchval(
         "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", database
@@ -172,44 +164,25 @@ async def close_streams(jobs: list[asyncio.Task[None]]) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    admin = await asyncpg.connect(ADMIN_URL)
-    database = f"fluxserve_bench_{secrets.token_hex(4)}"
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + database
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        env = {
-            **os.environ,
-            "FLUXSERVE_DATA_DIR": folder,
-            "FLUXSERVE_DATABASE_URL": url,
-            "FLUXSERVE_PORT": str(port),
-            "FLUXSERVE_ACCESS_LOG": "false",
-        }
-        fluxserve = [sys.executable, "-m", "fluxserve"]
-        made = await asyncio.create_subprocess_exec(
-            *fluxserve, "keys", "create", "--name", "bench", env=env, stdout=PIPE
-        )
-        key = (await made.communicate())[0].decode().split()[-1]
-        log = Path(folder) / "api.log"
-        with log.open("wb") as out:
-            api = await asyncio.create_subprocess_exec(
-                *fluxserve, "api", env=env, stdout=out, stderr=out
-            )
-        worker = Worker(url, args.running, args.rate)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}",
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=60,
-                limits=limits,
-            ) as client:
-                rows = await scenarios(args, admin, database, api.pid, client, worker)
-        finally:
-            await worker.close()
-            api.terminate()
-            await api.wait()
-    await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    async with postgres_database() as url:
+        with tempfile.TemporaryDirectory() as folder, Children(Path(folder)) as group:
+            env = fluxserve_env(data_dir=folder, database_url=url, access_log="false")
+            key = create_key(env)[1]
+            api = await group.fluxserve("api", env)
+            worker = Worker(url, args.running, args.rate)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            try:
+                async with httpx.AsyncClient(
+                    base_url=f"http://{HOST}:{api.port}",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=60,
+                    limits=limits,
+                ) as client:
+                    database = url.rsplit("/", 1)[1]
+                    rows = await scenarios(args, admin, database, api.pid, client, worker)
+            finally:
+                await worker.close()
     await admin.close()
     report(args, rows)
 
@@ -245,13 +218,6 @@ async def scenarios(
     client: httpx.AsyncClient,
     worker: Worker,
 ) -> list[Row]:
-    async with asyncio.timeout(90):
-        while True:
-            try:
-                if (await client.get("/health")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                await asyncio.sleep(0.2)
     running = await submit(client, "flux-2-flex", args.running, steps=4)
     queued = await submit(client, "flux-2-pro", args.idle)
     await worker.start()

@@ -37,17 +37,14 @@ import random
 import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager, closing
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -58,16 +55,12 @@ from fluxserve.store import open_store
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import NewTask, ResultFile, TaskInput, new_task_id
 
+from harness import HOST, Children, fluxserve_env, in_process
+
 SCENARIOS = ("baseline", "refused", "hanging")
 INPUT = TaskInput(
     prompt="A lighthouse on a cliff at dawn, oil painting", size="1:1", resolution="1K"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -94,15 +87,7 @@ async def receivers() -> AsyncIterator[dict[str, str]]:
     async def hook(_: Request) -> Response:
         return Response(status_code=204)
 
-    healthy_port = free_port()
-    config = uvicorn.Config(
-        Starlette(routes=[Route("/hook", hook, methods=["POST"])]),
-        host="127.0.0.1",
-        port=healthy_port,
-        log_level="warning",
-    )
-    healthy = uvicorn.Server(config)
-    serving = asyncio.create_task(healthy.serve())
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
     writers: list[asyncio.StreamWriter] = []
 
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -110,26 +95,21 @@ async def receivers() -> AsyncIterator[dict[str, str]]:
         await reader.read()  # until fluxserve gives up on the attempt
         writer.close()
 
-    hanging = await asyncio.start_server(hang, "127.0.0.1", 0)
+    hanging = await asyncio.start_server(hang, HOST, 0)
     refused = socket.socket()  # bound, never listening: connections are refused
-    refused.bind(("127.0.0.1", 0))
-    while not healthy.started:
-        if serving.done():
-            serving.result()  # raises why it could not start
-        await asyncio.sleep(0.01)
+    refused.bind((HOST, 0))
     try:
-        yield {
-            "baseline": f"http://127.0.0.1:{healthy_port}/hook",
-            "refused": f"http://127.0.0.1:{refused.getsockname()[1]}/hook",
-            "hanging": f"http://127.0.0.1:{hanging.sockets[0].getsockname()[1]}/hook",
-        }
+        async with in_process(app) as healthy_port:
+            yield {
+                "baseline": f"http://{HOST}:{healthy_port}/hook",
+                "refused": f"http://{HOST}:{refused.getsockname()[1]}/hook",
+                "hanging": f"http://{HOST}:{hanging.sockets[0].getsockname()[1]}/hook",
+            }
     finally:
         refused.close()
         hanging.close()
         for writer in writers:
             writer.close()
-        healthy.should_exit = True
-        await serving
 
 
 async def seed_backlog(data_dir: Path, tasks: int, url: str) -> tuple[str, list[str]]:
@@ -163,45 +143,21 @@ async def seed_backlog(data_dir: Path, tasks: int, url: str) -> tuple[str, list[
 async def run_scenario(name: str, targets: dict[str, str], args: argparse.Namespace) -> Result:
     data_dir = Path(tempfile.mkdtemp(prefix=f"fluxserve-webhooks-{name}-"))
     key, backlog = await seed_backlog(data_dir, args.tasks, targets[name])
-    port = free_port()
-    env = {
-        **os.environ,
-        "FLUXSERVE_DATA_DIR": str(data_dir),
-        "FLUXSERVE_PORT": str(port),
-        "FLUXSERVE_ALLOW_PRIVATE_NETWORKS": "true",
-        "FLUXSERVE_TINY_STEPS": str(args.steps),
-    }
+    settings = {"data_dir": str(data_dir), "tiny_steps": str(args.steps)}
     if args.retry is not None:
-        env["FLUXSERVE_CALLBACK_RETRY_DELAYS"] = json.dumps([args.retry] * 10_000)
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fluxserve", "serve",
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        settings["callback_retry_delays"] = json.dumps([args.retry] * 10_000)
     headers = {"Authorization": f"Bearer {key}"}
-    async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60)
-        )
-        await wait_ready(client)
-        real: list[str] = []
-        deadline = time.monotonic() + args.duration
-        submitter = asyncio.create_task(submit_real(client, targets["baseline"], real, deadline))
-        latencies = await read_status(client, backlog, real, deadline)
-        await submitter
-    server.terminate()
-    await server.wait()
+    with Children(data_dir) as group:
+        server = await group.fluxserve("serve", fluxserve_env(**settings), worker_ready=True)
+        url = f"http://{HOST}:{server.port}"
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+            real: list[str] = []
+            deadline = time.monotonic() + args.duration
+            hook = targets["baseline"]
+            submitter = asyncio.create_task(submit_real(client, hook, real, deadline))
+            latencies = await read_status(client, backlog, real, deadline)
+            await submitter
     return collect(data_dir, latencies, real, backlog)
-
-
-async def wait_ready(client: httpx.AsyncClient) -> None:
-    while True:
-        try:
-            health = (await client.get("/health")).json()
-            if health["worker"]["state"] == "ready":
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.1)
 
 
 async def submit_real(
