@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -363,3 +364,29 @@ async def test_a_database_refusing_new_connections_is_an_outage_not_a_fault() ->
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await admin.close()
             await store.close()
+
+
+async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> None:
+    """Every pooled connection gone and no slot left for a new one (max_connections,
+    or the role's limit, reached): a read is StoreUnavailable, not the driver's error."""
+    role = f"fluxserve_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        async with fresh_postgres_database() as url:
+            name = url.rsplit("/", 1)[1]
+            await admin.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+            store = open_store(str(sa.engine.make_url(url).set(username=role)))
+            await store.start()
+            try:
+                await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+                await drop_every_connection(store)
+                with pytest.raises(StoreUnavailable, match="too many connections"):
+                    await store.next_callback_at()
+                await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+                assert await store.next_callback_at() is None
+            finally:
+                await store.close()
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()

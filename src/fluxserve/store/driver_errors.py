@@ -29,10 +29,13 @@ else:
     # pg_terminate_backend) raises, depending on how far the news of it got.
     # A database that refuses new connections (ALLOW_CONNECTIONS false) answers a
     # connect with "object not in prerequisite state": an outage, not a fault.
+    # So is one out of resources: no connection slot left (max_connections, a
+    # role's limit), a full disk, no memory.
     ASYNCPG_UNAVAILABLE = (
         asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError,
         asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
+        asyncpg.exceptions.InsufficientResourcesError,
         asyncpg.InterfaceError,
         asyncpg.InternalClientError,
     )
