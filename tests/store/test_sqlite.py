@@ -217,6 +217,51 @@ async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
     assert task is not None and task.task_id == task_id
 
 
+class WatchedLockedConnection(LockedConnection):
+    """A locked reader that says when it has refused a statement."""
+
+    def __init__(self) -> None:
+        self.refused = asyncio.Event()
+
+    def execute(self, *args: Any) -> Any:
+        self.refused.set()
+        return super().execute(*args)
+
+
+async def test_a_worker_waiting_while_the_database_is_locked_is_woken_not_failed(
+    two_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """The look for other processes' commits finds the database locked: the waiting
+    worker is woken (its claim then waits for the lock), not handed the driver's error."""
+    store, _ = two_stores
+    database = store.db
+    assert isinstance(database, SqliteDatabase)
+    reader, database._reader = database._reader, LockedConnection()  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(store.wait_for_task(at_most=60), 5)
+    finally:
+        database._reader = reader
+
+
+async def test_streams_see_other_processes_commits_after_the_database_was_locked(
+    two_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    watcher, api_side = two_stores
+    database = watcher.db
+    assert isinstance(database, SqliteDatabase)
+    assert await watcher.task_changes(at_most=0) is None  # the first take starts the watch
+    locked = WatchedLockedConnection()
+    reader, database._reader = database._reader, locked  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(locked.refused.wait(), 5)  # the watch looked while locked
+    finally:
+        database._reader = reader
+    await watcher.task_changes(at_most=0)  # whatever the locked look said
+    await queue_task(api_side)
+    # The commit names no task here: "any task may have changed" (None).
+    assert await asyncio.wait_for(watcher.task_changes(at_most=60), 5) is None
+
+
 def connections_of_another_process(data_dir: Path, synchronous: str, out: Path) -> list[Any]:
     """The connections `fluxserve keys create`, run as a process of its own on the
     same database, opened; with the setting from its environment."""

@@ -191,8 +191,8 @@ class SqliteDatabase:
         self._writer: sqlite3.Connection | None = None
         self._commits_since_checkpoint = 0
         self._checkpointing: asyncio.Task[None] | None = None
-        self._seen_version = 0
-        self._changes_seen_version = 0
+        self._seen_version: int | None = 0
+        self._changes_seen_version: int | None = 0
         self._commit_watcher: asyncio.Task[None] | None = None
         self.wakeups = Wakeups()
 
@@ -329,8 +329,14 @@ class SqliteDatabase:
                 self._changes_seen_version = version
                 self.wakeups.changes.set()
 
-    def _data_version(self) -> int:
-        """Changes whenever another connection commits to the database."""
-        with closing(self._started(self._reader).execute("PRAGMA data_version")) as cursor:
-            version: int = cursor.fetchone()[0]
+    def _data_version(self) -> int | None:
+        """Changes whenever another connection commits to the database; None while the
+        database is locked (another process recovering the WAL, say), which differs
+        from every version seen: whoever watches is told of a commit that may have been."""
+        reader = self._started(self._reader)
+        try:
+            with driver_errors(), closing(reader.execute("PRAGMA data_version")) as cursor:
+                version: int = cursor.fetchone()[0]
+        except StoreUnavailable:
+            return None
         return version
