@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -15,12 +16,13 @@ import sqlalchemy as sa
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store import Store, open_store
+from fluxserve.store.base import Outcome
 from fluxserve.store.postgres import PostgresDatabase
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.store import SqlStore
 from fluxserve.store.task_reads import RANKED_FROM, TASK_AND_POSITION, tasks_and_positions
-from fluxserve.tasks import NewTask, new_task_id
+from fluxserve.tasks import NewTask, ResultFile, TaskStatus, new_task_id
 
 from conftest import (
     POSTGRES_ADMIN_URL,
@@ -390,3 +392,60 @@ async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> 
     finally:
         await admin.execute(f'DROP ROLE "{role}"')
         await admin.close()
+
+
+async def until_a_connection_waits_for_a_lock(name: str) -> None:
+    """Return once a connection to database `name` waits for a row another one locked."""
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        for _ in range(1000):
+            if await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = $1 AND wait_event_type = 'Lock'",
+                name,
+            ):
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await admin.close()
+    raise AssertionError("no connection waited for a lock")
+
+
+async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
+    """Another transaction (a sweep, say) holds the account's row and then waits for
+    the task's, which the finish holds while it waits for the account's: PostgreSQL
+    ends the finish. The worker is told StoreUnavailable, which it retries, and its
+    next try finishes the task; not the driver's own error."""
+    async with fresh_postgres_database() as url:
+        store = open_store(url)
+        await store.start()
+        other = await asyncpg.connect(url)
+        try:
+            await open_accounts(store, "a")
+            await store.grant_credits("acct_a", 10, None)
+            await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+            claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+            assert claim is not None
+            image = ResultFile("results/x/image.png", "image.png", "image/png", 10)
+            done = Outcome("tiny", 7, 1024, 1024, [image])
+            async with other.transaction():
+                # Only the finish's side looks for the deadlock soon: it is the one ended.
+                await other.execute("SET LOCAL deadlock_timeout = '1h'")
+                await other.execute("UPDATE accounts SET held = held WHERE account_id = 'acct_a'")
+                finishing = asyncio.create_task(store.finish_task(claim, done))
+                await until_a_connection_waits_for_a_lock(url.rsplit("/", 1)[1])
+                task_row = asyncio.create_task(
+                    other.execute(
+                        "UPDATE tasks SET progress = progress WHERE task_id = $1",
+                        claim.task.task_id,
+                    )
+                )
+                with pytest.raises(StoreUnavailable, match="deadlock"):
+                    await finishing
+                await task_row
+            assert await store.finish_task(claim, done)
+            task = await store.get_task(claim.task.task_id)
+            assert task is not None and task.status is TaskStatus.FINISHED
+        finally:
+            await other.close()
+            await store.close()

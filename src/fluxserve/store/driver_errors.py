@@ -30,12 +30,15 @@ else:
     # A database that refuses new connections (ALLOW_CONNECTIONS false) answers a
     # connect with "object not in prerequisite state": an outage, not a fault.
     # So is one out of resources: no connection slot left (max_connections, a
-    # role's limit), a full disk, no memory.
+    # role's limit), a full disk, no memory. A transaction it rolled back to break
+    # a deadlock (two transactions locking an account's and a task's rows in turn)
+    # is worth a try later, as an outage is.
     ASYNCPG_UNAVAILABLE = (
         asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError,
         asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
         asyncpg.exceptions.InsufficientResourcesError,
+        asyncpg.exceptions.TransactionRollbackError,
         asyncpg.InterfaceError,
         asyncpg.InternalClientError,
     )
