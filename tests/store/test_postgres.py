@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store import Store, open_store
-from fluxserve.store.base import Outcome
-from fluxserve.store.postgres import PostgresDatabase
+from fluxserve.store.base import Outcome, UploadRecord
+from fluxserve.store.postgres import PostgresDatabase, _Pooled
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.store import SqlStore
@@ -449,3 +449,41 @@ async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> 
         finally:
             await other.close()
             await store.close()
+
+
+def lose_the_connection_after_the_first_statement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the first statement run alone commit, then report its connection lost."""
+    execute = _Pooled.execute
+    lost = []
+
+    async def lost_after_commit(self: _Pooled, statement: Any, **params: Any) -> int:
+        count = await execute(self, statement, **params)
+        if not lost:
+            lost.append(statement)
+            raise StoreUnavailable("database connection lost: connection was closed")
+        return count
+
+    monkeypatch.setattr(_Pooled, "execute", lost_after_commit)
+
+
+UPLOAD = UploadRecord(
+    "file_1", "acct_a", "uploads/file_1.png", "cat.png", None, 10, "image/png", None, 1.0, 2.0
+)
+
+
+async def test_rows_whose_connection_was_lost_as_they_were_stored_are_stored_not_refused(
+    two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement runs again on a new connection and finds its own row: the
+    caller is answered as if the first try had been heard, not refused."""
+    store, _ = two_stores
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    made = await store.create_account("acct_a", "a@example.com")
+    assert (made.account_id, made.email) == ("acct_a", "a@example.com")
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    await store.create_key("key_a", "alice", "h" * 64, "fsk_abcdef", "acct_a")
+    key = await store.key_for_hash("h" * 64)
+    assert key is not None and key.key_id == "key_a"
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    await store.add_upload(UPLOAD)
+    assert await store.get_upload("file_1") == UPLOAD
