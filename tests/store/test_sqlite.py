@@ -217,6 +217,23 @@ async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
     assert task is not None and task.task_id == task_id
 
 
+async def test_a_read_that_finds_the_database_locked_and_cannot_open_it_is_an_outage(
+    two_stores: tuple[SqlStore, SqlStore], tmp_path: Path
+) -> None:
+    """Locked on the loop, and no connection off it can open the file (a disk gone,
+    say): StoreUnavailable, which the API answers 503, not the driver's error."""
+    store, _ = two_stores
+    database = store.db
+    assert isinstance(database, SqliteDatabase)
+    reader, database._reader = database._reader, LockedConnection()  # type: ignore[assignment]
+    path, database._path = database._path, tmp_path  # a folder: no database opens there
+    try:
+        with pytest.raises(StoreUnavailable, match="unable to open"):
+            await store.get_task("task-unified-0-missing0")
+    finally:
+        database._reader, database._path = reader, path
+
+
 class WatchedLockedConnection(LockedConnection):
     """A locked reader that says when it has refused a statement."""
 

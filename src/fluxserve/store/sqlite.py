@@ -113,8 +113,9 @@ def _run(connection: sqlite3.Connection, statement: Compiled, params: Mapping[st
 def _read_waiting(
     path: Path, synchronous: SqliteSynchronous, statement: Compiled, params: Mapping[str, Any]
 ) -> Any:
-    """A read that waits for a lock, on a thread, on a connection of its own."""
-    with closing(_connect(path, synchronous, LOCK_WAIT)) as connection:
+    """A read that waits for a lock, on a thread, on a connection of its own (whose
+    opening may meet the lock too)."""
+    with driver_errors(), closing(_connect(path, synchronous, LOCK_WAIT)) as connection:
         return _run(connection, statement, params)
 
 
