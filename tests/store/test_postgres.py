@@ -487,3 +487,44 @@ async def test_rows_whose_connection_was_lost_as_they_were_stored_are_stored_not
     lose_the_connection_after_the_first_statement(monkeypatch)
     await store.add_upload(UPLOAD)
     assert await store.get_upload("file_1") == UPLOAD
+
+
+async def test_a_database_out_of_connection_slots_leaves_the_store_its_connections() -> None:
+    """A submit needs a connection more than the database has slots for: it is
+    StoreUnavailable, and the connections the store holds stay open (each one given
+    up would need a slot back), not closed as if the database had restarted."""
+    role = f"fluxserve_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+
+    async def held() -> set[int]:
+        rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1", role)
+        return {row["pid"] for row in rows}
+
+    try:
+        async with fresh_postgres_database() as url:
+            name = url.rsplit("/", 1)[1]
+            await admin.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+            store = open_store(str(sa.engine.make_url(url).set(username=role)))
+            await store.start()
+            try:
+                task_id = await queue_task(store)
+                before = await held()
+                await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {len(before)}')
+                locker = await asyncpg.connect(url)
+                async with locker.transaction():  # the cancel holds its connection, waiting
+                    await locker.execute(
+                        "UPDATE tasks SET progress = progress WHERE task_id = $1", task_id
+                    )
+                    cancelling = asyncio.create_task(store.cancel_task(task_id))
+                    await until_a_connection_waits_for_a_lock(name)
+                    with pytest.raises(StoreUnavailable, match="too many connections"):
+                        await queue_task(store)
+                await cancelling
+                await locker.close()
+                assert before <= await held()
+            finally:
+                await store.close()
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
