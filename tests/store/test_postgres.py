@@ -368,9 +368,28 @@ async def test_a_database_refusing_new_connections_is_an_outage_not_a_fault() ->
             await store.close()
 
 
-async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> None:
-    """Every pooled connection gone and no slot left for a new one (max_connections,
-    or the role's limit, reached): a read is StoreUnavailable, not the driver's error."""
+@dataclasses.dataclass
+class RoleStore:
+    """A started store connecting as a role of its own, whose connection limit
+    `limit` sets, on a database of its own named `name`."""
+
+    store: Store
+    name: str
+    role: str
+    admin: asyncpg.Connection
+
+    async def limit(self, connections: int) -> None:
+        await self.admin.execute(f'ALTER ROLE "{self.role}" CONNECTION LIMIT {connections}')
+
+    async def held(self) -> set[int]:
+        """The backends of the store's open connections."""
+        query = "SELECT pid FROM pg_stat_activity WHERE usename = $1"
+        return {row["pid"] for row in await self.admin.fetch(query, self.role)}
+
+
+@asynccontextmanager
+async def store_of_a_role() -> AsyncIterator[RoleStore]:
+    """A store whose role's connection limit the test sets (superusers have none)."""
     role = f"fluxserve_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
     await admin.execute(f'CREATE ROLE "{role}" LOGIN')
@@ -381,17 +400,24 @@ async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> 
             store = open_store(str(sa.engine.make_url(url).set(username=role)))
             await store.start()
             try:
-                await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-                await drop_every_connection(store)
-                with pytest.raises(StoreUnavailable, match="too many connections"):
-                    await store.next_callback_at()
-                await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
-                assert await store.next_callback_at() is None
+                yield RoleStore(store, name, role, admin)
             finally:
                 await store.close()
     finally:
         await admin.execute(f'DROP ROLE "{role}"')
         await admin.close()
+
+
+async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> None:
+    """Every pooled connection gone and no slot left for a new one (max_connections,
+    or the role's limit, reached): a read is StoreUnavailable, not the driver's error."""
+    async with store_of_a_role() as limited:
+        await limited.limit(0)
+        await drop_every_connection(limited.store)
+        with pytest.raises(StoreUnavailable, match="too many connections"):
+            await limited.store.next_callback_at()
+        await limited.limit(-1)
+        assert await limited.store.next_callback_at() is None
 
 
 async def until_a_connection_waits_for_a_lock(name: str) -> None:
@@ -493,38 +519,22 @@ async def test_a_database_out_of_connection_slots_leaves_the_store_its_connectio
     """A submit needs a connection more than the database has slots for: it is
     StoreUnavailable, and the connections the store holds stay open (each one given
     up would need a slot back), not closed as if the database had restarted."""
-    role = f"fluxserve_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
-
-    async def held() -> set[int]:
-        rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1", role)
-        return {row["pid"] for row in rows}
-
-    try:
-        async with fresh_postgres_database() as url:
-            name = url.rsplit("/", 1)[1]
-            await admin.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
-            store = open_store(str(sa.engine.make_url(url).set(username=role)))
-            await store.start()
-            try:
-                task_id = await queue_task(store)
-                before = await held()
-                await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {len(before)}')
-                locker = await asyncpg.connect(url)
-                async with locker.transaction():  # the cancel holds its connection, waiting
-                    await locker.execute(
-                        "UPDATE tasks SET progress = progress WHERE task_id = $1", task_id
-                    )
-                    cancelling = asyncio.create_task(store.cancel_task(task_id))
-                    await until_a_connection_waits_for_a_lock(name)
-                    with pytest.raises(StoreUnavailable, match="too many connections"):
-                        await queue_task(store)
-                await cancelling
-                await locker.close()
-                assert before <= await held()
-            finally:
-                await store.close()
-    finally:
-        await admin.execute(f'DROP ROLE "{role}"')
-        await admin.close()
+    async with store_of_a_role() as limited:
+        store = limited.store
+        task_id = await queue_task(store)
+        before = await limited.held()
+        await limited.limit(len(before))
+        locker = await asyncpg.connect(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + limited.name)
+        try:
+            async with locker.transaction():  # the cancel holds its connection, waiting
+                await locker.execute(
+                    "UPDATE tasks SET progress = progress WHERE task_id = $1", task_id
+                )
+                cancelling = asyncio.create_task(store.cancel_task(task_id))
+                await until_a_connection_waits_for_a_lock(limited.name)
+                with pytest.raises(StoreUnavailable, match="too many connections"):
+                    await queue_task(store)
+            await cancelling
+        finally:
+            await locker.close()
+        assert before <= await limited.held()
