@@ -365,3 +365,33 @@ async def test_a_commit_that_waits_for_the_disk_leaves_the_loop_free(
         await store.close()
     assert committed_on
     assert all((thread is threading.main_thread()) is on_the_loop for thread in committed_on)
+
+
+async def test_a_write_cancelled_twice_while_it_commits_is_committed_whole(
+    two_stores: tuple[SqlStore, SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit on its thread cannot be called back: however often its caller is
+    cancelled meanwhile, the writer stays its own until the commit ends, and no
+    ROLLBACK on the loop races the COMMIT on the thread."""
+    store, _ = two_stores
+    commit = sqlite_module._commit
+    began, go_on = threading.Event(), threading.Event()
+
+    def held_commit(connection: sqlite3.Connection) -> None:
+        began.set()
+        go_on.wait()
+        commit(connection)
+
+    monkeypatch.setattr(sqlite_module, "_commit", held_commit)
+    heartbeat = asyncio.create_task(store.record_heartbeat("w1", ["flux-2-pro"], "tiny", "ready"))
+    await asyncio.to_thread(began.wait)
+    heartbeat.cancel()
+    await asyncio.sleep(0)  # the first cancel lands; the second finds it waiting
+    heartbeat.cancel()
+    next_write = asyncio.create_task(store.forget_worker("w2"))
+    await asyncio.sleep(0)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await heartbeat
+    await next_write
+    assert [worker.worker_id for worker in await store.live_workers(60)] == ["w1"]

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager, closing, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -142,12 +142,15 @@ def _checkpoint(path: Path, synchronous: SqliteSynchronous) -> None:
 
 async def _on_thread(work: Callable[[], T]) -> T:
     """`work()` on a thread; if the caller is cancelled meanwhile, it still waits for
-    `work` to return (the connection is the thread's until then), then is cancelled."""
+    `work` to return (the connection is the thread's until then), however often it is
+    cancelled, then is cancelled."""
     running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait([running])
+        while not running.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait([running])
         raise
 
 
