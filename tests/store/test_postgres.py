@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,12 +16,13 @@ import sqlalchemy as sa
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store import Store, open_store
-from fluxserve.store.postgres import PostgresDatabase
+from fluxserve.store.base import Outcome, UploadRecord
+from fluxserve.store.postgres import PostgresDatabase, _Pooled
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.store import SqlStore
 from fluxserve.store.task_reads import RANKED_FROM, TASK_AND_POSITION, tasks_and_positions
-from fluxserve.tasks import NewTask, new_task_id
+from fluxserve.tasks import NewTask, ResultFile, TaskStatus, new_task_id
 
 from conftest import (
     POSTGRES_ADMIN_URL,
@@ -363,3 +366,175 @@ async def test_a_database_refusing_new_connections_is_an_outage_not_a_fault() ->
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await admin.close()
             await store.close()
+
+
+@dataclasses.dataclass
+class RoleStore:
+    """A started store connecting as a role of its own, whose connection limit
+    `limit` sets, on a database of its own named `name`."""
+
+    store: Store
+    name: str
+    role: str
+    admin: asyncpg.Connection
+
+    async def limit(self, connections: int) -> None:
+        await self.admin.execute(f'ALTER ROLE "{self.role}" CONNECTION LIMIT {connections}')
+
+    async def held(self) -> set[int]:
+        """The backends of the store's open connections."""
+        query = "SELECT pid FROM pg_stat_activity WHERE usename = $1"
+        return {row["pid"] for row in await self.admin.fetch(query, self.role)}
+
+
+@asynccontextmanager
+async def store_of_a_role() -> AsyncIterator[RoleStore]:
+    """A store whose role's connection limit the test sets (superusers have none)."""
+    role = f"fluxserve_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        async with fresh_postgres_database() as url:
+            name = url.rsplit("/", 1)[1]
+            await admin.execute(f'ALTER DATABASE "{name}" OWNER TO "{role}"')
+            store = open_store(str(sa.engine.make_url(url).set(username=role)))
+            await store.start()
+            try:
+                yield RoleStore(store, name, role, admin)
+            finally:
+                await store.close()
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> None:
+    """Every pooled connection gone and no slot left for a new one (max_connections,
+    or the role's limit, reached): a read is StoreUnavailable, not the driver's error."""
+    async with store_of_a_role() as limited:
+        await limited.limit(0)
+        await drop_every_connection(limited.store)
+        with pytest.raises(StoreUnavailable, match="too many connections"):
+            await limited.store.next_callback_at()
+        await limited.limit(-1)
+        assert await limited.store.next_callback_at() is None
+
+
+async def until_a_connection_waits_for_a_lock(name: str) -> None:
+    """Return once a connection to database `name` waits for a row another one locked."""
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        for _ in range(1000):
+            if await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = $1 AND wait_event_type = 'Lock'",
+                name,
+            ):
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await admin.close()
+    raise AssertionError("no connection waited for a lock")
+
+
+async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
+    """Another transaction (a sweep, say) holds the account's row and then waits for
+    the task's, which the finish holds while it waits for the account's: PostgreSQL
+    ends the finish. The worker is told StoreUnavailable, which it retries, and its
+    next try finishes the task; not the driver's own error."""
+    async with fresh_postgres_database() as url:
+        store = open_store(url)
+        await store.start()
+        other = await asyncpg.connect(url)
+        try:
+            await open_accounts(store, "a")
+            await store.grant_credits("acct_a", 10, None)
+            await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+            claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+            assert claim is not None
+            image = ResultFile("results/x/image.png", "image.png", "image/png", 10)
+            done = Outcome("tiny", 7, 1024, 1024, [image])
+            async with other.transaction():
+                # Only the finish's side looks for the deadlock soon: it is the one ended.
+                await other.execute("SET LOCAL deadlock_timeout = '1h'")
+                await other.execute("UPDATE accounts SET held = held WHERE account_id = 'acct_a'")
+                finishing = asyncio.create_task(store.finish_task(claim, done))
+                await until_a_connection_waits_for_a_lock(url.rsplit("/", 1)[1])
+                task_row = asyncio.create_task(
+                    other.execute(
+                        "UPDATE tasks SET progress = progress WHERE task_id = $1",
+                        claim.task.task_id,
+                    )
+                )
+                with pytest.raises(StoreUnavailable, match="deadlock"):
+                    await finishing
+                await task_row
+            assert await store.finish_task(claim, done)
+            task = await store.get_task(claim.task.task_id)
+            assert task is not None and task.status is TaskStatus.FINISHED
+        finally:
+            await other.close()
+            await store.close()
+
+
+def lose_the_connection_after_the_first_statement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the first statement run alone commit, then report its connection lost."""
+    execute = _Pooled.execute
+    lost = []
+
+    async def lost_after_commit(self: _Pooled, statement: Any, **params: Any) -> int:
+        count = await execute(self, statement, **params)
+        if not lost:
+            lost.append(statement)
+            raise StoreUnavailable("database connection lost: connection was closed")
+        return count
+
+    monkeypatch.setattr(_Pooled, "execute", lost_after_commit)
+
+
+UPLOAD = UploadRecord(
+    "file_1", "acct_a", "uploads/file_1.png", "cat.png", None, 10, "image/png", None, 1.0, 2.0
+)
+
+
+async def test_rows_whose_connection_was_lost_as_they_were_stored_are_stored_not_refused(
+    two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement runs again on a new connection and finds its own row: the
+    caller is answered as if the first try had been heard, not refused."""
+    store, _ = two_stores
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    made = await store.create_account("acct_a", "a@example.com")
+    assert (made.account_id, made.email) == ("acct_a", "a@example.com")
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    await store.create_key("key_a", "alice", "h" * 64, "fsk_abcdef", "acct_a")
+    key = await store.key_for_hash("h" * 64)
+    assert key is not None and key.key_id == "key_a"
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    await store.add_upload(UPLOAD)
+    assert await store.get_upload("file_1") == UPLOAD
+
+
+async def test_a_database_out_of_connection_slots_leaves_the_store_its_connections() -> None:
+    """A submit needs a connection more than the database has slots for: it is
+    StoreUnavailable, and the connections the store holds stay open (each one given
+    up would need a slot back), not closed as if the database had restarted."""
+    async with store_of_a_role() as limited:
+        store = limited.store
+        task_id = await queue_task(store)
+        before = await limited.held()
+        await limited.limit(len(before))
+        locker = await asyncpg.connect(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + limited.name)
+        try:
+            async with locker.transaction():  # the cancel holds its connection, waiting
+                await locker.execute(
+                    "UPDATE tasks SET progress = progress WHERE task_id = $1", task_id
+                )
+                cancelling = asyncio.create_task(store.cancel_task(task_id))
+                await until_a_connection_waits_for_a_lock(limited.name)
+                with pytest.raises(StoreUnavailable, match="too many connections"):
+                    await queue_task(store)
+            await cancelling
+        finally:
+            await locker.close()
+        assert before <= await limited.held()

@@ -217,6 +217,68 @@ async def test_a_read_that_finds_the_database_locked_waits_off_the_loop(
     assert task is not None and task.task_id == task_id
 
 
+async def test_a_read_that_finds_the_database_locked_and_cannot_open_it_is_an_outage(
+    two_stores: tuple[SqlStore, SqlStore], tmp_path: Path
+) -> None:
+    """Locked on the loop, and no connection off it can open the file (a disk gone,
+    say): StoreUnavailable, which the API answers 503, not the driver's error."""
+    store, _ = two_stores
+    database = store.db
+    assert isinstance(database, SqliteDatabase)
+    reader, database._reader = database._reader, LockedConnection()  # type: ignore[assignment]
+    path, database._path = database._path, tmp_path  # a folder: no database opens there
+    try:
+        with pytest.raises(StoreUnavailable, match="unable to open"):
+            await store.get_task("task-unified-0-missing0")
+    finally:
+        database._reader, database._path = reader, path
+
+
+class WatchedLockedConnection(LockedConnection):
+    """A locked reader that says when it has refused a statement."""
+
+    def __init__(self) -> None:
+        self.refused = asyncio.Event()
+
+    def execute(self, *args: Any) -> Any:
+        self.refused.set()
+        return super().execute(*args)
+
+
+async def test_a_worker_waiting_while_the_database_is_locked_is_woken_not_failed(
+    two_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """The look for other processes' commits finds the database locked: the waiting
+    worker is woken (its claim then waits for the lock), not handed the driver's error."""
+    store, _ = two_stores
+    database = store.db
+    assert isinstance(database, SqliteDatabase)
+    reader, database._reader = database._reader, LockedConnection()  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(store.wait_for_task(at_most=60), 5)
+    finally:
+        database._reader = reader
+
+
+async def test_streams_see_other_processes_commits_after_the_database_was_locked(
+    two_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    watcher, api_side = two_stores
+    database = watcher.db
+    assert isinstance(database, SqliteDatabase)
+    assert await watcher.task_changes(at_most=0) is None  # the first take starts the watch
+    locked = WatchedLockedConnection()
+    reader, database._reader = database._reader, locked  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(locked.refused.wait(), 5)  # the watch looked while locked
+    finally:
+        database._reader = reader
+    await watcher.task_changes(at_most=0)  # whatever the locked look said
+    await queue_task(api_side)
+    # The commit names no task here: "any task may have changed" (None).
+    assert await asyncio.wait_for(watcher.task_changes(at_most=60), 5) is None
+
+
 def connections_of_another_process(data_dir: Path, synchronous: str, out: Path) -> list[Any]:
     """The connections `fluxserve keys create`, run as a process of its own on the
     same database, opened; with the setting from its environment."""
@@ -303,3 +365,33 @@ async def test_a_commit_that_waits_for_the_disk_leaves_the_loop_free(
         await store.close()
     assert committed_on
     assert all((thread is threading.main_thread()) is on_the_loop for thread in committed_on)
+
+
+async def test_a_write_cancelled_twice_while_it_commits_is_committed_whole(
+    two_stores: tuple[SqlStore, SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit on its thread cannot be called back: however often its caller is
+    cancelled meanwhile, the writer stays its own until the commit ends, and no
+    ROLLBACK on the loop races the COMMIT on the thread."""
+    store, _ = two_stores
+    commit = sqlite_module._commit
+    began, go_on = threading.Event(), threading.Event()
+
+    def held_commit(connection: sqlite3.Connection) -> None:
+        began.set()
+        go_on.wait()
+        commit(connection)
+
+    monkeypatch.setattr(sqlite_module, "_commit", held_commit)
+    heartbeat = asyncio.create_task(store.record_heartbeat("w1", ["flux-2-pro"], "tiny", "ready"))
+    await asyncio.to_thread(began.wait)
+    heartbeat.cancel()
+    await asyncio.sleep(0)  # the first cancel lands; the second finds it waiting
+    heartbeat.cancel()
+    next_write = asyncio.create_task(store.forget_worker("w2"))
+    await asyncio.sleep(0)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await heartbeat
+    await next_write
+    assert [worker.worker_id for worker in await store.live_workers(60)] == ["w1"]

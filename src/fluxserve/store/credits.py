@@ -119,7 +119,11 @@ async def create_account(db: Database, account_id: str, email: str) -> Account:
     try:
         await db.execute(new_account(account_id, email))
     except AlreadyStored as exc:
-        raise Conflict(f"An account with email {email} exists already") from exc
+        # Ours, when a try whose connection was lost as it committed ran again.
+        made = await get_account(db, account_id)
+        if made is None or made.email != email:
+            raise Conflict(f"An account with email {email} exists already") from exc
+        return made
     made = await get_account(db, account_id)
     assert made is not None
     return made

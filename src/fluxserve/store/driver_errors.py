@@ -19,6 +19,7 @@ from fluxserve.errors import AlreadyStored, StoreUnavailable
 Errors = tuple[type[BaseException], ...]
 ASYNCPG_DUPLICATE: Errors = ()
 ASYNCPG_UNAVAILABLE: Errors = ()
+ASYNCPG_BUSY: Errors = ()
 try:
     import asyncpg
 except ImportError:  # pragma: no cover - PostgreSQL is an extra
@@ -29,7 +30,16 @@ else:
     # pg_terminate_backend) raises, depending on how far the news of it got.
     # A database that refuses new connections (ALLOW_CONNECTIONS false) answers a
     # connect with "object not in prerequisite state": an outage, not a fault.
+    # So is one out of resources: no connection slot left (max_connections, a
+    # role's limit), a full disk, no memory. A transaction it rolled back to break
+    # a deadlock (two transactions locking an account's and a task's rows in turn)
+    # is worth a try later, as an outage is. In these two the connections are sound.
+    ASYNCPG_BUSY = (
+        asyncpg.exceptions.InsufficientResourcesError,
+        asyncpg.exceptions.TransactionRollbackError,
+    )
     ASYNCPG_UNAVAILABLE = (
+        *ASYNCPG_BUSY,
         asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError,
         asyncpg.exceptions.ObjectNotInPrerequisiteStateError,

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from fluxserve.errors import AlreadyStored
 from fluxserve.store.base import UploadRecord
 from fluxserve.store.connection import Database
 from fluxserve.store.schema import tasks, uploads
@@ -27,7 +28,12 @@ _UPLOAD_FIELDS = dataclasses.fields(UploadRecord)
 
 
 async def add_upload(db: Database, upload: UploadRecord) -> None:
-    await db.execute(uploads.insert().values(dataclasses.asdict(upload)))
+    try:
+        await db.execute(uploads.insert().values(dataclasses.asdict(upload)))
+    except AlreadyStored:
+        # Ours, when a try whose connection was lost as it committed ran again.
+        if await get_upload(db, upload.file_id) != upload:
+            raise
 
 
 async def get_upload(db: Database, file_id: str) -> UploadRecord | None:

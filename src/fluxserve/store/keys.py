@@ -30,7 +30,13 @@ def _new_key(key_id: str, name: str, key_hash: str, prefix: str, account_id: str
 async def create_key(
     db: Database, key_id: str, name: str, key_hash: str, prefix: str, account_id: str
 ) -> None:
-    await db.execute(_new_key(key_id, name, key_hash, prefix, account_id))
+    try:
+        await db.execute(_new_key(key_id, name, key_hash, prefix, account_id))
+    except AlreadyStored:
+        # Ours, when a try whose connection was lost as it committed ran again.
+        made = await key_for_hash(db, key_hash)
+        if made is None or made.key_id != key_id:
+            raise
 
 
 async def create_first_key(

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from fluxserve.errors import ConfigError, StoreUnavailable
 from fluxserve.store import migrate
 from fluxserve.store.connection import Connection, Statements
-from fluxserve.store.driver_errors import ASYNCPG_UNAVAILABLE, driver_errors
+from fluxserve.store.driver_errors import ASYNCPG_BUSY, ASYNCPG_UNAVAILABLE, driver_errors
 from fluxserve.store.wakeups import TASK_CHANGES, Wakeups
 
 try:
@@ -148,12 +148,15 @@ class PostgresDatabase:
         """`attempt()`, and once more on new connections if its connection was lost.
 
         After a restart every pooled connection is dead: all are replaced. A read
-        is safe to run again, and so is a write that refuses to repeat.
+        is safe to run again, and so is a write that refuses to repeat. A database
+        out of connection slots, or one that broke a deadlock, keeps them: each one
+        given up would need a slot back.
         """
         try:
             return await attempt()
-        except StoreUnavailable:
-            await self._started.expire_connections()
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, ASYNCPG_BUSY):
+                await self._started.expire_connections()
         return await attempt()
 
     async def _run(self, statement: Any, params: Mapping[str, Any], how: str) -> Any:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager, closing, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,8 +113,9 @@ def _run(connection: sqlite3.Connection, statement: Compiled, params: Mapping[st
 def _read_waiting(
     path: Path, synchronous: SqliteSynchronous, statement: Compiled, params: Mapping[str, Any]
 ) -> Any:
-    """A read that waits for a lock, on a thread, on a connection of its own."""
-    with closing(_connect(path, synchronous, LOCK_WAIT)) as connection:
+    """A read that waits for a lock, on a thread, on a connection of its own (whose
+    opening may meet the lock too)."""
+    with driver_errors(), closing(_connect(path, synchronous, LOCK_WAIT)) as connection:
         return _run(connection, statement, params)
 
 
@@ -141,12 +142,15 @@ def _checkpoint(path: Path, synchronous: SqliteSynchronous) -> None:
 
 async def _on_thread(work: Callable[[], T]) -> T:
     """`work()` on a thread; if the caller is cancelled meanwhile, it still waits for
-    `work` to return (the connection is the thread's until then), then is cancelled."""
+    `work` to return (the connection is the thread's until then), however often it is
+    cancelled, then is cancelled."""
     running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait([running])
+        while not running.done():
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait([running])
         raise
 
 
@@ -191,8 +195,8 @@ class SqliteDatabase:
         self._writer: sqlite3.Connection | None = None
         self._commits_since_checkpoint = 0
         self._checkpointing: asyncio.Task[None] | None = None
-        self._seen_version = 0
-        self._changes_seen_version = 0
+        self._seen_version: int | None = 0
+        self._changes_seen_version: int | None = 0
         self._commit_watcher: asyncio.Task[None] | None = None
         self.wakeups = Wakeups()
 
@@ -329,8 +333,14 @@ class SqliteDatabase:
                 self._changes_seen_version = version
                 self.wakeups.changes.set()
 
-    def _data_version(self) -> int:
-        """Changes whenever another connection commits to the database."""
-        with closing(self._started(self._reader).execute("PRAGMA data_version")) as cursor:
-            version: int = cursor.fetchone()[0]
+    def _data_version(self) -> int | None:
+        """Changes whenever another connection commits to the database; None while the
+        database is locked (another process recovering the WAL, say), which differs
+        from every version seen: whoever watches is told of a commit that may have been."""
+        reader = self._started(self._reader)
+        try:
+            with driver_errors(), closing(reader.execute("PRAGMA data_version")) as cursor:
+                version: int = cursor.fetchone()[0]
+        except StoreUnavailable:
+            return None
         return version
