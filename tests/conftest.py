@@ -44,6 +44,13 @@ from hooked_engine import Hooked
 T = TypeVar("T")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests (real processes, the chaos run the longest) first: the parallel
+    workers of scripts/test then share out the quick ones as they come free, and
+    none is left running a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test: its own folder, loopback allowed, quick retries, no jitter."""
     values: dict[str, Any] = {

@@ -188,7 +188,7 @@ async def test_a_key_from_the_link_a_prompt_its_progress_and_the_image(
 async def test_an_edit_with_a_picked_and_a_dropped_reference(
     tmp_path: Path, browser: Browser, tiny_engine: Engine
 ) -> None:
-    wide = png_file(tmp_path, "wide.png", 1600, 900, "red")
+    wide = png_file(tmp_path, "wide.png", 320, 180, "red")  # 16:9
     square = png_file(tmp_path, "square.png", 300, 300, "blue")
     async with run_service(make_settings(tmp_path / "data"), engine=tiny_engine) as service:
         page, watched = await open_page(browser, f"{service.url}/#key={service.key}")
