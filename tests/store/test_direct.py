@@ -78,16 +78,17 @@ async def test_a_submit_writes_the_same_rows_whichever_way_it_is_written(store: 
     def priced(task_id: str) -> NewTask:
         return NewTask(task_id, "key_a", "acct_a", "flux-2-pro", INPUT, None, 1000.0, price=7)
 
-    # With limits: in a transaction of its own.
+    # With limits: in a transaction of its own (PostgreSQL: the turn, task, hold and
+    # key in one statement within it).
     checked = await store.create_task(
         priced("task-checked"), limits=limits, idempotency=IdempotencyKey("k1", "h1", 60)
     )
-    # Without limits: through group commit, in a transaction it may share.
+    # Without limits, PostgreSQL writes it all in one statement, outside a transaction.
     alone = await store.create_task(
         priced("task-alone"), idempotency=IdempotencyKey("k3", "h1", 60)
     )
     assert alone == dataclasses.replace(checked, task_id="task-alone")
-    # On a transaction of the caller's.
+    # Statement by statement, as SQLite writes it.
     async with store.db.transaction() as conn:
         stepwise = await submit(
             conn, priced("task-stepwise"), limits, IdempotencyKey("k2", "h1", 60)

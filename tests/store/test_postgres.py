@@ -178,10 +178,19 @@ class Lost:
 def lose_the_connection_after_the_first_commit(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> Lost:
-    """Make the store's first transaction commit, then report its connection lost."""
+    """Make the store's first write commit, then report its connection lost: a lone
+    submit's one statement, or a shared transaction."""
     database = database_of(store)
     lost = Lost()
-    transaction = database.transaction
+    one, transaction = database.one, database.transaction
+
+    async def lost_after_one(statement: Any, **params: Any) -> Any:
+        row = await one(statement, **params)
+        if "new_task" in str(statement):  # the one statement that queues a task
+            lost.tries += 1
+            if lost.tries == 1:
+                raise StoreUnavailable("database connection lost: connection was closed")
+        return row
 
     @asynccontextmanager
     async def lost_after_commit(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
@@ -191,6 +200,7 @@ def lose_the_connection_after_the_first_commit(
         if lost.tries == 1:
             raise StoreUnavailable("database connection lost: connection was closed")
 
+    monkeypatch.setattr(database, "one", lost_after_one)
     monkeypatch.setattr(database, "transaction", lost_after_commit)
     return lost
 

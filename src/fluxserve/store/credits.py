@@ -34,7 +34,7 @@ _account = accounts.c.account_id == sa.bindparam("account")
 _queued = sa.and_(
     tasks.c.status == TaskStatus.NOT_STARTED.value, tasks.c.model == sa.bindparam("model")
 )
-_PRICE = sa.bindparam("price", type_=sa.BigInteger)
+PRICE = sa.bindparam("price", type_=sa.BigInteger)
 # The queue's head is a subquery (the account's own clock when the queue is
 # empty), so a turn is one statement.
 _head = sa.func.coalesce(
@@ -42,18 +42,32 @@ _head = sa.func.coalesce(
     accounts.c.next_vtime,
 )
 _start = sa.case((accounts.c.next_vtime >= _head, accounts.c.next_vtime), else_=_head - 1)
-_TURN = (
+TURN = (
     accounts.update()
     .where(_account)
-    .values(next_vtime=_start + 1, held=accounts.c.held + _PRICE)
+    .values(next_vtime=_start + 1, held=accounts.c.held + PRICE)
     .returning(accounts.c.next_vtime)
 )
-_PAID_TURN = _TURN.where(accounts.c.balance - accounts.c.held >= _PRICE)
+PAID_TURN = TURN.where(accounts.c.balance - accounts.c.held >= PRICE)
 _AVAILABLE = sa.select(accounts.c.balance - accounts.c.held).where(_account)
 _QUEUE_TAIL = sa.select(sa.func.max(tasks.c.vtime)).where(_queued)
 _NEW_LEDGER_ROW = credit_ledger.insert()
 _BY_ID = accounts.select().where(_account)
 _BY_EMAIL = accounts.select().where(accounts.c.email == sa.bindparam("email"))
+
+
+def turn(task: NewTask) -> Any:
+    """The statement of `task`'s turn: the paid one refuses when credits are short."""
+    return PAID_TURN if task.price > 0 else TURN
+
+
+def turn_params(task: NewTask) -> dict[str, Any]:
+    return {"account": task.account_id, "model": task.model, "price": task.price}
+
+
+def hold_row(task: NewTask) -> dict[str, Any]:
+    """The ledger row of `task`'s hold."""
+    return _ledger_row(task.account_id, task.task_id, LedgerKind.HOLD, task.price, task.created_at)
 
 
 async def take_turn(conn: Connection, task: NewTask) -> int:
@@ -65,23 +79,19 @@ async def take_turn(conn: Connection, task: NewTask) -> int:
     accounts with queued work take turns, whatever their backlogs.
     """
     if task.account_id is not None:
-        turn = _PAID_TURN if task.price > 0 else _TURN
-        taken = await conn.one(turn, account=task.account_id, model=task.model, price=task.price)
+        taken = await conn.one(turn(task), **turn_params(task))
         if taken is not None:
             if task.price > 0:
-                hold = _ledger_row(
-                    task.account_id, task.task_id, LedgerKind.HOLD, task.price, task.created_at
-                )
-                await conn.execute(_NEW_LEDGER_ROW, **hold)
+                await conn.execute(_NEW_LEDGER_ROW, **hold_row(task))
             return int(taken.next_vtime) - 1
         if task.price > 0:
-            await _refuse(conn, task)
+            await refuse(conn, task)
     # A task of no known account queues at the back, in submit order.
     (tail,) = await conn.one(_QUEUE_TAIL, model=task.model)
     return int(tail or 0)
 
 
-async def _refuse(conn: Connection, task: NewTask) -> NoReturn:
+async def refuse(conn: Connection, task: NewTask) -> NoReturn:
     """InsufficientCredits, saying what the account has."""
     found = await conn.one(_AVAILABLE, account=task.account_id)
     available = 0 if found is None else found[0]
@@ -181,3 +191,18 @@ def _account_record(row: Any) -> Account | None:
     if row is None:
         return None
     return Account(row.account_id, row.email, row.created_at, row.balance, row.held)
+
+
+def hold_in_one_statement(new_task: sa.CTE) -> sa.CTE:
+    """The hold's ledger row, written by the statement that queues the task (on
+    PostgreSQL, see `submits.py`); bound by the task's own parameter names."""
+    hold = sa.select(
+        sa.bindparam("account_id", type_=credit_ledger.c.account_id.type),
+        sa.bindparam("task_id", type_=credit_ledger.c.task_id.type),
+        sa.literal(LedgerKind.HOLD),
+        PRICE,
+        sa.null(),
+        sa.bindparam("created_at", type_=sa.Float),
+    ).select_from(new_task)
+    columns = ["account_id", "task_id", "kind", "amount", "note", "created_at"]
+    return credit_ledger.insert().from_select(columns, hold).cte("hold")

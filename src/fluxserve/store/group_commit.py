@@ -44,7 +44,8 @@ class _Failed:
 
 
 class GroupCommit:
-    """`write()` on `db`.
+    """`write()` on `db`; `alone(write)` runs a lone write (by default, as a
+    transaction of its own).
 
     `per_key`: the writes of each key share transactions of their own, and the
     keys' transactions run side by side (PostgreSQL: no two of them wait on
@@ -52,8 +53,15 @@ class GroupCommit:
     writes). Otherwise all share one (SQLite: one writer anyway).
     """
 
-    def __init__(self, db: Database, *, per_key: bool) -> None:
+    def __init__(
+        self,
+        db: Database,
+        alone: Callable[[Write], Awaitable[Any]] | None = None,
+        *,
+        per_key: bool,
+    ) -> None:
         self._db = db
+        self._alone = alone or self._transaction_of_its_own
         self._rounds: Coalescer[Write, Any] = Coalescer(
             self._group, (lambda write: write.key) if per_key else (lambda _write: None)
         )
@@ -70,7 +78,7 @@ class GroupCommit:
     async def close(self) -> None:
         await self._rounds.close()
 
-    async def _alone(self, write: Write) -> Any:
+    async def _transaction_of_its_own(self, write: Write) -> Any:
         async with self._db.transaction(write.wake) as conn:
             return await write.work(conn)
 

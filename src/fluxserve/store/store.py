@@ -19,7 +19,7 @@ from fluxserve.store import callbacks, credits, files, keys, migrate, queue, tas
 from fluxserve.store.base import IdempotencyKey, SubmitLimits
 from fluxserve.store.coalesce import Coalescer
 from fluxserve.store.connection import Connection, Database
-from fluxserve.store.group_commit import GroupCommit
+from fluxserve.store.group_commit import GroupCommit, Write
 from fluxserve.store.submits import submit
 from fluxserve.store.wakeups import CALLBACKS, TASKS
 from fluxserve.tasks import Claim, NewTask, Task
@@ -56,7 +56,9 @@ class SqlStore:
         self.db = db
         self._end_listeners: list[Callable[[Task], None]] = []
         postgres = db.name == "postgresql"
-        self._submits = GroupCommit(db, per_key=postgres)
+        # PostgreSQL writes a submit without limits in one statement (see `submits.py`),
+        # which needs no transaction when it is alone.
+        self._submits = GroupCommit(db, self._submit_alone if postgres else None, per_key=postgres)
         self._status_reads: Coalescer[str, Any] | None = (
             Coalescer(partial(task_reads.tasks_and_positions, db)) if postgres else None
         )
@@ -91,8 +93,10 @@ class SqlStore:
         limits: SubmitLimits | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> Task:
+        one_statement = self.db.name == "postgresql"
+
         async def work(conn: Connection) -> Task:
-            return await submit(conn, task, limits, idempotency)
+            return await submit(conn, task, limits, idempotency, in_one_statement=one_statement)
 
         # Without per-key limits to check, a submit refuses before it writes and
         # locks no row but its account's: it may share a transaction with the
@@ -116,6 +120,11 @@ class SqlStore:
             async with self.db.transaction(wake=(TASKS,)) as conn:
                 return await work(conn)
         return await self._submits.write(work, (TASKS,), together)
+
+    async def _submit_alone(self, write: Write) -> Any:
+        answer = await write.work(self.db)
+        await self.db.notify(*write.wake)
+        return answer
 
     async def get_task_and_position(self, task_id: str) -> tuple[Task, int | None] | None:
         if self._status_reads is None:

@@ -6,6 +6,7 @@ compiles it once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,15 +46,70 @@ _ACTIVE_TASKS = sa.select(sa.func.count()).where(
 _NEW_TASK = tasks.insert()
 _NEW_IDEMPOTENCY_KEY = idempotency_keys.insert()
 
+_TASK_COLUMNS = (
+    "task_id",
+    "owner",
+    "account_id",
+    "model",
+    "status",
+    "progress",
+    "input",
+    "callback_url",
+    "files",
+    "attempts",
+    "created_at",
+    "callback_events",
+    "price",
+)
+_KEY_COLUMNS = ("account_id", "idempotency_key", "request_hash", "task_id", "created_at")
+
+
+def _given(table: sa.Table, names: Sequence[str]) -> list[Any]:
+    """Bound parameters named as `table`'s columns, of their types."""
+    return [sa.bindparam(name, type_=table.c[name].type) for name in names]
+
+
+def _queue_in_one_statement(paid: bool, idempotent: bool) -> sa.Select[Any]:
+    """The turn, the task, its hold and its Idempotency-Key, written by one statement
+    (PostgreSQL's data-modifying WITH); a row only when the turn was taken."""
+    turn = (credits.PAID_TURN if paid else credits.TURN).cte("turn")
+    new_task = (
+        tasks.insert()
+        .from_select(
+            [*_TASK_COLUMNS, "vtime"],
+            sa.select(*_given(tasks, _TASK_COLUMNS), turn.c.next_vtime - 1),
+        )
+        .returning(tasks.c.task_id)
+        .cte("new_task")
+    )
+    writes = [credits.hold_in_one_statement(new_task)] if paid else []
+    if idempotent:
+        row = sa.select(*_given(idempotency_keys, _KEY_COLUMNS)).select_from(new_task)
+        writes.append(idempotency_keys.insert().from_select(_KEY_COLUMNS, row).cte("new_key"))
+    return sa.select(new_task.c.task_id).add_cte(*writes)
+
+
+_QUEUE_IN_ONE_STATEMENT = {
+    (paid, idempotent): _queue_in_one_statement(paid, idempotent)
+    for paid in (False, True)
+    for idempotent in (False, True)
+}
+
 
 async def submit(
     conn: Connection,
     task: NewTask,
     limits: SubmitLimits | None,
     idempotency: IdempotencyKey | None,
+    *,
+    in_one_statement: bool = False,
 ) -> Task:
     """Queue `task` once its checks pass; or the task an earlier submit with the same
-    Idempotency-Key made. Refuses (an ApiError) before it writes anything."""
+    Idempotency-Key made. Refuses (an ApiError) before it writes anything.
+
+    `in_one_statement` (PostgreSQL): the turn and every row a submit writes go in
+    one statement, so it needs no transaction of its own unless `limits` are checked.
+    """
     scope = task.account_id or task.owner
     if idempotency is not None:
         earlier = await _replay(conn, scope, idempotency, task.created_at)
@@ -61,10 +117,20 @@ async def submit(
             return earlier
     if limits is not None:
         await _check_limits(conn, task.owner, limits, task.created_at)
-    vtime = await credits.take_turn(conn, task)
-    await conn.execute(_NEW_TASK, **_task_row(task), vtime=vtime)
-    if idempotency is not None:
-        await conn.execute(_NEW_IDEMPOTENCY_KEY, **_key_row(task, scope, idempotency))
+    row = _task_row(task)
+    key_row = {} if idempotency is None else _key_row(task, scope, idempotency)
+    queued = None
+    if in_one_statement and task.account_id is not None:
+        statement = _QUEUE_IN_ONE_STATEMENT[task.price > 0, idempotency is not None]
+        queued = await conn.one(statement, **{**credits.turn_params(task), **row, **key_row})
+        if queued is None and task.price > 0:
+            await credits.refuse(conn, task)
+        # None otherwise: no such account; the task queues as one of no account.
+    if queued is None:
+        vtime = await credits.take_turn(conn, task)
+        await conn.execute(_NEW_TASK, **row, vtime=vtime)
+        if idempotency is not None:
+            await conn.execute(_NEW_IDEMPOTENCY_KEY, **key_row)
     return task.queued()
 
 
