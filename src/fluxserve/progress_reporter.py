@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -12,6 +11,7 @@ from fluxserve.logs import context_about
 from fluxserve.store import Store
 from fluxserve.store.base import LeaseState
 from fluxserve.tasks import Claim
+from fluxserve.waits import set_or_timeout
 from fluxserve.webhooks.progress import TaskEvents
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class ProgressReporter:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._lease / 3)
+            await set_or_timeout(self._changed, self._lease / 3)
             self._changed.clear()
             try:
                 lease = await self._store.report_progress(self._claim, self._latest, self._lease)

@@ -18,7 +18,6 @@ their upstream task, for the next worker to follow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from fluxserve.progress_reporter import ProgressReporter
 from fluxserve.references import sniff_format
 from fluxserve.store.base import Outcome
 from fluxserve.tasks import Claim, Task
+from fluxserve.waits import set_or_timeout
 from fluxserve.worker_base import (
     DENOISE_SHARE,
     STOP_SIGNALS,
@@ -75,8 +75,7 @@ class _Deadline:
     async def pause(self, seconds: float, waiting_for: str) -> None:
         """Sleep `seconds`, or less: a cancel raises `Cancelled`, the deadline `TaskStopped`."""
         left = self.at - asyncio.get_running_loop().time()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.cancelled.wait(), max(0.0, min(seconds, left)))
+        await set_or_timeout(self.cancelled, max(0.0, min(seconds, left)))
         self.check(waiting_for)
 
     def check(self, waiting_for: str) -> None:
@@ -132,8 +131,7 @@ class UpstreamWorker(WorkerBase[BflEngine]):
         """Follow one more task if a slot is free and one is queued, else wait for either."""
         if len(self._following) >= self.settings.bfl_max_in_flight:
             self._slot_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), self.settings.poll_interval)
+            await set_or_timeout(self._slot_freed, self.settings.poll_interval)
             return
         claim = await self.store.claim_task(
             self.models, self.worker_id, self.settings.lease_seconds

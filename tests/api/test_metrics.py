@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ async def scrape(service: Service) -> dict[str, float]:
     response = await service.client.get("/metrics")
     assert response.status_code == 200
     return metric_samples(response.text)
+
+
+async def scrape_until(
+    service: Service, shown: Callable[[dict[str, float]], bool], within: float = 10
+) -> dict[str, float]:
+    """The first scrape that shows what `shown` looks for (the last one, after `within` s)."""
+    deadline = time.monotonic() + within
+    samples = await scrape(service)
+    while not shown(samples) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        samples = await scrape(service)
+    return samples
 
 
 def ended(samples: dict[str, float], model: str, status: str) -> float:
@@ -100,7 +113,13 @@ async def test_finished_and_failed_tasks_are_counted_and_timed(
         failed = (await service.submit(edit)).json()["data"]["task_id"]
         assert (await service.wait(finished))["status"] == "finished"
         assert (await service.wait(failed))["status"] == "failed"
-        after = await scrape(service)
+        # A task's end is counted once it has committed, which its status can show first.
+        after = await scrape_until(
+            service,
+            lambda s: (
+                ended(s, "flux-2-pro", "finished") + ended(s, "flux-2-pro-edit", "failed") >= 2
+            ),
+        )
     assert ended(before, "flux-2-pro", "finished") == 0, "every label set shows from the start"
     assert ended(after, "flux-2-pro", "finished") == 1
     assert ended(after, "flux-2-pro-edit", "failed") == 1

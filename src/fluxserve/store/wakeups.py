@@ -8,8 +8,9 @@ the waiters of other processes its own way (see `sqlite.py` and `postgres.py`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
+
+from fluxserve.waits import set_or_timeout
 
 TASKS = "fluxserve_tasks"
 CALLBACKS = "fluxserve_callbacks"
@@ -21,8 +22,7 @@ TASK_CHANGES = "fluxserve_task_changes"
 async def wait(event: asyncio.Event, at_most: float) -> None:
     # Clearing after the wake-up (not before) keeps a set() that lands between
     # a caller's empty poll and this wait from being lost.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), at_most)
+    await set_or_timeout(event, at_most)
     event.clear()
 
 
