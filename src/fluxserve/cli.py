@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from fluxserve import accounts, logs
-from fluxserve.errors import ApiError, NotFound
+from fluxserve.errors import ApiError, NotFound, StoreOpenFailed
 from fluxserve.settings import Settings
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import Account, LedgerEntry
@@ -55,23 +55,26 @@ def _settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
-    """Run `action` on the store; an ApiError (no such account...) exits 1 with its message."""
-
-    async def run() -> T:
-        store = open_store(
-            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
-        )
-        await store.start()
-        try:
-            return await action(store)
-        finally:
-            await store.close()
-
+async def on_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
+    """Start the store (StoreOpenFailed if its database cannot be opened), run `action`
+    on it, and close it."""
+    store = open_store(
+        settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+    )
+    await store.start()
     try:
-        return asyncio.run(run())
-    except ApiError as exc:
-        typer.secho(f"fluxserve: {exc.message}", fg="red", err=True)
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `action` on the store; an ApiError (no such account...), or a database that
+    cannot be opened, exits 1 with its message."""
+    try:
+        return asyncio.run(on_store(settings, action))
+    except (ApiError, StoreOpenFailed) as exc:
+        typer.secho(f"fluxserve: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
 
 
@@ -133,7 +136,15 @@ def worker(
         raise typer.Exit(2)
     settings = _settings(data_dir=data_dir, engine=engine)
     _configure_logging(settings, runs_engine=True)
+    _database_opens(settings)
     raise typer.Exit(asyncio.run(_run_worker(settings, served)))
+
+
+def _database_opens(settings: Settings) -> None:
+    """Open the database and close it, before a server or worker starts (and opens it
+    again): one that cannot be opened exits 1 here, said in one line, not in a traceback
+    of the failed start (uvicorn's, for the app)."""
+    _with_store(settings, lambda store: store.schema_revision())
 
 
 async def _run_worker(settings: Settings, models: list[str]) -> int:
@@ -180,6 +191,7 @@ def _serve_http(settings: Settings, *, run_worker: bool, welcome: Welcome | None
     from fluxserve.runtime import Runtime
 
     _configure_logging(settings, runs_engine=run_worker)
+    _database_opens(settings)
     runtime = Runtime(settings, run_worker=run_worker)
     config = uvicorn.Config(
         create_app(runtime),
@@ -244,11 +256,17 @@ def keys_list(data_dir: DataDir = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
-    """Revoke a key by its id; requests with it get 401 from then on."""
-    if not _with_store(_settings(data_dir=data_dir), lambda s: s.revoke_key(key_id)):
-        typer.echo(f"no active key {key_id}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"revoked {key_id}")
+    """Revoke a key by its id; requests with it get 401 from then on. A key revoked
+    already stays as it is, and is told with the time it was revoked."""
+
+    async def revoke(store: Store) -> float:
+        key = await store.revoke_key(key_id)
+        if key is None or key.revoked_at is None:
+            raise NotFound(f"No key {key_id}; `fluxserve keys list` shows their ids")
+        return key.revoked_at
+
+    revoked_at = _with_store(_settings(data_dir=data_dir), revoke)
+    typer.echo(f"{key_id} is revoked, since {_when(revoked_at)}")
 
 
 @accounts_app.command("create")

@@ -8,9 +8,11 @@ import os
 from typing import Annotated
 
 import httpx
+import sqlalchemy as sa
 import typer
 
 from fluxserve.checkpoints import is_local_folder, local_checkpoint, plan_engines, pull_hint
+from fluxserve.errors import StoreOpenFailed
 from fluxserve.settings import Settings
 from fluxserve.tasks import MODELS
 
@@ -86,7 +88,8 @@ def _gpu() -> str:
 
 
 def doctor() -> None:
-    """Print the GPU, package versions, present checkpoints and each model's engine."""
+    """Print the GPU, package versions, present checkpoints, each model's engine and
+    whether the database opens."""
     settings = _load_settings()
     typer.echo(f"GPU: {_gpu()}")
     packages = ("torch", "diffusers", "transformers", "huggingface_hub", "bitsandbytes")
@@ -111,10 +114,24 @@ def doctor() -> None:
         else:
             detail = " (random weights: noise)" if plan.engine == "tiny" else ""
         typer.echo(f"  {plan.model}: {plan.engine}{detail} - {plan.reason}")
+    typer.echo(f"database: {database_check(settings)}")
     upstream = [plan.model for plan in plans if plan.engine == "bfl"]
     if upstream:
         typer.echo(f"upstream at Black Forest Labs' API: {', '.join(upstream)}")
         typer.echo(f"  key: {asyncio.run(upstream_key_check(settings))}")
+
+
+def database_check(settings: Settings) -> str:
+    """Whether the database opens, as every command opens it (bringing its schema to
+    this version's), and the migration it is at; or, in one line, what is wrong."""
+    from fluxserve.cli import on_store
+
+    try:
+        revision = asyncio.run(on_store(settings, lambda store: store.schema_revision()))
+    except StoreOpenFailed as exc:
+        return str(exc)
+    where = sa.engine.make_url(settings.resolved_database_url)
+    return f"{where.render_as_string(hide_password=True)} opens, at migration {revision}"
 
 
 async def upstream_key_check(settings: Settings) -> str:

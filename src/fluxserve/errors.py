@@ -15,6 +15,7 @@ FluxserveError
 │   └── ResponseTooLarge      the response was larger than allowed
 ├── ReferenceImageError       a reference image that is not a usable image
 ├── StoreUnavailable          the database cannot be reached right now
+├── StoreOpenFailed           the database could not be opened when the store started
 ├── AlreadyStored             a write refused to repeat: its unique key is taken
 ├── EngineError               the engine could not produce an image
 │   └── EngineUnavailable     the engine cannot start (missing extra, no weights)
@@ -103,6 +104,13 @@ class ReferenceImageError(FluxserveError):
 
 class StoreUnavailable(FluxserveError):
     """The database cannot be reached; the caller retries later (the API answers 503)."""
+
+
+class StoreOpenFailed(FluxserveError):
+    """The store could not start: its database cannot be opened or brought to this
+    version's schema (a file that is not a database, a folder that cannot be written,
+    a server that refuses). The message names the database and what is wrong, in one
+    line, for the command to print instead of a traceback."""
 
 
 class AlreadyStored(FluxserveError):

@@ -19,14 +19,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def fluxserve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def fluxserve(
+    *args: str, env: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fluxserve", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=check,
     )
 
 
@@ -113,8 +115,49 @@ def test_keys_create_list_revoke(env: dict[str, str], tmp_path: Path) -> None:
     database = (tmp_path / "data" / "fluxserve.db").read_bytes()
     assert secret.encode() not in database, "keys are stored hashed"
     key_id = listed.split()[0]
-    assert fluxserve("keys", "revoke", key_id, env=env).returncode == 0
+    revoked = fluxserve("keys", "revoke", key_id, env=env).stdout
+    assert revoked.startswith(f"{key_id} is revoked, since ")
     assert "active" not in fluxserve("keys", "list", env=env).stdout
+    # Again (a retry, say): the same answer, the key revoked since the first time.
+    assert fluxserve("keys", "revoke", key_id, env=env).stdout == revoked
+    unknown = fluxserve("keys", "revoke", "key_nosuchkey", env=env, check=False)
+    assert unknown.returncode == 1
+    assert "No key key_nosuchkey" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["serve"], ["api"], ["worker", "--engine", "tiny"], ["keys", "list"]]
+)
+def test_a_file_that_is_not_a_database_is_said_in_one_line(
+    env: dict[str, str], tmp_path: Path, command: list[str]
+) -> None:
+    database = tmp_path / "data" / "fluxserve.db"
+    database.parent.mkdir()
+    database.write_bytes(b"these bytes are no SQLite database " * 200)
+    done = fluxserve(*command, env=env, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"fluxserve: cannot open the database at {database}: file is not a database"
+    )
+
+
+def test_a_data_dir_that_cannot_be_made_is_said_in_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The data folder under a regular file: no one, root included, can make it."""
+    (tmp_path / "a_file").write_text("")
+    data_dir = tmp_path / "a_file" / "data"
+    env = {**env, "FLUXSERVE_DATA_DIR": str(data_dir)}
+    done = fluxserve("serve", env=env, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"fluxserve: cannot open the database at {data_dir / 'fluxserve.db'}: "
+        f"Not a directory: {data_dir}"
+    )
+    doctor = fluxserve("doctor", env=env).stdout
+    assert f"database: cannot open the database at {data_dir / 'fluxserve.db'}: " in doctor
 
 
 def test_queued_tasks_survive_a_restart(env: dict[str, str], tmp_path: Path) -> None:

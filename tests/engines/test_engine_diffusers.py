@@ -411,6 +411,7 @@ def test_doctor_names_each_models_engine(
     )
     monkeypatch.setenv("FLUXSERVE_CONFIG", str(config))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("FLUXSERVE_DATA_DIR", str(tmp_path / "data"))
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "no GPU" in result.output or "cuda:0" in result.output
@@ -418,6 +419,9 @@ def test_doctor_names_each_models_engine(
     assert f"{klein_dir}: present" in result.output
     assert "flux-2-pro: diffusers (Flux2KleinPipeline, 4 steps" in result.output
     assert "flux-2-flex: tiny" in result.output
+    assert f"database: sqlite:///{tmp_path / 'data' / 'fluxserve.db'} opens, at migration" in (
+        result.output
+    )
 
 
 def test_pull_offline_fails_at_once_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from fluxserve.errors import StoreUnavailable
+from fluxserve.errors import StoreOpenFailed, StoreUnavailable
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import Outcome, UploadRecord
 from fluxserve.store.postgres import PostgresDatabase, _Pooled
@@ -487,19 +487,22 @@ async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> 
             await store.close()
 
 
-def lose_the_connection_after_the_first_statement(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the first statement run alone commit, then report its connection lost."""
-    execute = _Pooled.execute
+def lose_the_connection_after_the_first_statement(
+    monkeypatch: pytest.MonkeyPatch, how: str = "execute"
+) -> None:
+    """Make the first statement run alone by `how` (`execute`, or `one` for one that
+    returns its row) commit, then report its connection lost."""
+    run = getattr(_Pooled, how)
     lost = []
 
-    async def lost_after_commit(self: _Pooled, statement: Any, **params: Any) -> int:
-        count = await execute(self, statement, **params)
+    async def lost_after_commit(self: _Pooled, statement: Any, **params: Any) -> Any:
+        answer = await run(self, statement, **params)
         if not lost:
             lost.append(statement)
             raise StoreUnavailable("database connection lost: connection was closed")
-        return count
+        return answer
 
-    monkeypatch.setattr(_Pooled, "execute", lost_after_commit)
+    monkeypatch.setattr(_Pooled, how, lost_after_commit)
 
 
 UPLOAD = UploadRecord(
@@ -525,6 +528,24 @@ async def test_rows_whose_connection_was_lost_as_they_were_stored_are_stored_not
     assert await store.get_upload("file_1") == UPLOAD
 
 
+async def test_a_revoke_or_a_rotation_whose_connection_was_lost_as_it_committed_answers_as_heard(
+    two_stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run again on a new connection, a revoke finds its key revoked and a rotation its
+    secret made: each answers what the first try did, not "no such key" or a second
+    rotation that makes the new secret the previous one."""
+    store, _ = two_stores
+    await store.create_key("key_a", "alice", "h" * 64, "fsk_abcdef", "acct_a")
+    lose_the_connection_after_the_first_statement(monkeypatch, "one")
+    revoked = await store.revoke_key("key_a")
+    assert revoked is not None and revoked.revoked_at is not None
+    assert await store.key_for_hash("h" * 64) == revoked
+    await store.webhook_secret("key_a", "whsec_old")
+    lose_the_connection_after_the_first_statement(monkeypatch)
+    rotated = await store.rotate_webhook_secret("key_a", "whsec_new", 500.0)
+    assert (rotated.secret, rotated.previous_secret) == ("whsec_new", "whsec_old")
+
+
 async def test_a_database_out_of_connection_slots_leaves_the_store_its_connections() -> None:
     """A submit needs a connection more than the database has slots for: it is
     StoreUnavailable, and the connections the store holds stay open (each one given
@@ -548,3 +569,23 @@ async def test_a_database_out_of_connection_slots_leaves_the_store_its_connectio
         finally:
             await locker.close()
         assert before <= await limited.held()
+
+
+async def test_a_database_that_cannot_be_opened_at_start_is_named_without_its_password(
+    postgres_url: str,
+) -> None:
+    """No such database, or no server at the address: the start says which database
+    and why, in one line, its password hidden."""
+    url = sa.engine.make_url(postgres_url).set(password="hunter2")
+    missing = url.set(database="fluxserve_missing_database")
+    no_server = url.set(host="127.0.0.1", port=1)
+    for database, why in [
+        (missing, 'database "fluxserve_missing_database" does not exist'),
+        (no_server, "Connect call failed"),
+    ]:
+        store = open_store(database.render_as_string(hide_password=False))
+        with pytest.raises(StoreOpenFailed) as failed:
+            await store.start()
+        shown = database.render_as_string(hide_password=True)
+        assert str(failed.value).startswith(f"cannot open the database at {shown}: ")
+        assert why in str(failed.value) and "hunter2" not in str(failed.value)

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fluxserve.errors import StoreUnavailable
+from fluxserve.errors import StoreOpenFailed, StoreUnavailable
 from fluxserve.runtime import Runtime
 from fluxserve.store import sqlite as sqlite_module
 from fluxserve.store.base import SqliteSynchronous
@@ -395,3 +396,41 @@ async def test_a_write_cancelled_twice_while_it_commits_is_committed_whole(
         await heartbeat
     await next_write
     assert [worker.worker_id for worker in await store.live_workers(60)] == ["w1"]
+
+
+async def test_a_database_that_cannot_be_opened_is_named_with_what_is_wrong(
+    tmp_path: Path,
+) -> None:
+    """A file that is not a database, a folder where the file should be, a data folder
+    under a regular file: the start says which file and why, in one line."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder.db").mkdir()
+    garbage = tmp_path / "fluxserve.db"
+    garbage.write_bytes(b"these bytes are no SQLite database " * 200)
+    under_a_file = tmp_path / "a_file" / "data" / "fluxserve.db"
+    for path, why in [
+        (garbage, "file is not a database"),
+        (tmp_path / "a_folder.db", "unable to open database file"),
+        (under_a_file, f"Not a directory: {under_a_file.parent}"),
+    ]:
+        store = SqlStore(SqliteDatabase(f"sqlite:///{path}"))
+        with pytest.raises(StoreOpenFailed) as failed:
+            await store.start()
+        assert str(failed.value) == f"cannot open the database at {path}: {why}"
+
+
+async def test_a_database_locked_beyond_the_wait_at_start_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "fluxserve.db"
+    made = SqlStore(SqliteDatabase(f"sqlite:///{path}"))
+    await made.start()
+    await made.close()
+    monkeypatch.setattr(sqlite_module, "LOCK_WAIT", 0.1)
+    with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")  # as another process's long write
+        store = SqlStore(SqliteDatabase(f"sqlite:///{path}"))
+        with pytest.raises(StoreOpenFailed) as failed:
+            await store.start()
+        holder.execute("ROLLBACK")
+    assert str(failed.value) == f"cannot open the database at {path}: database is locked"

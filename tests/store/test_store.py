@@ -134,11 +134,21 @@ async def test_keys(store: Store) -> None:
     record = await store.key_for_hash("h" * 64)
     assert record is not None and record.name == "alice" and record.revoked_at is None
     assert record.account_id == "acct_1"
-    assert await store.revoke_key("key_1")
-    assert not await store.revoke_key("key_1")
-    record = await store.key_for_hash("h" * 64)
-    assert record is not None and record.revoked_at is not None
+    revoked = await store.revoke_key("key_1")
+    assert revoked is not None and revoked.key_id == "key_1" and revoked.revoked_at is not None
+    assert await store.key_for_hash("h" * 64) == revoked
     assert [k.key_id for k in await store.list_keys()] == ["key_1"]
+
+
+async def test_revoking_a_key_again_answers_as_the_first_revoke_did(store: Store) -> None:
+    """Run again (a try whose commit reply was lost), a revoke finds the key revoked:
+    it answers the same key, revoked at the first revoke's time, not "no such key"."""
+    await store.create_key("key_1", "alice", "h" * 64, "fsk_abcdef", "acct_1")
+    first = await store.revoke_key("key_1")
+    assert first is not None and first.revoked_at is not None
+    assert await store.revoke_key("key_1") == first
+    assert await store.key_for_hash("h" * 64) == first
+    assert await store.revoke_key("key_missing") is None
 
 
 async def test_queue_position_counts_the_queued_tasks_of_the_model_ahead(store: Store) -> None:
@@ -257,6 +267,22 @@ async def test_webhook_secrets_are_made_once_and_rotated(store: Store) -> None:
     assert (again.secret, again.previous_secret) == ("whsec_three", "whsec_two")
     first = await store.rotate_webhook_secret("key_b", "whsec_b", 700.0)
     assert (first.secret, first.previous_secret) == ("whsec_b", None)
+
+
+@pytest.mark.parametrize("secret_before", ["whsec_old", None])
+async def test_a_rotation_run_again_leaves_what_it_made_once(
+    store: Store, secret_before: str | None
+) -> None:
+    """Run again with the same new secret (a try whose commit reply was lost), a rotation
+    answers what the first made: the secret from before it stays the previous one, and a
+    key that had none has no previous secret still."""
+    if secret_before is not None:
+        await store.webhook_secret("key_a", secret_before)
+    once = await store.rotate_webhook_secret("key_a", "whsec_new", 500.0)
+    assert (once.secret, once.previous_secret) == ("whsec_new", secret_before)
+    again = await store.rotate_webhook_secret("key_a", "whsec_new", 600.0)
+    assert again == once
+    assert await store.webhook_secret("key_a", "whsec_other") == once
 
 
 async def test_concurrent_first_uses_agree_on_one_secret(store: Store) -> None:

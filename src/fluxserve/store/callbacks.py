@@ -225,10 +225,12 @@ async def rotate_webhook_secret(
     db: Database, key_id: str, new_secret: str, previous_expires_at: float
 ) -> WebhookSecret:
     now = time.time()
-    # SET's right-hand sides read the row as it was: the old secret moves over.
+    # SET's right-hand sides read the row as it was: the old secret moves over. A key
+    # whose secret is `new_secret` already was rotated by this call's own try, whose
+    # commit reply was lost: run again, each statement here leaves it as it is.
     rotate = (
         webhook_secrets.update()
-        .where(webhook_secrets.c.key_id == key_id)
+        .where(webhook_secrets.c.key_id == key_id, webhook_secrets.c.secret != new_secret)
         .values(
             previous_secret=webhook_secrets.c.secret,
             previous_expires_at=previous_expires_at,
@@ -236,17 +238,14 @@ async def rotate_webhook_secret(
             created_at=now,
         )
     )
-    try:
-        async with db.transaction() as conn:
-            if await conn.execute(rotate) == 0:
-                await conn.execute(
-                    webhook_secrets.insert().values(
-                        key_id=key_id, secret=new_secret, created_at=now
-                    )
-                )
-    except AlreadyStored:
-        # Another process made the key's first secret meanwhile: rotate that one.
-        await db.execute(rotate)
+    if await db.execute(rotate) == 0:
+        try:  # the key's first secret, or the one this call made or rotated to already
+            await db.execute(
+                webhook_secrets.insert().values(key_id=key_id, secret=new_secret, created_at=now)
+            )
+        except AlreadyStored:
+            # Ours, or another process made the key's first secret meanwhile: rotate that one.
+            await db.execute(rotate)
     rotated = await _webhook_secret(db, key_id)
     assert rotated is not None
     return rotated

@@ -3,7 +3,9 @@
 Every statement the store runs, on sqlite3, asyncpg or SQLAlchemy, runs inside
 `driver_errors()`: a unique key already taken becomes `AlreadyStored`, and a
 database that cannot be reached (or a connection it dropped) `StoreUnavailable`.
-Anything else is a fault in the store itself and stays as it is.
+Anything else is a fault in the store itself and stays as it is. A store's start
+runs inside `opening()` too: whatever stops it from opening its database becomes
+`StoreOpenFailed`, one line for the command to print.
 """
 
 from __future__ import annotations
@@ -13,19 +15,22 @@ import sqlite3
 from collections.abc import Iterator
 
 import sqlalchemy as sa
+from alembic.util import CommandError
 
-from fluxserve.errors import AlreadyStored, StoreUnavailable
+from fluxserve.errors import AlreadyStored, StoreOpenFailed, StoreUnavailable
 
 Errors = tuple[type[BaseException], ...]
 ASYNCPG_DUPLICATE: Errors = ()
 ASYNCPG_UNAVAILABLE: Errors = ()
 ASYNCPG_BUSY: Errors = ()
+ASYNCPG_ANY: Errors = ()
 try:
     import asyncpg
 except ImportError:  # pragma: no cover - PostgreSQL is an extra
     pass
 else:
     ASYNCPG_DUPLICATE = (asyncpg.IntegrityConstraintViolationError,)
+    ASYNCPG_ANY = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
     # What a statement on a connection the server dropped (a restart,
     # pg_terminate_backend) raises, depending on how far the news of it got.
     # A database that refuses new connections (ALLOW_CONNECTIONS false) answers a
@@ -70,3 +75,36 @@ def driver_errors() -> Iterator[None]:
         if exc.connection_invalidated:
             raise StoreUnavailable(f"database connection lost: {exc}") from exc
         raise
+
+
+# What may stop a database from opening: the file system, either driver, SQLAlchemy
+# and alembic (a database at a migration this version does not know).
+NOT_OPENED: Errors = (
+    OSError,
+    sqlite3.Error,
+    sa.exc.SQLAlchemyError,
+    CommandError,
+    StoreUnavailable,
+    *ASYNCPG_ANY,
+)
+
+
+@contextlib.contextmanager
+def opening(where: str) -> Iterator[None]:
+    """Around a store's start: an error that keeps the database at `where` (a file,
+    a URL) from opening becomes `StoreOpenFailed`, which names it and says why."""
+    try:
+        yield
+    except NOT_OPENED as exc:
+        raise StoreOpenFailed(f"cannot open the database at {where}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's or the system's own words, without the wrappers around them."""
+    if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
+        return _reason(exc.__cause__)
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        return _reason(exc.orig)
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc) or type(exc).__name__

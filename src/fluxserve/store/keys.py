@@ -66,10 +66,13 @@ async def list_keys(db: Database) -> list[ApiKeyRecord]:
     ]
 
 
-async def revoke_key(db: Database, key_id: str) -> bool:
-    revoked = await db.execute(
+async def revoke_key(db: Database, key_id: str) -> ApiKeyRecord | None:
+    # A key revoked before keeps its time: run again (a try whose connection was lost
+    # as it committed), this answers what the first run did.
+    row = await db.one(
         api_keys.update()
-        .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
-        .values(revoked_at=time.time())
+        .where(api_keys.c.key_id == key_id)
+        .values(revoked_at=sa.func.coalesce(api_keys.c.revoked_at, time.time()))
+        .returning(*api_keys.c)
     )
-    return revoked == 1
+    return None if row is None else key_from_row(row)

@@ -231,8 +231,10 @@ class Accounts(Protocol):
 
     async def list_keys(self) -> list[ApiKeyRecord]: ...
 
-    async def revoke_key(self, key_id: str) -> bool:
-        """Revoke an active key; False if no active key has this id."""
+    async def revoke_key(self, key_id: str) -> ApiKeyRecord | None:
+        """Revoke the key, or leave it as it is if it is revoked already: either way the
+        key, with when it was revoked, so a repeat answers as the first call did; None
+        if no key has this id."""
 
 
 class Files(Protocol):

@@ -25,7 +25,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from fluxserve.errors import ConfigError, StoreUnavailable
 from fluxserve.store import migrate
 from fluxserve.store.connection import Connection, Statements
-from fluxserve.store.driver_errors import ASYNCPG_BUSY, ASYNCPG_UNAVAILABLE, driver_errors
+from fluxserve.store.driver_errors import (
+    ASYNCPG_BUSY,
+    ASYNCPG_UNAVAILABLE,
+    driver_errors,
+    opening,
+)
 from fluxserve.store.wakeups import TASK_CHANGES, Wakeups
 
 try:
@@ -118,7 +123,7 @@ class PostgresDatabase:
         # Migrations alone run on SQLAlchemy's engine, as alembic needs; then it goes.
         engine = create_async_engine(self._url.set(drivername="postgresql+asyncpg"))
         try:
-            with driver_errors():
+            with opening(self._url.render_as_string(hide_password=True)):
                 async with engine.begin() as conn:
                     # Several processes starting at once would race to create the tables.
                     await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATE_LOCK)))

@@ -29,7 +29,7 @@ from fluxserve.errors import StoreUnavailable
 from fluxserve.store import migrate
 from fluxserve.store.base import SqliteSynchronous
 from fluxserve.store.connection import Compiled, Connection, Statements
-from fluxserve.store.driver_errors import driver_errors
+from fluxserve.store.driver_errors import driver_errors, opening
 from fluxserve.store.wakeups import TASKS, Wakeups
 
 T = TypeVar("T")
@@ -201,10 +201,11 @@ class SqliteDatabase:
         self.wakeups = Wakeups()
 
     async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(_migrate, self._path, self._synchronous)
-        self._reader = _open_reader(self._path, self._synchronous)
-        self._writer = _open_writer(self._path, self._synchronous)
+        with opening(str(self._path)):
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_migrate, self._path, self._synchronous)
+            self._reader = _open_reader(self._path, self._synchronous)
+            self._writer = _open_writer(self._path, self._synchronous)
         self._seen_version = self._changes_seen_version = self._data_version()
 
     async def close(self) -> None:
