@@ -42,7 +42,8 @@ class Database(Connection, Protocol):
     max_seq: int  # the largest `seq` the tasks table can hold
 
     async def start(self) -> None:
-        """Connect, and bring the schema to the newest migration."""
+        """Connect, and bring the schema to the newest migration; StoreOpenFailed (see
+        `driver_errors.opening`) if it cannot."""
 
     async def close(self) -> None: ...
 

@@ -263,7 +263,8 @@ class Operations(Protocol):
     """What runs the service: its start and stop, its schema, the fleet and the sweep."""
 
     async def start(self) -> None:
-        """Connect and bring the schema to the newest migration."""
+        """Connect and bring the schema to the newest migration; StoreOpenFailed, naming
+        the database and what is wrong, if it cannot."""
 
     async def close(self) -> None: ...
 
