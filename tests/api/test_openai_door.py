@@ -58,6 +58,21 @@ async def test_a_size_with_a_line_break_after_it_is_a_400_on_size(
         assert response.json()["error"]["param"] == "size"
 
 
+async def test_a_generations_n_too_long_to_be_a_number_is_a_400_on_n(tmp_path: Path) -> None:
+    """Digits past Python's int conversion limit are out of range, as 1e400 is: a 400
+    naming `n`, not a body that could not be read."""
+    async with run_service(
+        make_settings(tmp_path / "data"), run_worker=False, in_process=True
+    ) as service:
+        response = await service.client.post(
+            "/v1/images/generations",
+            content=b'{"prompt": "%s", "n": %s}' % (PROMPT.encode(), b"9" * 5000),
+            headers={**service.auth(), "Content-Type": "application/json"},
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "n"
+
+
 async def test_an_edits_n_too_long_to_be_a_number_is_a_400_on_n(tmp_path: Path) -> None:
     """Multipart sends `n` as text: digits past Python's int conversion limit are
     refused like any other `n` that is not a whole number."""
