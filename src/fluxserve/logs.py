@@ -27,10 +27,10 @@ ACCESS_FIELDS = ("client", "method", "path", "http_version", "status_code")
 _tasks: ContextVar[tuple[str, ...]] = ContextVar("fluxserve_tasks", default=())
 
 
-def bind_task(task_id: str) -> None:
+def bind_task(*task_ids: str) -> None:
     """Lines written from here on in this context (a request, an asyncio task)
-    are about `task_id`."""
-    _tasks.set((task_id,))
+    are about `task_ids`."""
+    _tasks.set(task_ids)
 
 
 @contextlib.contextmanager

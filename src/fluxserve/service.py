@@ -64,6 +64,35 @@ class TaskService:
         `idempotency` is the request's Idempotency-Key and a hash of its body: a
         repeat within the TTL answers the first task.
         """
+        task_input = await self._checked(key, model, task_input, callback_url)
+        task = await self.store.create_task(
+            self._new_task(key, model, task_input, callback_url, callback_events, time.time()),
+            limits=self.limits,
+            idempotency=None
+            if idempotency is None
+            else IdempotencyKey(*idempotency, ttl=self.idempotency_ttl),
+        )
+        bind_task(task.task_id)  # the request's later lines, its access log's too
+        return task
+
+    async def submit_together(
+        self, key: ApiKeyRecord, model: str, task_input: TaskInput, count: int
+    ) -> list[Task]:
+        """Queue `count` tasks of one input, each with a seed of its own (unless the
+        input sets one), all or none: see `Store.create_tasks`."""
+        task_input = await self._checked(key, model, task_input, None)
+        now = time.time()
+        new_tasks = [
+            self._new_task(key, model, task_input, None, TERMINAL_EVENTS, now) for _ in range(count)
+        ]
+        tasks = await self.store.create_tasks(new_tasks, limits=self.limits)
+        bind_task(*(task.task_id for task in tasks))
+        return tasks
+
+    async def _checked(
+        self, key: ApiKeyRecord, model: str, task_input: TaskInput, callback_url: str | None
+    ) -> TaskInput:
+        """The input once its URLs and LoRAs pass, its data: references stored as uploads."""
         if callback_url is not None:
             self._check_outbound("callback_url", callback_url, self.callback_policy)
         if task_input.loras:
@@ -79,30 +108,32 @@ class TaskService:
                 self.uploads, key.account_id or key.key_id, task_input.image_urls
             )
             task_input = dataclasses.replace(task_input, image_urls=stored)
+        return task_input
+
+    def _new_task(
+        self,
+        key: ApiKeyRecord,
+        model: str,
+        task_input: TaskInput,
+        callback_url: str | None,
+        callback_events: tuple[str, ...],
+        now: float,
+    ) -> NewTask:
         if task_input.seed is None:
             # Drawn now, not at run time: a task that runs twice (its first worker
             # lost) makes the same image and overwrites the same file.
             task_input = dataclasses.replace(task_input, seed=secrets.randbelow(2**32))
-        now = time.time()
-        task = await self.store.create_task(
-            NewTask(
-                task_id=new_task_id(now),
-                owner=key.key_id,
-                account_id=key.account_id,
-                model=model,
-                input=task_input,
-                callback_url=callback_url,
-                created_at=now,
-                callback_events=callback_events,
-                price=self.price(model, task_input.resolution, len(task_input.loras)),
-            ),
-            limits=self.limits,
-            idempotency=None
-            if idempotency is None
-            else IdempotencyKey(*idempotency, ttl=self.idempotency_ttl),
+        return NewTask(
+            task_id=new_task_id(now),
+            owner=key.key_id,
+            account_id=key.account_id,
+            model=model,
+            input=task_input,
+            callback_url=callback_url,
+            created_at=now,
+            callback_events=callback_events,
+            price=self.price(model, task_input.resolution, len(task_input.loras)),
         )
-        bind_task(task.task_id)  # the request's later lines, its access log's too
-        return task
 
     async def get(self, key: ApiKeyRecord, task_id: str) -> Task:
         """The caller's task; 404 when unknown, 403 when another account's."""

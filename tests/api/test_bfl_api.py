@@ -183,6 +183,40 @@ async def test_a_bad_size_is_422_with_fastapi_detail(
 
 
 @pytest.mark.parametrize(
+    ("body", "loc", "kind"),
+    [
+        # Past the 4300 digits Python converts: out of range, as 1e400 is.
+        (
+            b'{"prompt": "%s", "seed": %s}' % (PROMPT.encode(), b"9" * 5000),
+            ["body", "seed"],
+            "int_type",
+        ),
+        (
+            b'{"prompt": "%s", "width": -%s}' % (PROMPT.encode(), b"9" * 5000),
+            ["body", "width"],
+            "int_type",
+        ),
+        # Not UTF-8, or nested past any parser's depth: malformed JSON.
+        (b'{"prompt": "\xff\xfe"}', ["body", 0], "json_invalid"),
+        (b"[" * 100_000, ["body", 0], "json_invalid"),
+    ],
+)
+async def test_a_body_that_cannot_be_read_as_valid_json_is_422_naming_what_is_wrong(
+    tmp_path: Path, body: bytes, loc: list[Any], kind: str
+) -> None:
+    """The docs promise FastAPI's 422 for every body that does not validate, not its
+    400 "error parsing the body" for JSON that Python's parser gives up on."""
+    async with in_process(make_settings(tmp_path / "data")) as service:
+        refused = await service.client.post(
+            "/v1/flux-2-pro",
+            content=body,
+            headers={**x_key(service), "Content-Type": "application/json"},
+        )
+        assert refused.status_code == 422, refused.text
+        assert [(d["loc"], d["type"]) for d in refused.json()["detail"]] == [(loc, kind)]
+
+
+@pytest.mark.parametrize(
     ("path", "body", "says"),
     [
         ("flux-2-pro", {"width": 2048, "height": 2064}, "at most 4194304 pixels"),

@@ -86,6 +86,7 @@ async def test_an_error_of_the_service_is_answered_in_the_doors_shape(
             raise raised
 
         monkeypatch.setattr(service.runtime.service, "submit", broken)
+        monkeypatch.setattr(service.runtime.service, "submit_together", broken)
         monkeypatch.setattr(service.runtime.service, "get", broken)
         response = await service.client.request(method, path, json=body, headers=service.auth())
         assert response.status_code == status, response.text

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from fluxserve.accounts import create_account
 from fluxserve.engines.base import Engine, GenerationRequest
-from fluxserve.errors import EngineError
+from fluxserve.errors import EngineError, StoreUnavailable
 from fluxserve.openai_images import OpenAIValueError, fluxserve_model, size_choice
 from fluxserve.sizes import dimensions, size_ratio
 
@@ -180,12 +180,37 @@ async def test_credits_short_of_n_images_raise_the_quota_error_and_queue_nothing
         with pytest.raises(openai.RateLimitError) as caught:
             await oai.images.generate(prompt=PROMPT, n=2)
     assert caught.value.code == "insufficient_quota"
-    # The image that fitted was cancelled with the request: it ends failed, unpaid.
-    [task] = await account_tasks(service, key)
-    ended = await service.wait(task["task_id"], key=key)
-    assert ended["status"] == "failed" and ended["cancelled"]
+    assert "2 tasks cost 10 credits together; the account has 7 available" in caught.value.message
+    # Refused whole: not even the image that fitted was queued.
+    assert await account_tasks(service, key) == []
     balance = await service.client.get("/api/user/balance", headers=service.auth(key))
     assert balance.json()["data"]["credits_amount"] == 7
+
+
+async def test_the_database_lost_once_images_are_queued_is_not_retried_by_the_sdk(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK sends a 503 again unless told not to: each time, its images would be
+    queued (and charged) once more, beside the first ones still being made."""
+
+    async def database_away(*_: Any, **__: Any) -> Any:
+        raise StoreUnavailable("connection lost")
+
+    key = await paid_key(service, "lost@example.com", 100)
+    # The images are made; reading their tasks once they have ended fails.
+    monkeypatch.setattr(service.runtime.service, "get", database_away)
+    async with client(service, key) as oai:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await oai.images.generate(prompt=PROMPT, n=2)
+    error = caught.value
+    assert error.status_code == 503
+    # Sent once: its two images were queued once.
+    tasks = await account_tasks(service, key)
+    assert len(tasks) == 2
+    # The answer names them, to be read through the unified API.
+    assert isinstance(error.body, dict)
+    assert sorted(error.body["task_ids"]) == sorted(task["task_id"] for task in tasks)
+    assert all(task["task_id"] in error.message for task in tasks)
 
 
 async def test_a_wait_that_runs_out_names_the_tasks_which_go_on(

@@ -310,6 +310,58 @@ async def test_concurrent_submits_never_pass_the_active_limit(store: Store) -> N
     assert all(isinstance(r, (Task, RateLimited)) for r in results)
 
 
+async def submit_together(
+    store: Store, who: Account, count: int, *, price: int = 0, limits: SubmitLimits | None = None
+) -> list[Task]:
+    now = time.time()
+    key_id = "key_" + who.account_id.removeprefix("acct_")
+    new_tasks = [
+        NewTask(new_task_id(), key_id, who.account_id, "flux-2-pro", INPUT, None, now, price=price)
+        for _ in range(count)
+    ]
+    return await store.create_tasks(new_tasks, limits=limits)
+
+
+async def test_tasks_submitted_together_are_refused_whole_when_credits_cover_some(
+    store: Store,
+) -> None:
+    alice = await account(store, "alice", credits=12)
+    with pytest.raises(InsufficientCredits, match=r"3 tasks cost 15 credits.*12 available"):
+        await submit_together(store, alice, 3, price=5)
+    assert await balance(store, alice) == (12, 0)
+    assert await store.queue_depths() == {}
+    together = await submit_together(store, alice, 2, price=5)
+    assert await balance(store, alice) == (12, 10)
+    assert await store.queue_depths() == {"flux-2-pro": 2}
+    for task in together:
+        stored = await store.get_task(task.task_id)
+        assert stored is not None and stored.price == 5
+
+
+async def test_tasks_submitted_together_need_room_for_all_in_the_minute(store: Store) -> None:
+    alice = await account(store, "alice")
+    limits = SubmitLimits(per_minute=4)
+    await submit(store, alice, limits=limits)
+    await submit(store, alice, limits=limits)
+    with pytest.raises(RateLimited, match=r"4 submits per minute.*no room for 3 more") as refused:
+        await submit_together(store, alice, 3, limits=limits)
+    # Room for three opens as the first of the two leaves the minute.
+    assert 55 <= int(refused.value.headers["Retry-After"]) <= 60
+    # The refusal queued nothing, so it spent none of the minute's submits.
+    assert len(await submit_together(store, alice, 2, limits=limits)) == 2
+    assert await store.queue_depths() == {"flux-2-pro": 4}
+
+
+async def test_tasks_submitted_together_need_room_for_all_at_once(store: Store) -> None:
+    alice = await account(store, "alice")
+    limits = SubmitLimits(per_minute=10, concurrent=3)
+    await submit(store, alice, limits=limits)
+    with pytest.raises(RateLimited, match=r"at most 3 queued or running.*no room for 3 more"):
+        await submit_together(store, alice, 3, limits=limits)
+    assert len(await submit_together(store, alice, 2, limits=limits)) == 2
+    assert await store.queue_depths() == {"flux-2-pro": 3}
+
+
 # --- the fair queue -----------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ unexpected error (500) included.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Response
@@ -63,6 +64,17 @@ class OpenAIError(Exception):
         return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
 
 
+class AfterQueued(Exception):
+    """`error`, raised once the request's tasks were queued. Its answer names them
+    (`task_ids`) and carries `x-should-retry: false`: the tasks go on, and the
+    request sent again would queue them a second time."""
+
+    def __init__(self, error: Exception, task_ids: Sequence[str]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.task_ids = list(task_ids)
+
+
 def invalid(param: str | None, message: str) -> OpenAIError:
     """A 400 naming the request field at fault."""
     return OpenAIError(400, message, param=param, code="invalid_value" if param else None)
@@ -70,14 +82,42 @@ def invalid(param: str | None, message: str) -> OpenAIError:
 
 def openai_answer(exc: Exception, scope: Scope) -> Response:
     """Any error in OpenAI's shape, with the status and code OpenAI gives it."""
+    return _as_openai_error(exc, scope).response()
+
+
+def _as_openai_error(exc: Exception, scope: Scope) -> OpenAIError:
+    if isinstance(exc, AfterQueued):
+        return _after_queued(_as_openai_error(exc.error, scope), exc)
     if isinstance(exc, OpenAIValueError):
-        exc = invalid(exc.param, str(exc))
-    elif isinstance(exc, RequestValidationError):
+        return invalid(exc.param, str(exc))
+    if isinstance(exc, RequestValidationError):
         errors = list(exc.errors())
-        exc = invalid(_param(errors), describe_validation_error(errors))
-    elif not isinstance(exc, OpenAIError):
-        exc = _translated(refused(exc, scope))
-    return exc.response()
+        return invalid(_param(errors), describe_validation_error(errors))
+    if isinstance(exc, OpenAIError):
+        return exc
+    return _translated(refused(exc, scope))
+
+
+def _after_queued(answer: OpenAIError, queued: AfterQueued) -> OpenAIError:
+    """`answer` naming the queued tasks, not to be retried. Where it is fluxserve's
+    own refusal (the database away, say), its message says what became of them."""
+    message = answer.message
+    if not isinstance(queued.error, OpenAIError):
+        message = (
+            f"The images were queued as tasks {', '.join(queued.task_ids)}, but this answer "
+            f"failed: {message}. They go on: read each with "
+            "GET /api/generate/status/{task_id} and the same API key; sending this request "
+            "again would queue them again."
+        )
+    return OpenAIError(
+        answer.status,
+        message,
+        type=answer.type,
+        param=answer.param,
+        code=answer.code,
+        headers=NO_RETRY,
+        extra={**answer.extra, "task_ids": queued.task_ids},
+    )
 
 
 _CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}
@@ -133,7 +173,8 @@ _WHEN = {
     429: "Past the key's rate or active-task limit (code rate_limit_exceeded), or "
     "the account's credits do not cover the images (code insufficient_quota)",
     500: "Every task of the request failed; the message says why",
-    503: "The database cannot be reached right now",
+    503: "The database cannot be reached right now; once the request's tasks were "
+    "queued, `task_ids` names them",
     504: "The images were not ready within `openai_wait` seconds; `task_ids` names the "
     "tasks, which go on and can be read through /api/generate/status",
 }

@@ -40,6 +40,7 @@ from fluxserve.errors import InvalidRequest
 from fluxserve.openai_images import SIZE_PATTERN, fluxserve_model, size_choice
 from fluxserve.settings import Settings
 from fluxserve.store import ApiKeyRecord
+from fluxserve.store.base import SubmitLimits
 from fluxserve.tasks import OUTPUT_FORMATS, TaskInput
 from fluxserve.uploads import Destination, Uploads
 
@@ -88,8 +89,11 @@ class ImageOptions(BaseModel):
     user: str | None = None
 
 
-def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan:
-    """The tasks a request asks for; a 400 naming the field fluxserve cannot honour."""
+def plan(
+    options: ImageOptions, settings: Settings, limits: SubmitLimits | None, *, edit: bool
+) -> ImagesPlan:
+    """The tasks a request asks for; a 400 naming the field fluxserve cannot honour.
+    `limits` are the key's submit limits, as the store checks them."""
     try:
         prompt = clean_prompt(options.prompt, "prompt")
     except ValueError as exc:
@@ -103,7 +107,7 @@ def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan
         options.model, settings.openai_models, settings.openai_default_model, edit=edit
     )
     n = options.n or 1
-    _check_n_within_limits(n, settings)
+    _check_n_within_limits(n, limits)
     choice = size_choice(options.size)
     task_input = TaskInput(
         prompt=prompt,
@@ -122,14 +126,16 @@ def plan(options: ImageOptions, settings: Settings, *, edit: bool) -> ImagesPlan
     )
 
 
-def _check_n_within_limits(n: int, settings: Settings) -> None:
+def _check_n_within_limits(n: int, limits: SubmitLimits | None) -> None:
     """A 400 for `n` past a per-key limit: such a request is refused however long
     it waits (each image is one task), so a 429 that says "retry" would mislead."""
-    limits = (
-        ("max_active_tasks", settings.max_active_tasks, "tasks queued or running at once"),
-        ("rate_limit_per_minute", settings.rate_limit_per_minute, "submits a minute"),
+    if limits is None:
+        return
+    checks = (
+        ("max_active_tasks", limits.concurrent, "tasks queued or running at once"),
+        ("rate_limit_per_minute", limits.per_minute, "submits a minute"),
     )
-    for setting, limit, what in limits:
+    for setting, limit, what in checks:
         if limit is not None and n > limit:
             raise invalid(
                 "n",
@@ -150,7 +156,7 @@ _ANSWERS.update(openai_error_answers())
 @router.post(GENERATIONS_PATH, response_model=None, responses=_ANSWERS)
 async def generate(body: ImageOptions, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     """Make `n` images from `prompt`, one task each; answered once they exist."""
-    return await run_images(rt, key, plan(body, rt.settings, edit=False))
+    return await run_images(rt, key, plan(body, rt.settings, rt.service.limits, edit=False))
 
 
 def _edit_form_schema() -> JsonDict:
@@ -187,7 +193,7 @@ async def edit(request: Request, key: KeyDep, rt: RuntimeDep) -> dict[str, Any]:
     try:
         options = _options(form)
         files = _images(form, limit)
-        edit_plan = plan(options, rt.settings, edit=True)
+        edit_plan = plan(options, rt.settings, rt.service.limits, edit=True)
         images = [(await file.read(), file.filename) for file in files]
     finally:
         await form.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,8 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from fluxserve.api.openai_errors import NO_RETRY, OpenAIError
-from fluxserve.errors import ApiError, StoreUnavailable
+from fluxserve.api.openai_errors import AfterQueued, OpenAIError
 from fluxserve.runtime import Runtime
 from fluxserve.store import ApiKeyRecord
 from fluxserve.tasks import OUTPUT_FORMATS, Task, TaskInput, TaskStatus
@@ -33,11 +31,24 @@ class ImagesPlan:
 
 
 async def run_images(rt: Runtime, key: ApiKeyRecord, plan: ImagesPlan) -> dict[str, Any]:
-    """Queue the plan's tasks, wait for them, and answer with their images."""
-    task_ids = await _submit_all(rt, key, plan)
+    """Queue the plan's tasks, all or none, wait for them, and answer with their images.
+
+    Once they are queued, an error answer names them and tells OpenAI's SDKs not
+    to send the request again (`AfterQueued`), which would queue them a second time.
+    """
+    tasks = await rt.service.submit_together(key, plan.model, plan.task_input, plan.n)
+    task_ids = [task.task_id for task in tasks]
+    try:
+        return await _answer(rt, plan, await _wait(rt, key, task_ids))
+    except Exception as exc:
+        raise AfterQueued(exc, task_ids) from exc
+
+
+async def _wait(rt: Runtime, key: ApiKeyRecord, task_ids: Sequence[str]) -> list[Task]:
+    """The tasks once all have ended; a 504 once `openai_wait` runs out."""
     try:
         async with asyncio.timeout(rt.settings.openai_wait):
-            tasks = await asyncio.gather(*(_ended(rt, key, task_id) for task_id in task_ids))
+            return await _all_ended(rt, key, task_ids)
     except TimeoutError:
         raise OpenAIError(
             504,
@@ -46,26 +57,18 @@ async def run_images(rt: Runtime, key: ApiKeyRecord, plan: ImagesPlan) -> dict[s
             "GET /api/generate/status/{task_id} and the same API key.",
             type="server_error",
             code="timeout",
-            headers=NO_RETRY,
-            extra={"task_ids": task_ids},
         ) from None
-    return await _answer(rt, plan, tasks)
 
 
-async def _submit_all(rt: Runtime, key: ApiKeyRecord, plan: ImagesPlan) -> list[str]:
-    """One task per image. Should one be refused (credits, limits), those queued
-    before it are cancelled, so a refused request costs nothing."""
-    task_ids: list[str] = []
+async def _all_ended(rt: Runtime, key: ApiKeyRecord, task_ids: Sequence[str]) -> list[Task]:
+    """Each task once it has ended. Should one wait fail, the others are cancelled
+    (their feed subscriptions closed) before its error is raised."""
     try:
-        for _ in range(plan.n):
-            task = await rt.service.submit(key, plan.model, plan.task_input, None)
-            task_ids.append(task.task_id)
-    except (ApiError, StoreUnavailable):
-        for task_id in task_ids:
-            with contextlib.suppress(ApiError, StoreUnavailable):
-                await rt.service.cancel(key, task_id)
-        raise
-    return task_ids
+        async with asyncio.TaskGroup() as group:
+            waits = [group.create_task(_ended(rt, key, task_id)) for task_id in task_ids]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [wait.result() for wait in waits]
 
 
 async def _ended(rt: Runtime, key: ApiKeyRecord, task_id: str) -> Task:
@@ -92,9 +95,6 @@ async def _answer(rt: Runtime, plan: ImagesPlan, tasks: Sequence[Task]) -> dict[
             f"Image generation failed ({reasons})",
             type="server_error",
             code="generation_failed",
-            # Sent again, it would queue its images again, most likely to fail alike.
-            headers=NO_RETRY,
-            extra={"task_ids": [task.task_id for task in tasks]},
         )
     data = [await _image(rt, task, plan.response_format) for task in finished]
     first = finished[0]
@@ -120,7 +120,6 @@ async def _image(rt: Runtime, task: Task, response_format: str) -> dict[str, Any
             500,
             f"The image of task {task.task_id} is no longer stored",
             type="server_error",
-            extra={"task_ids": [task.task_id]},
         )
     image["b64_json"] = base64.b64encode(data).decode()
     return image

@@ -10,6 +10,7 @@ can never charge twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -50,6 +51,8 @@ TURN = (
 )
 PAID_TURN = TURN.where(accounts.c.balance - accounts.c.held >= PRICE)
 _AVAILABLE = sa.select(accounts.c.balance - accounts.c.held).where(_account)
+# Holds the account's row (PostgreSQL) until the turns that follow have taken it.
+_AVAILABLE_LOCKED = _AVAILABLE.with_for_update()
 _QUEUE_TAIL = sa.select(sa.func.max(tasks.c.vtime)).where(_queued)
 _NEW_LEDGER_ROW = credit_ledger.insert()
 _BY_ID = accounts.select().where(_account)
@@ -98,6 +101,22 @@ async def refuse(conn: Connection, task: NewTask) -> NoReturn:
     raise InsufficientCredits(
         f"This task costs {task.price} credits; the account has {available} available"
     )
+
+
+async def check_covered(conn: Connection, new_tasks: Sequence[NewTask]) -> None:
+    """InsufficientCredits unless the account has credits for all of `new_tasks`
+    (of one account) together: one refusal that says what the lot costs."""
+    total = sum(task.price for task in new_tasks)
+    account_id = new_tasks[0].account_id
+    if total <= 0 or account_id is None:
+        return
+    found = await conn.one(_AVAILABLE_LOCKED, account=account_id)
+    available = 0 if found is None else found[0]
+    if available < total:
+        raise InsufficientCredits(
+            f"These {len(new_tasks)} tasks cost {total} credits together; "
+            f"the account has {available} available"
+        )
 
 
 async def settle(

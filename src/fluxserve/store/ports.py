@@ -149,6 +149,16 @@ class Tasks(Protocol):
         the fair queue between accounts.
         """
 
+    async def create_tasks(
+        self, new_tasks: Sequence[NewTask], *, limits: SubmitLimits | None = None
+    ) -> list[Task]:
+        """Store several queued tasks of one key together: all of them, or none.
+
+        As `create_task`, but the key's limits are checked for all the tasks at
+        once and the account's credits for their prices together, before any is
+        written; a refusal (RateLimited, InsufficientCredits) leaves nothing.
+        """
+
     async def cancel_task(self, task_id: str) -> Task | None:
         """Cancel: a queued task fails now; a running one is marked for its worker.
 

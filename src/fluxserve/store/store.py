@@ -20,7 +20,7 @@ from fluxserve.store.base import IdempotencyKey, SubmitLimits
 from fluxserve.store.coalesce import Coalescer
 from fluxserve.store.connection import Connection, Database
 from fluxserve.store.group_commit import GroupCommit, Write
-from fluxserve.store.submits import submit
+from fluxserve.store.submits import submit, submit_together
 from fluxserve.store.wakeups import CALLBACKS, TASKS
 from fluxserve.tasks import Claim, NewTask, Task
 
@@ -112,6 +112,18 @@ class SqlStore:
                 raise
             # A concurrent submit with the same key committed first: answer its task.
             return await self._submit(work, together)
+
+    async def create_tasks(
+        self, new_tasks: Sequence[NewTask], *, limits: SubmitLimits | None = None
+    ) -> list[Task]:
+        try:
+            async with self.db.transaction(wake=(TASKS,)) as conn:
+                return await submit_together(conn, new_tasks, limits)
+        except StoreUnavailable:
+            if await self.get_task(new_tasks[0].task_id) is None:
+                raise
+            # Committed by a try whose connection was lost as it committed: all of them.
+            return [task.queued() for task in new_tasks]
 
     async def _submit(
         self, work: Callable[[Connection], Awaitable[Task]], together: str | None

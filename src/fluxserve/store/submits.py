@@ -1,7 +1,7 @@
 """A submit: an earlier submit with the same Idempotency-Key, the key's limits, the
 account's credits and the task's place in the fair queue are checked, and then
-the task is queued. Every statement is built once, here, so each database
-compiles it once.
+the task is queued; or several tasks are, all or none (`submit_together`).
+Every statement is built once, here, so each database compiles it once.
 """
 
 from __future__ import annotations
@@ -32,8 +32,15 @@ _LOCK_KEY = (
     sa.select(api_keys.c.key_id).where(api_keys.c.key_id == sa.bindparam("owner")).with_for_update()
 )
 _mine = tasks.c.owner == sa.bindparam("owner")
-_RECENT_SUBMITS = sa.select(sa.func.count(), sa.func.min(tasks.c.created_at)).where(
-    _mine, tasks.c.created_at > sa.bindparam("since", type_=sa.Float)
+_recent = sa.and_(_mine, tasks.c.created_at > sa.bindparam("since", type_=sa.Float))
+_RECENT_SUBMITS = sa.select(sa.func.count()).where(_recent)
+# The recent submit whose minute ends as the room for the next ones opens.
+_NTH_RECENT_SUBMIT = (
+    sa.select(tasks.c.created_at)
+    .where(_recent)
+    .order_by(tasks.c.created_at)
+    .limit(1)
+    .offset(sa.bindparam("skip", type_=sa.Integer))
 )
 _ACTIVE_TASKS = sa.select(sa.func.count()).where(
     _mine,
@@ -182,22 +189,51 @@ async def _replay(
     return None if earlier is None else task_from_row(earlier)
 
 
-async def _check_limits(conn: Connection, owner: str, limits: SubmitLimits, now: float) -> None:
-    """RateLimited when the key is past a limit; its submits take turns meanwhile."""
+async def submit_together(
+    conn: Connection, new_tasks: Sequence[NewTask], limits: SubmitLimits | None
+) -> list[Task]:
+    """Queue every one of `new_tasks` (of one key) or none of them.
+
+    The key's limits are checked for all of them at once, and the account's
+    credits for their prices together, before the first is written: a request
+    refused is refused whole, and leaves no task behind to count against the
+    key's minute. Runs in a transaction of its own, so a turn still refused
+    midway (another process spent the credits meanwhile) undoes the rest.
+    """
+    first = new_tasks[0]
+    if limits is not None:
+        await _check_limits(conn, first.owner, limits, first.created_at, len(new_tasks))
+    await credits.check_covered(conn, new_tasks)
+    return [await submit(conn, task, None, None) for task in new_tasks]
+
+
+async def _check_limits(
+    conn: Connection, owner: str, limits: SubmitLimits, now: float, wanted: int = 1
+) -> None:
+    """RateLimited unless the key has room for `wanted` more tasks under each limit;
+    its submits take turns meanwhile."""
     await conn.one(_LOCK_KEY, owner=owner)
     if limits.per_minute is not None:
         since = now - 60
-        count, oldest = await conn.one(_RECENT_SUBMITS, owner=owner, since=since)
-        if count >= limits.per_minute:
+        (count,) = await conn.one(_RECENT_SUBMITS, owner=owner, since=since)
+        if count + wanted > limits.per_minute:
+            skip = count + wanted - limits.per_minute - 1
+            row = await conn.one(_NTH_RECENT_SUBMIT, owner=owner, since=since, skip=skip)
             raise RateLimited(
-                f"Rate limit reached: {limits.per_minute} submits per minute per API key",
-                retry_after=oldest - since,
+                f"Rate limit reached: {limits.per_minute} submits per minute per API key"
+                + _room(count, "in the last minute", wanted),
+                retry_after=60 if row is None else row.created_at - since,
             )
     if limits.concurrent is not None:
         (active,) = await conn.one(_ACTIVE_TASKS, owner=owner)
-        if active >= limits.concurrent:
+        if active + wanted > limits.concurrent:
             raise RateLimited(
                 f"Too many tasks at once: at most {limits.concurrent} queued or running "
-                "per API key; retry when one ends",
+                f"per API key{_room(active, 'queued or running', wanted)}; retry when tasks end",
                 retry_after=1,
             )
+
+
+def _room(have: int, what: str, wanted: int) -> str:
+    """For a request of several tasks: why its tasks do not fit."""
+    return "" if wanted == 1 else f" ({have} {what}, no room for {wanted} more)"
