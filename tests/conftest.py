@@ -51,6 +51,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+async def until(condition: Callable[[], bool], within: float = 30) -> None:
+    """Return once `condition()` holds, looking every 20 ms; TimeoutError after `within`
+    seconds. For state with no event to wait on: a fake's, another process's, a file's."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - what it looks at has no event to wait on
+            await asyncio.sleep(0.02)
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test: its own folder, loopback allowed, quick retries, no jitter."""
     values: dict[str, Any] = {

@@ -14,7 +14,7 @@ from PIL import Image
 from fluxserve.accounts import create_account
 from fluxserve.errors import StoreUnavailable
 
-from conftest import Service, make_settings, run_service
+from conftest import Service, make_settings, run_service, until
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 UNIFIED_SUBMIT = {"model": "flux-2-pro", "input": {"prompt": PROMPT}}
@@ -172,9 +172,7 @@ async def test_a_wait_that_fails_leaves_no_task_watched(
     async with run_service(settings, run_worker=False, in_process=True) as service:
         runtime = service.runtime
         request = asyncio.create_task(generate(service, 3))
-        async with asyncio.timeout(30):
-            while runtime.feed.streams < 3:  # noqa: ASYNC110 - the feed has no event to wait on
-                await asyncio.sleep(0.01)
+        await until(lambda: runtime.feed.streams >= 3)
 
         async def database_away(*_: Any, **__: Any) -> Any:
             raise StoreUnavailable("connection lost")

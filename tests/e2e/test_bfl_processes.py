@@ -10,7 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,19 +19,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from conftest import serve_asgi
+from conftest import serve_asgi, until
 from fake_bfl import COST, KEY, FakeBfl
 from test_processes import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 NO_TORCH = str(Path(__file__).with_name("no_torch.py"))
-
-
-async def until(condition: Callable[[], bool], within: float = 90) -> None:
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - processes and files have no event to wait on
-            await asyncio.sleep(0.05)
 
 
 async def fluxserve(env: dict[str, str], *args: str) -> str:
@@ -136,8 +130,8 @@ async def test_a_killed_worker_follows_the_same_upstream_task_once_restarted(
                 await asyncio.sleep(0.1)
             libraries = loaded_libraries(serve.pid)
             task_id = await api.submit("hold the fox")
-            await until(lambda: upstream_of(data_dir, task_id) is not None)
-            await until(lambda: fake.tasks["up-0"].polls >= 2)
+            await until(lambda: upstream_of(data_dir, task_id) is not None, within=90)
+            await until(lambda: fake.tasks["up-0"].polls >= 2, within=90)
             serve.kill()
         polls_before = fake.tasks["up-0"].polls
         # Restarted as two processes: the API, and a worker of its own.
@@ -145,7 +139,7 @@ async def test_a_killed_worker_follows_the_same_upstream_task_once_restarted(
             running(env, log, "-m", "fluxserve", "api"),
             running(env, log, NO_TORCH, "worker"),
         ):
-            await until(lambda: fake.tasks["up-0"].polls > polls_before)
+            await until(lambda: fake.tasks["up-0"].polls > polls_before, within=90)
             fake.release()
             data = await api.ended(task_id)
             stored = (

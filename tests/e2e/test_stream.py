@@ -21,7 +21,7 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 from fluxserve.engines.base import Engine
 from fluxserve.settings import Settings
 
-from conftest import Paused, Service, fresh_postgres_database, make_settings, run_service
+from conftest import Paused, Service, fresh_postgres_database, make_settings, run_service, until
 
 PROMPT = {"prompt": "a lighthouse at dawn"}
 
@@ -204,14 +204,6 @@ async def test_heartbeats_keep_an_idle_stream_alive(tmp_path: Path) -> None:
     assert lines[-1].startswith(": ping")
 
 
-async def wait_until(condition: Any, within: float = 30) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-
-
 async def test_a_client_that_goes_away_releases_its_subscription(tmp_path: Path) -> None:
     async with run_service(make_settings(tmp_path / "data"), run_worker=False) as service:
         task_id = await submit(service)
@@ -223,7 +215,7 @@ async def test_a_client_that_goes_away_releases_its_subscription(tmp_path: Path)
             await next_event(events_of(source))
             assert feed.streams == 1
         # The connection is closed: the server sees it and lets the task go.
-        await wait_until(lambda: feed.streams == 0)
+        await until(lambda: feed.streams == 0)
 
 
 async def test_many_streams_on_one_task_cost_one_read_per_change(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from starlette.routing import Route
 from fluxserve.cli_models import upstream_key_check
 from fluxserve.store import Store
 
-from conftest import Service, make_settings, queue_task, run_service, serve_asgi
+from conftest import Service, make_settings, queue_task, run_service, serve_asgi, until
 from fake_bfl import KEY, FakeBfl, sample_png
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +40,6 @@ async def bfl_service(
         settings = make_settings(tmp_path / "data", **values)
         async with run_service(settings) as service:
             yield service, upstream
-
-
-async def until(condition: Callable[[], bool], within: float = 30) -> None:
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - the fake's state has no event to wait on
-            await asyncio.sleep(0.02)
 
 
 async def submit(service: Service, prompt: str, **inputs: Any) -> str:
