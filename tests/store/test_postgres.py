@@ -430,26 +430,30 @@ async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> 
         assert await limited.store.next_callback_at() is None
 
 
-async def until_a_connection_waits_for_a_lock(name: str) -> None:
-    """Return once a connection to database `name` waits for a row another one locked."""
+async def until_a_connection_waits_for_a_lock(name: str, connections: int = 1) -> None:
+    """Return once `connections` connections to database `name` wait for rows (or keys)
+    others locked."""
     admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
         for _ in range(1000):
-            if await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = $1 AND wait_event_type = 'Lock'",
-                name,
+            if (
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND wait_event_type = 'Lock'",
+                    name,
+                )
+                >= connections
             ):
                 return
             await asyncio.sleep(0.01)
     finally:
         await admin.close()
-    raise AssertionError("no connection waited for a lock")
+    raise AssertionError(f"{connections} connections did not wait for a lock")
 
 
 async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
-    """Another transaction (a sweep, say) holds the account's row and then waits for
-    the task's, which the finish holds while it waits for the account's: PostgreSQL
+    """Another transaction holds the account's row and then waits for the task's,
+    which the finish holds while it waits for the account's: PostgreSQL
     ends the finish. The worker is told StoreUnavailable, which it retries, and its
     next try finishes the task; not the driver's own error."""
     async with fresh_postgres_database() as url:
@@ -548,3 +552,50 @@ async def test_a_database_out_of_connection_slots_leaves_the_store_its_connectio
         finally:
             await locker.close()
         assert before <= await limited.held()
+
+
+async def test_a_sweep_and_a_late_finish_of_one_account_both_go_through() -> None:
+    """A worker finishes its task after its lease ran out, as the sweeper hands the
+    task back and ends another of the same account. The finish locks its task's row,
+    then its account's; so does the sweep: neither is ended to break a deadlock, and
+    the credits come out exact. (A transaction holding the finish's ledger key makes
+    the finish pause between its two rows, where a slow one would.)"""
+    async with fresh_postgres_database() as url:
+        store = open_store(url)
+        await store.start()
+        other = await asyncpg.connect(url)
+        try:
+            await open_accounts(store, "a")
+            await store.grant_credits("acct_a", 100, None)
+            for _ in range(2):
+                await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+            late = await store.claim_task(["flux-2-pro"], "w1", 0)
+            lost = await store.claim_task(["flux-2-pro"], "w2", 0)
+            assert late is not None and lost is not None
+            await store.cancel_task(lost.task.task_id)  # ends, as cancelled, at the sweep
+            image = ResultFile("results/x/image.png", "image.png", "image/png", 10)
+            await other.execute("BEGIN")
+            await other.execute(
+                "INSERT INTO credit_ledger (account_id, task_id, kind, amount, created_at) "
+                "VALUES ('acct_a', $1, 'charge', -5, 0)",
+                late.task.task_id,
+            )
+            name = url.rsplit("/", 1)[1]
+            finishing = asyncio.create_task(
+                store.finish_task(late, Outcome("tiny", 7, 1024, 1024, [image]))
+            )
+            await until_a_connection_waits_for_a_lock(name)
+            sweeping = asyncio.create_task(store.requeue_expired(3))
+            await until_a_connection_waits_for_a_lock(name, 2)
+            await other.execute("ROLLBACK")
+            assert await finishing
+            assert await sweeping == (0, 1)
+            finished = await store.get_task(late.task.task_id)
+            cancelled = await store.get_task(lost.task.task_id)
+            assert finished is not None and finished.status is TaskStatus.FINISHED
+            assert cancelled is not None and cancelled.status is TaskStatus.FAILED
+            account = await store.get_account("acct_a")
+            assert account is not None and (account.balance, account.held) == (95, 0)
+        finally:
+            await other.close()
+            await store.close()
