@@ -60,7 +60,9 @@ def _with_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> 
 
     async def run() -> T:
         store = open_store(
-            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+            settings.resolved_database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            postgres_statement_timeout=settings.postgres_statement_timeout,
         )
         await store.start()
         try:

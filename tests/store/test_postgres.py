@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from pg_proxy import PostgresProxy
 
 from fluxserve.errors import StoreUnavailable
 from fluxserve.store import Store, open_store
@@ -552,6 +553,47 @@ async def test_a_database_out_of_connection_slots_leaves_the_store_its_connectio
         finally:
             await locker.close()
         assert before <= await limited.held()
+
+
+async def test_a_statement_waiting_on_a_row_locked_elsewhere_times_out_as_an_outage() -> None:
+    """A transaction elsewhere holds the task's row and does not end: a cancel, which
+    needs the row, is StoreUnavailable once the statement timeout has passed (the
+    API's 503, the loops' next try), not a wait as long as the lock; once the row is
+    let go, the same cancel goes through."""
+    async with fresh_postgres_database() as url:
+        store = open_store(url, postgres_statement_timeout=0.5)
+        await store.start()
+        locker = await asyncpg.connect(url)
+        try:
+            task_id = await queue_task(store)
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE", task_id)
+                with pytest.raises(StoreUnavailable, match="statement timeout"):
+                    await asyncio.wait_for(store.cancel_task(task_id), 20)
+                queued = await store.get_task(task_id)
+                assert queued is not None and queued.status is TaskStatus.NOT_STARTED
+            cancelled = await store.cancel_task(task_id)
+            assert cancelled is not None and cancelled.status is TaskStatus.FAILED
+        finally:
+            await locker.close()
+            await store.close()
+
+
+async def test_a_statement_the_network_drops_times_out_as_an_outage() -> None:
+    """No answer comes at all (the server's own statement timeout cannot help): the
+    client gives up, StoreUnavailable; with the network back, the store works."""
+    async with fresh_postgres_database() as url, PostgresProxy(url) as proxy:
+        store = open_store(proxy.url, postgres_statement_timeout=0.5)
+        await store.start()
+        try:
+            task_id = await queue_task(store)
+            proxy.black_hole = True
+            with pytest.raises(StoreUnavailable, match="timed out"):
+                await asyncio.wait_for(store.get_task(task_id), 20)
+            proxy.black_hole = False
+            assert await store.get_task(task_id) is not None
+        finally:
+            await store.close()
 
 
 async def test_a_sweep_and_a_late_finish_of_one_account_both_go_through() -> None:
