@@ -596,6 +596,30 @@ async def test_a_statement_the_network_drops_times_out_as_an_outage() -> None:
             await store.close()
 
 
+async def test_the_listener_listens_again_after_an_error_of_any_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its LISTEN is answered with a row no PostgreSQL sends (a middlebox's fault): the
+    driver's error is none of a database's. The listener logs it and listens again,
+    so a submit elsewhere still wakes a waiting worker at once."""
+    async with fresh_postgres_database() as url, PostgresProxy(url) as proxy:
+        worker_side, api_side = open_store(proxy.url), open_store(url)
+        await asyncio.gather(worker_side.start(), api_side.start())
+        try:
+            proxy.break_next_listen()
+            await settle(worker_side)
+            broke = [r for r in caplog.records if "LISTEN connection broke" in r.getMessage()]
+            assert len(broke) == 1 and broke[0].exc_info is not None
+            assert isinstance(broke[0].exc_info[1], asyncpg.exceptions.ProtocolError)
+            # The poll fallback is 60 s here: only a NOTIFY can end this wait in time.
+            waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
+            await queue_task(api_side)
+            await asyncio.wait_for(waiting, 10)
+        finally:
+            await worker_side.close()
+            await api_side.close()
+
+
 async def test_a_sweep_and_a_late_finish_of_one_account_both_go_through() -> None:
     """A worker finishes its task after its lease ran out, as the sweeper hands the
     task back and ends another of the same account. The finish locks its task's row,

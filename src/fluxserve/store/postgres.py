@@ -3,9 +3,9 @@
 Claims use `FOR UPDATE SKIP LOCKED`, so workers on many machines never take the
 same task. A transaction that makes work NOTIFYs in its BEGIN's round trip; a
 dedicated LISTEN connection wakes this process's idle workers and dispatchers at
-once, and reconnects when the database restarts (polling covers the gap). It
-listens only on the channels this process waits on: an API process is not sent
-a NOTIFY for every task the fleet queues.
+once, and reconnects when the database restarts, or after any other failure
+(polling covers the gap). It listens only on the channels this process waits
+on: an API process is not sent a NOTIFY for every task the fleet queues.
 
 Every pooled statement is bounded by the statement timeout (see `_bounded`): one
 held up by a row that a stuck transaction locked, or by a network that dropped
@@ -282,6 +282,9 @@ class PostgresDatabase:
             self.wakeups.wake(channel)
 
     async def _listen_forever(self) -> None:
+        """LISTEN until cancelled. After any failure, the database's or not, it logs
+        it and connects again after a pause: a listener that ended would leave the
+        waiters to their polls, and this process's streams blind to others' changes."""
         failures = 0
         while True:
             connection = None
@@ -295,9 +298,13 @@ class PostgresDatabase:
                 await self._listen_on(connection, closed)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("LISTEN connection failed (%s); polling meanwhile", exc)
+            except Exception:
+                logger.exception("LISTEN connection broke; polling meanwhile")
             finally:
-                if connection is not None and not connection.is_closed():
-                    await connection.close()
+                if connection is not None:
+                    # A close that fails or hangs must not end the listener.
+                    with contextlib.suppress(Exception):
+                        await connection.close(timeout=CLIENT_GRACE)
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
 
