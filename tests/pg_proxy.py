@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from types import TracebackType
+from collections.abc import AsyncIterator
 
 import sqlalchemy as sa
 
@@ -16,8 +16,8 @@ _ROW_NOBODY_ASKED_FOR = b"D" + struct.pack("!ihi", 11, 1, 1) + b"x"
 
 
 class PostgresProxy:
-    """Forwards each connection to the database of `database_url`; `url` is the same
-    database through the proxy.
+    """Forwards each connection to the database of `database_url` while `serving()`;
+    `url` is the same database through the proxy.
 
     `black_hole`: from now on nothing gets through, either way, on any connection,
     old or new (connections are still accepted); turned off, new connections work
@@ -32,24 +32,20 @@ class PostgresProxy:
         self._listen_to_break = False
         self._pumps: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> PostgresProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[PostgresProxy]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
         self.url = self._upstream.set(host="127.0.0.1", port=port).render_as_string(
             hide_password=False
         )
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._server.close()
-        for pump in self._pumps:
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+        try:
+            yield self
+        finally:
+            server.close()
+            for pump in self._pumps:
+                pump.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
 
     def break_next_listen(self) -> None:
         self._listen_to_break = True

@@ -452,44 +452,62 @@ async def until_a_connection_waits_for_a_lock(name: str, connections: int = 1) -
     raise AssertionError(f"{connections} connections did not wait for a lock")
 
 
-async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
-    """Another transaction holds the account's row and then waits for the task's,
-    which the finish holds while it waits for the account's: PostgreSQL
-    ends the finish. The worker is told StoreUnavailable, which it retries, and its
-    next try finishes the task; not the driver's own error."""
+@dataclasses.dataclass
+class Paying:
+    """A started store on a database of its own (named `name`) where account acct_a
+    has credits, and another connection to that database."""
+
+    store: Store
+    other: asyncpg.Connection
+    name: str
+
+
+@asynccontextmanager
+async def an_account_with_credits(credits: int) -> AsyncIterator[Paying]:
     async with fresh_postgres_database() as url:
         store = open_store(url)
         await store.start()
         other = await asyncpg.connect(url)
         try:
             await open_accounts(store, "a")
-            await store.grant_credits("acct_a", 10, None)
-            await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
-            claim = await store.claim_task(["flux-2-pro"], "w1", 30)
-            assert claim is not None
-            image = ResultFile("results/x/image.png", "image.png", "image/png", 10)
-            done = Outcome("tiny", 7, 1024, 1024, [image])
-            async with other.transaction():
-                # Only the finish's side looks for the deadlock soon: it is the one ended.
-                await other.execute("SET LOCAL deadlock_timeout = '1h'")
-                await other.execute("UPDATE accounts SET held = held WHERE account_id = 'acct_a'")
-                finishing = asyncio.create_task(store.finish_task(claim, done))
-                await until_a_connection_waits_for_a_lock(url.rsplit("/", 1)[1])
-                task_row = asyncio.create_task(
-                    other.execute(
-                        "UPDATE tasks SET progress = progress WHERE task_id = $1",
-                        claim.task.task_id,
-                    )
-                )
-                with pytest.raises(StoreUnavailable, match="deadlock"):
-                    await finishing
-                await task_row
-            assert await store.finish_task(claim, done)
-            task = await store.get_task(claim.task.task_id)
-            assert task is not None and task.status is TaskStatus.FINISHED
+            await store.grant_credits("acct_a", credits, None)
+            yield Paying(store, other, url.rsplit("/", 1)[1])
         finally:
             await other.close()
             await store.close()
+
+
+DONE = Outcome("tiny", 7, 1024, 1024, [ResultFile("results/x/i.png", "i.png", "image/png", 10)])
+
+
+async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
+    """Another transaction holds the account's row and then waits for the task's,
+    which the finish holds while it waits for the account's: PostgreSQL
+    ends the finish. The worker is told StoreUnavailable, which it retries, and its
+    next try finishes the task; not the driver's own error."""
+    async with an_account_with_credits(10) as paying:
+        store, other = paying.store, paying.other
+        await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+        claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+        assert claim is not None
+        async with other.transaction():
+            # Only the finish's side looks for the deadlock soon: it is the one ended.
+            await other.execute("SET LOCAL deadlock_timeout = '1h'")
+            await other.execute("UPDATE accounts SET held = held WHERE account_id = 'acct_a'")
+            finishing = asyncio.create_task(store.finish_task(claim, DONE))
+            await until_a_connection_waits_for_a_lock(paying.name)
+            task_row = asyncio.create_task(
+                other.execute(
+                    "UPDATE tasks SET progress = progress WHERE task_id = $1",
+                    claim.task.task_id,
+                )
+            )
+            with pytest.raises(StoreUnavailable, match="deadlock"):
+                await finishing
+            await task_row
+        assert await store.finish_task(claim, DONE)
+        task = await store.get_task(claim.task.task_id)
+        assert task is not None and task.status is TaskStatus.FINISHED
 
 
 def lose_the_connection_after_the_first_statement(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -582,7 +600,7 @@ async def test_a_statement_waiting_on_a_row_locked_elsewhere_times_out_as_an_out
 async def test_a_statement_the_network_drops_times_out_as_an_outage() -> None:
     """No answer comes at all (the server's own statement timeout cannot help): the
     client gives up, StoreUnavailable; with the network back, the store works."""
-    async with fresh_postgres_database() as url, PostgresProxy(url) as proxy:
+    async with fresh_postgres_database() as url, PostgresProxy(url).serving() as proxy:
         store = open_store(proxy.url, postgres_statement_timeout=0.5)
         await store.start()
         try:
@@ -602,7 +620,7 @@ async def test_the_listener_listens_again_after_an_error_of_any_kind(
     """Its LISTEN is answered with a row no PostgreSQL sends (a middlebox's fault): the
     driver's error is none of a database's. The listener logs it and listens again,
     so a submit elsewhere still wakes a waiting worker at once."""
-    async with fresh_postgres_database() as url, PostgresProxy(url) as proxy:
+    async with fresh_postgres_database() as url, PostgresProxy(url).serving() as proxy:
         worker_side, api_side = open_store(proxy.url), open_store(url)
         await asyncio.gather(worker_side.start(), api_side.start())
         try:
@@ -626,42 +644,30 @@ async def test_a_sweep_and_a_late_finish_of_one_account_both_go_through() -> Non
     then its account's; so does the sweep: neither is ended to break a deadlock, and
     the credits come out exact. (A transaction holding the finish's ledger key makes
     the finish pause between its two rows, where a slow one would.)"""
-    async with fresh_postgres_database() as url:
-        store = open_store(url)
-        await store.start()
-        other = await asyncpg.connect(url)
-        try:
-            await open_accounts(store, "a")
-            await store.grant_credits("acct_a", 100, None)
-            for _ in range(2):
-                await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
-            late = await store.claim_task(["flux-2-pro"], "w1", 0)
-            lost = await store.claim_task(["flux-2-pro"], "w2", 0)
-            assert late is not None and lost is not None
-            await store.cancel_task(lost.task.task_id)  # ends, as cancelled, at the sweep
-            image = ResultFile("results/x/image.png", "image.png", "image/png", 10)
-            await other.execute("BEGIN")
-            await other.execute(
-                "INSERT INTO credit_ledger (account_id, task_id, kind, amount, created_at) "
-                "VALUES ('acct_a', $1, 'charge', -5, 0)",
-                late.task.task_id,
-            )
-            name = url.rsplit("/", 1)[1]
-            finishing = asyncio.create_task(
-                store.finish_task(late, Outcome("tiny", 7, 1024, 1024, [image]))
-            )
-            await until_a_connection_waits_for_a_lock(name)
-            sweeping = asyncio.create_task(store.requeue_expired(3))
-            await until_a_connection_waits_for_a_lock(name, 2)
-            await other.execute("ROLLBACK")
-            assert await finishing
-            assert await sweeping == (0, 1)
-            finished = await store.get_task(late.task.task_id)
-            cancelled = await store.get_task(lost.task.task_id)
-            assert finished is not None and finished.status is TaskStatus.FINISHED
-            assert cancelled is not None and cancelled.status is TaskStatus.FAILED
-            account = await store.get_account("acct_a")
-            assert account is not None and (account.balance, account.held) == (95, 0)
-        finally:
-            await other.close()
-            await store.close()
+    async with an_account_with_credits(100) as paying:
+        store, other = paying.store, paying.other
+        for _ in range(2):
+            await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+        late = await store.claim_task(["flux-2-pro"], "w1", 0)
+        lost = await store.claim_task(["flux-2-pro"], "w2", 0)
+        assert late is not None and lost is not None
+        await store.cancel_task(lost.task.task_id)  # ends, as cancelled, at the sweep
+        await other.execute("BEGIN")
+        await other.execute(
+            "INSERT INTO credit_ledger (account_id, task_id, kind, amount, created_at) "
+            "VALUES ('acct_a', $1, 'charge', -5, 0)",
+            late.task.task_id,
+        )
+        finishing = asyncio.create_task(store.finish_task(late, DONE))
+        await until_a_connection_waits_for_a_lock(paying.name)
+        sweeping = asyncio.create_task(store.requeue_expired(3))
+        await until_a_connection_waits_for_a_lock(paying.name, 2)
+        await other.execute("ROLLBACK")
+        assert await finishing
+        assert await sweeping == (0, 1)
+        finished = await store.get_task(late.task.task_id)
+        cancelled = await store.get_task(lost.task.task_id)
+        assert finished is not None and finished.status is TaskStatus.FINISHED
+        assert cancelled is not None and cancelled.status is TaskStatus.FAILED
+        account = await store.get_account("acct_a")
+        assert account is not None and (account.balance, account.held) == (95, 0)
