@@ -87,8 +87,9 @@ def _bounded(statement_timeout: float) -> dict[str, Any]:
     the server to cancel or else closing the connection. The LISTEN connection
     is not pooled and has neither: it is idle by design.
     """
+    milliseconds = max(1, round(statement_timeout * 1000))  # 0 would be no bound at all
     return {
-        "server_settings": {"statement_timeout": str(round(statement_timeout * 1000))},
+        "server_settings": {"statement_timeout": str(milliseconds)},
         "command_timeout": statement_timeout + CLIENT_GRACE,
     }
 
