@@ -59,7 +59,9 @@ async def on_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) 
     """Start the store (StoreOpenFailed if its database cannot be opened), run `action`
     on it, and close it."""
     store = open_store(
-        settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+        settings.resolved_database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        postgres_statement_timeout=settings.postgres_statement_timeout,
     )
     await store.start()
     try:

@@ -47,7 +47,9 @@ class Runtime:
         self.settings = settings
         self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
         self.store: Store = open_store(
-            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+            settings.resolved_database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            postgres_statement_timeout=settings.postgres_statement_timeout,
         )
         self.storage: Storage = open_storage(settings)
         self.metrics = Metrics()

@@ -22,7 +22,7 @@ from pydantic_settings import (
 from fluxserve.bfl_models import BFL_PATHS, BflRoute, default_bfl_routes
 from fluxserve.checkpoints import ModelRoute, default_routes
 from fluxserve.openai_images import OPENAI_IMAGE_MODELS
-from fluxserve.store.base import SqliteSynchronous
+from fluxserve.store.base import POSTGRES_STATEMENT_TIMEOUT, SqliteSynchronous
 from fluxserve.tasks import MODELS
 
 EngineName = Literal["auto", "diffusers", "tiny", "bfl"]
@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         default="full",
         description="full: each SQLite commit is on the disk before it is answered; "
         "normal: a power cut can lose the last ones",
+    )
+    postgres_statement_timeout: float = Field(
+        default=POSTGRES_STATEMENT_TIMEOUT,
+        gt=0,
+        description="Seconds a PostgreSQL statement may take; past it the request is "
+        "answered 503 and a background loop tries again",
     )
     engine: EngineName = Field(
         default="auto",

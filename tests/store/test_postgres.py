@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from pg_proxy import PostgresProxy
 
 from fluxserve.errors import StoreOpenFailed, StoreUnavailable
 from fluxserve.store import Store, open_store
@@ -430,61 +431,83 @@ async def test_a_database_out_of_connection_slots_is_an_outage_not_a_fault() -> 
         assert await limited.store.next_callback_at() is None
 
 
-async def until_a_connection_waits_for_a_lock(name: str) -> None:
-    """Return once a connection to database `name` waits for a row another one locked."""
+async def until_a_connection_waits_for_a_lock(name: str, connections: int = 1) -> None:
+    """Return once `connections` connections to database `name` wait for rows (or keys)
+    others locked."""
     admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
         for _ in range(1000):
-            if await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = $1 AND wait_event_type = 'Lock'",
-                name,
+            if (
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND wait_event_type = 'Lock'",
+                    name,
+                )
+                >= connections
             ):
                 return
             await asyncio.sleep(0.01)
     finally:
         await admin.close()
-    raise AssertionError("no connection waited for a lock")
+    raise AssertionError(f"{connections} connections did not wait for a lock")
 
 
-async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
-    """Another transaction (a sweep, say) holds the account's row and then waits for
-    the task's, which the finish holds while it waits for the account's: PostgreSQL
-    ends the finish. The worker is told StoreUnavailable, which it retries, and its
-    next try finishes the task; not the driver's own error."""
+@dataclasses.dataclass
+class Paying:
+    """A started store on a database of its own (named `name`) where account acct_a
+    has credits, and another connection to that database."""
+
+    store: Store
+    other: asyncpg.Connection
+    name: str
+
+
+@asynccontextmanager
+async def an_account_with_credits(credits: int) -> AsyncIterator[Paying]:
     async with fresh_postgres_database() as url:
         store = open_store(url)
         await store.start()
         other = await asyncpg.connect(url)
         try:
             await open_accounts(store, "a")
-            await store.grant_credits("acct_a", 10, None)
-            await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
-            claim = await store.claim_task(["flux-2-pro"], "w1", 30)
-            assert claim is not None
-            image = ResultFile("results/x/image.png", "image.png", "image/png", 10)
-            done = Outcome("tiny", 7, 1024, 1024, [image])
-            async with other.transaction():
-                # Only the finish's side looks for the deadlock soon: it is the one ended.
-                await other.execute("SET LOCAL deadlock_timeout = '1h'")
-                await other.execute("UPDATE accounts SET held = held WHERE account_id = 'acct_a'")
-                finishing = asyncio.create_task(store.finish_task(claim, done))
-                await until_a_connection_waits_for_a_lock(url.rsplit("/", 1)[1])
-                task_row = asyncio.create_task(
-                    other.execute(
-                        "UPDATE tasks SET progress = progress WHERE task_id = $1",
-                        claim.task.task_id,
-                    )
-                )
-                with pytest.raises(StoreUnavailable, match="deadlock"):
-                    await finishing
-                await task_row
-            assert await store.finish_task(claim, done)
-            task = await store.get_task(claim.task.task_id)
-            assert task is not None and task.status is TaskStatus.FINISHED
+            await store.grant_credits("acct_a", credits, None)
+            yield Paying(store, other, url.rsplit("/", 1)[1])
         finally:
             await other.close()
             await store.close()
+
+
+DONE = Outcome("tiny", 7, 1024, 1024, [ResultFile("results/x/i.png", "i.png", "image/png", 10)])
+
+
+async def test_a_finish_ended_to_break_a_deadlock_is_an_outage_not_a_fault() -> None:
+    """Another transaction holds the account's row and then waits for the task's,
+    which the finish holds while it waits for the account's: PostgreSQL
+    ends the finish. The worker is told StoreUnavailable, which it retries, and its
+    next try finishes the task; not the driver's own error."""
+    async with an_account_with_credits(10) as paying:
+        store, other = paying.store, paying.other
+        await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+        claim = await store.claim_task(["flux-2-pro"], "w1", 30)
+        assert claim is not None
+        async with other.transaction():
+            # Only the finish's side looks for the deadlock soon: it is the one ended.
+            await other.execute("SET LOCAL deadlock_timeout = '1h'")
+            await other.execute("UPDATE accounts SET held = held WHERE account_id = 'acct_a'")
+            finishing = asyncio.create_task(store.finish_task(claim, DONE))
+            await until_a_connection_waits_for_a_lock(paying.name)
+            task_row = asyncio.create_task(
+                other.execute(
+                    "UPDATE tasks SET progress = progress WHERE task_id = $1",
+                    claim.task.task_id,
+                )
+            )
+            with pytest.raises(StoreUnavailable, match="deadlock"):
+                await finishing
+            await task_row
+        assert await store.finish_task(claim, DONE)
+        task = await store.get_task(claim.task.task_id)
+        assert task is not None and task.status is TaskStatus.FINISHED
 
 
 def lose_the_connection_after_the_first_statement(
@@ -589,3 +612,103 @@ async def test_a_database_that_cannot_be_opened_at_start_is_named_without_its_pa
         shown = database.render_as_string(hide_password=True)
         assert str(failed.value).startswith(f"cannot open the database at {shown}: ")
         assert why in str(failed.value) and "hunter2" not in str(failed.value)
+
+
+async def test_a_statement_waiting_on_a_row_locked_elsewhere_times_out_as_an_outage() -> None:
+    """A transaction elsewhere holds the task's row and does not end: a cancel, which
+    needs the row, is StoreUnavailable once the statement timeout has passed (the
+    API's 503, the loops' next try), not a wait as long as the lock; once the row is
+    let go, the same cancel goes through."""
+    async with fresh_postgres_database() as url:
+        store = open_store(url, postgres_statement_timeout=0.5)
+        await store.start()
+        locker = await asyncpg.connect(url)
+        try:
+            task_id = await queue_task(store)
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE", task_id)
+                with pytest.raises(StoreUnavailable, match="statement timeout"):
+                    await asyncio.wait_for(store.cancel_task(task_id), 20)
+                queued = await store.get_task(task_id)
+                assert queued is not None and queued.status is TaskStatus.NOT_STARTED
+            cancelled = await store.cancel_task(task_id)
+            assert cancelled is not None and cancelled.status is TaskStatus.FAILED
+        finally:
+            await locker.close()
+            await store.close()
+
+
+async def test_a_statement_the_network_drops_times_out_as_an_outage() -> None:
+    """No answer comes at all (the server's own statement timeout cannot help): the
+    client gives up, StoreUnavailable; with the network back, the store works."""
+    async with fresh_postgres_database() as url, PostgresProxy(url).serving() as proxy:
+        store = open_store(proxy.url, postgres_statement_timeout=0.5)
+        await store.start()
+        try:
+            task_id = await queue_task(store)
+            proxy.black_hole = True
+            with pytest.raises(StoreUnavailable, match="timed out"):
+                await asyncio.wait_for(store.get_task(task_id), 20)
+            proxy.black_hole = False
+            assert await store.get_task(task_id) is not None
+        finally:
+            await store.close()
+
+
+async def test_the_listener_listens_again_after_an_error_of_any_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its LISTEN is answered with a row no PostgreSQL sends (a middlebox's fault): the
+    driver's error is none of a database's. The listener logs it and listens again,
+    so a submit elsewhere still wakes a waiting worker at once."""
+    async with fresh_postgres_database() as url, PostgresProxy(url).serving() as proxy:
+        worker_side, api_side = open_store(proxy.url), open_store(url)
+        await asyncio.gather(worker_side.start(), api_side.start())
+        try:
+            proxy.break_next_listen()
+            await settle(worker_side)
+            broke = [r for r in caplog.records if "LISTEN connection broke" in r.getMessage()]
+            assert len(broke) == 1 and broke[0].exc_info is not None
+            assert isinstance(broke[0].exc_info[1], asyncpg.exceptions.ProtocolError)
+            # The poll fallback is 60 s here: only a NOTIFY can end this wait in time.
+            waiting = asyncio.create_task(worker_side.wait_for_task(at_most=60))
+            await queue_task(api_side)
+            await asyncio.wait_for(waiting, 10)
+        finally:
+            await worker_side.close()
+            await api_side.close()
+
+
+async def test_a_sweep_and_a_late_finish_of_one_account_both_go_through() -> None:
+    """A worker finishes its task after its lease ran out, as the sweeper hands the
+    task back and ends another of the same account. The finish locks its task's row,
+    then its account's; so does the sweep: neither is ended to break a deadlock, and
+    the credits come out exact. (A transaction holding the finish's ledger key makes
+    the finish pause between its two rows, where a slow one would.)"""
+    async with an_account_with_credits(100) as paying:
+        store, other = paying.store, paying.other
+        for _ in range(2):
+            await store.create_task(dataclasses.replace(of_account("acct_a"), price=5))
+        late = await store.claim_task(["flux-2-pro"], "w1", 0)
+        lost = await store.claim_task(["flux-2-pro"], "w2", 0)
+        assert late is not None and lost is not None
+        await store.cancel_task(lost.task.task_id)  # ends, as cancelled, at the sweep
+        await other.execute("BEGIN")
+        await other.execute(
+            "INSERT INTO credit_ledger (account_id, task_id, kind, amount, created_at) "
+            "VALUES ('acct_a', $1, 'charge', -5, 0)",
+            late.task.task_id,
+        )
+        finishing = asyncio.create_task(store.finish_task(late, DONE))
+        await until_a_connection_waits_for_a_lock(paying.name)
+        sweeping = asyncio.create_task(store.requeue_expired(3))
+        await until_a_connection_waits_for_a_lock(paying.name, 2)
+        await other.execute("ROLLBACK")
+        assert await finishing
+        assert await sweeping == (0, 1)
+        finished = await store.get_task(late.task.task_id)
+        cancelled = await store.get_task(lost.task.task_id)
+        assert finished is not None and finished.status is TaskStatus.FINISHED
+        assert cancelled is not None and cancelled.status is TaskStatus.FAILED
+        account = await store.get_account("acct_a")
+        assert account is not None and (account.balance, account.held) == (95, 0)

@@ -13,6 +13,9 @@ SqliteSynchronous = Literal["full", "normal"]
 """Whether each SQLite commit is synced to the disk before it returns (`full`), or
 only at checkpoints (`normal`): see `sqlite._configure`."""
 
+POSTGRES_STATEMENT_TIMEOUT = 30.0
+"""Seconds a PostgreSQL statement may take by default: see `postgres._bounded`."""
+
 
 @dataclass(frozen=True)
 class ApiKeyRecord:

@@ -2,9 +2,10 @@
 
 Every statement the store runs, on sqlite3, asyncpg or SQLAlchemy, runs inside
 `driver_errors()`: a unique key already taken becomes `AlreadyStored`, and a
-database that cannot be reached (or a connection it dropped) `StoreUnavailable`.
-Anything else is a fault in the store itself and stays as it is. A store's start
-runs inside `opening()` too: whatever stops it from opening its database becomes
+database that cannot be reached (or a connection it dropped, or a statement it
+did not finish within the statement timeout) `StoreUnavailable`. Anything else
+is a fault in the store itself and stays as it is. A store's start runs inside
+`opening()` too: whatever stops it from opening its database becomes
 `StoreOpenFailed`, one line for the command to print.
 """
 
@@ -23,6 +24,7 @@ Errors = tuple[type[BaseException], ...]
 ASYNCPG_DUPLICATE: Errors = ()
 ASYNCPG_UNAVAILABLE: Errors = ()
 ASYNCPG_BUSY: Errors = ()
+ASYNCPG_TIMED_OUT: Errors = ()
 ASYNCPG_ANY: Errors = ()
 try:
     import asyncpg
@@ -43,6 +45,10 @@ else:
         asyncpg.exceptions.InsufficientResourcesError,
         asyncpg.exceptions.TransactionRollbackError,
     )
+    # A statement the server ended at its statement_timeout (or an operator's
+    # pg_cancel_backend): the connection is sound, and the same statement would
+    # most likely wait as long again.
+    ASYNCPG_TIMED_OUT = (asyncpg.exceptions.QueryCanceledError,)
     ASYNCPG_UNAVAILABLE = (
         *ASYNCPG_BUSY,
         asyncpg.PostgresConnectionError,
@@ -52,6 +58,9 @@ else:
         asyncpg.InternalClientError,
     )
 
+TIMED_OUT: Errors = (TimeoutError, *ASYNCPG_TIMED_OUT)
+"""A statement not finished in time: ended by the server, or given up on by the client
+(asyncpg's command_timeout raises TimeoutError, asyncio's too since Python 3.11)."""
 DUPLICATE: Errors = (sqlite3.IntegrityError, sa.exc.IntegrityError, *ASYNCPG_DUPLICATE)
 UNAVAILABLE: Errors = (
     OSError,
@@ -69,6 +78,8 @@ def driver_errors() -> Iterator[None]:
         yield
     except DUPLICATE as exc:
         raise AlreadyStored(str(exc)) from exc
+    except TIMED_OUT as exc:
+        raise StoreUnavailable(f"database statement timed out: {exc or 'no answer'}") from exc
     except UNAVAILABLE as exc:
         raise StoreUnavailable(f"database unavailable: {exc}") from exc
     except sa.exc.DBAPIError as exc:

@@ -3,9 +3,13 @@
 Claims use `FOR UPDATE SKIP LOCKED`, so workers on many machines never take the
 same task. A transaction that makes work NOTIFYs in its BEGIN's round trip; a
 dedicated LISTEN connection wakes this process's idle workers and dispatchers at
-once, and reconnects when the database restarts (polling covers the gap). It
-listens only on the channels this process waits on: an API process is not sent
-a NOTIFY for every task the fleet queues.
+once, and reconnects when the database restarts, or after any other failure
+(polling covers the gap). It listens only on the channels this process waits
+on: an API process is not sent a NOTIFY for every task the fleet queues.
+
+Every pooled statement is bounded by the statement timeout (see `_bounded`): one
+held up by a row that a stuck transaction locked, or by a network that dropped
+it, is `StoreUnavailable`, which the API answers 503 and the loops retry.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from fluxserve.errors import ConfigError, StoreUnavailable
 from fluxserve.store import migrate
+from fluxserve.store.base import POSTGRES_STATEMENT_TIMEOUT
 from fluxserve.store.connection import Connection, Statements
 from fluxserve.store.driver_errors import (
     ASYNCPG_BUSY,
     ASYNCPG_UNAVAILABLE,
+    TIMED_OUT,
     driver_errors,
     opening,
 )
@@ -47,6 +53,8 @@ MIGRATE_LOCK = 0x464C5558_02
 """Key of the advisory lock concurrent starts take turns on; arbitrary, fluxserve's own."""
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 POOL_SIZE = 20
+CLIENT_GRACE = 1.0
+"""Seconds the client waits past the server's own statement_timeout before giving up."""
 
 _ANNOUNCE = sa.select(
     sa.func.pg_notify(
@@ -67,6 +75,24 @@ def _setter(*events: asyncio.Event) -> Any:
             event.set()
 
     return set_all
+
+
+def _bounded(statement_timeout: float) -> dict[str, Any]:
+    """The pool's connection options that bound each statement, on both ends.
+
+    The server's statement_timeout ends a statement that waits on a row lock or
+    runs long: the server stops it and lets go of its locks at once, and the
+    connection stays sound, so nothing reconnects. But it cannot end a wait for
+    an answer that never comes (a network that drops packets, a hung server):
+    asyncpg's command_timeout, a moment later, ends that on the client, asking
+    the server to cancel or else closing the connection. The LISTEN connection
+    is not pooled and has neither: it is idle by design.
+    """
+    milliseconds = max(1, round(statement_timeout * 1000))  # 0 would be no bound at all
+    return {
+        "server_settings": {"statement_timeout": str(milliseconds)},
+        "command_timeout": statement_timeout + CLIENT_GRACE,
+    }
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -107,9 +133,12 @@ class PostgresDatabase:
     name = "postgresql"
     max_seq = 2**31 - 1  # `seq` is a 32-bit integer column here
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(
+        self, database_url: str, statement_timeout: float = POSTGRES_STATEMENT_TIMEOUT
+    ) -> None:
         url = sa.engine.make_url(database_url)
         self.url = database_url
+        self.statement_timeout = statement_timeout
         self._url = url
         self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._statements = Statements(asyncpg_dialect.dialect())
@@ -121,6 +150,7 @@ class PostgresDatabase:
 
     async def start(self) -> None:
         # Migrations alone run on SQLAlchemy's engine, as alembic needs; then it goes.
+        # They take as long as they take (and wait on another process's): unbounded.
         engine = create_async_engine(self._url.set(drivername="postgresql+asyncpg"))
         try:
             with opening(self._url.render_as_string(hide_password=True)):
@@ -131,7 +161,11 @@ class PostgresDatabase:
         finally:
             await engine.dispose()
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=0, max_size=POOL_SIZE, reset=_keep_session
+            self.dsn,
+            min_size=0,
+            max_size=POOL_SIZE,
+            reset=_keep_session,
+            **_bounded(self.statement_timeout),
         )
 
     async def close(self) -> None:
@@ -155,11 +189,14 @@ class PostgresDatabase:
         After a restart every pooled connection is dead: all are replaced. A read
         is safe to run again, and so is a write that refuses to repeat. A database
         out of connection slots, or one that broke a deadlock, keeps them: each one
-        given up would need a slot back.
+        given up would need a slot back. A statement that timed out is not run
+        again: it would most likely wait as long once more.
         """
         try:
             return await attempt()
         except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, TIMED_OUT):
+                raise
             if not isinstance(exc.__cause__, ASYNCPG_BUSY):
                 await self._started.expire_connections()
         return await attempt()
@@ -247,6 +284,9 @@ class PostgresDatabase:
             self.wakeups.wake(channel)
 
     async def _listen_forever(self) -> None:
+        """LISTEN until cancelled. After any failure, the database's or not, it logs
+        it and connects again after a pause: a listener that ended would leave the
+        waiters to their polls, and this process's streams blind to others' changes."""
         failures = 0
         while True:
             connection = None
@@ -260,9 +300,13 @@ class PostgresDatabase:
                 await self._listen_on(connection, closed)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("LISTEN connection failed (%s); polling meanwhile", exc)
+            except Exception:
+                logger.exception("LISTEN connection broke; polling meanwhile")
             finally:
-                if connection is not None and not connection.is_closed():
-                    await connection.close()
+                if connection is not None:
+                    # A close that fails or hangs must not end the listener.
+                    with contextlib.suppress(Exception):
+                        await connection.close(timeout=CLIENT_GRACE)
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             failures += 1
 

@@ -338,13 +338,17 @@ async def requeue_expired(db: Database, on_end: OnEnd, max_attempts: int) -> tup
             .values(_failed(message, now))
             .returning(*tasks.c)
         )
-        for row in gone:
-            await _ended(conn, task_from_row(row), TaskStatus.FAILED, now, ended)
         requeued = await conn.all(
             _move(RUNNING, QUEUED)
             .where(expired)
             .values(lease_expires_at=None, **_BACK_IN_THE_QUEUE)
             .returning(tasks.c.task_id)
         )
+        # The accounts' rows after every task row, as a finish locks its task's and
+        # then its account's: a sweep holding an account while it waited for a task
+        # that a late worker is finishing would deadlock with it. In account order:
+        # the one order for any transaction that locks several accounts.
+        for row in sorted(gone, key=lambda row: (row.account_id or "", row.task_id)):
+            await _ended(conn, task_from_row(row), TaskStatus.FAILED, now, ended)
         changes.extend(row.task_id for row in [*gone, *requeued])
     return len(requeued), len(gone)
