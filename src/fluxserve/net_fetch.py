@@ -1,8 +1,14 @@
-"""Fetching a URL's bytes through the net guard, with a size and time limit."""
+"""Fetching a URL's bytes through the net guard, with a size and time limit.
+
+`fetch_bytes` returns the body in memory, for what is small (a reference image);
+`fetch_streamed` hands it over chunk by chunk as it arrives, for what may be large
+(a LoRA), so that no more than a chunk of it is ever held.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -21,6 +27,15 @@ class Fetched:
     url: str
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """What a streamed fetch tells besides its body: its Content-Type and the final
+    URL after redirects."""
+
+    content_type: str | None
+    url: str
+
+
 async def fetch_bytes(
     client: httpx.AsyncClient,
     url: str,
@@ -34,11 +49,32 @@ async def fetch_bytes(
     `client` should come from `guarded_client`. `total_timeout` bounds the whole
     fetch, which the per-read timeout alone does not (a server may drip bytes).
     """
+    body = bytearray()
+    streamed = await fetch_streamed(
+        client, url, body.extend, policy=policy, max_bytes=max_bytes, total_timeout=total_timeout
+    )
+    return Fetched(content=bytes(body), content_type=streamed.content_type, url=streamed.url)
+
+
+async def fetch_streamed(
+    client: httpx.AsyncClient,
+    url: str,
+    write: Callable[[bytes], object],
+    *,
+    policy: NetPolicy,
+    max_bytes: int,
+    total_timeout: float | None = None,
+) -> Streamed:
+    """`fetch_bytes`, but each chunk of the body goes to `write` as it arrives.
+
+    A chunk that would take the body past max_bytes is refused before it is
+    written; on any error, `write` may have had part of the body.
+    """
     check_url(url, policy)
     shown = short_url(url)
     try:
         async with asyncio.timeout(total_timeout):
-            return await _fetch(client, url, policy=policy, max_bytes=max_bytes)
+            return await _fetch(client, url, write, policy=policy, max_bytes=max_bytes)
     except TimeoutError as exc:
         raise FetchError(
             f"could not fetch {shown}: took longer than {total_timeout:g} s in total"
@@ -60,8 +96,13 @@ async def fetch_bytes(
 
 
 async def _fetch(
-    client: httpx.AsyncClient, url: str, *, policy: NetPolicy, max_bytes: int
-) -> Fetched:
+    client: httpx.AsyncClient,
+    url: str,
+    write: Callable[[bytes], object],
+    *,
+    policy: NetPolicy,
+    max_bytes: int,
+) -> Streamed:
     shown = short_url(url)
     # Identity encoding: images are compressed already, and a gzip body could
     # inflate far beyond max_bytes inside httpx's decoder before we count it.
@@ -75,13 +116,15 @@ async def _fetch(
             if response.has_redirect_location and response.next_request is not None:
                 request = response.next_request
                 continue
-            return await _read_limited(response, shown, max_bytes)
+            return await _read_limited(response, shown, write, max_bytes)
         finally:
             await response.aclose()
     raise FetchError(f"could not fetch {shown}: more than {policy.max_redirects} redirects")
 
 
-async def _read_limited(response: httpx.Response, shown: str, max_bytes: int) -> Fetched:
+async def _read_limited(
+    response: httpx.Response, shown: str, write: Callable[[bytes], object], max_bytes: int
+) -> Streamed:
     if not response.is_success:
         reason = f" {response.reason_phrase}" if response.reason_phrase else ""
         raise FetchError(f"could not fetch {shown}: HTTP {response.status_code}{reason}")
@@ -95,16 +138,13 @@ async def _read_limited(response: httpx.Response, shown: str, max_bytes: int) ->
     declared = response.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
         raise ResponseTooLarge(too_big)
-    body = bytearray()
+    size = 0
     async for chunk in response.aiter_raw():
-        body += chunk
-        if len(body) > max_bytes:
+        size += len(chunk)
+        if size > max_bytes:
             raise ResponseTooLarge(too_big)
-    return Fetched(
-        content=bytes(body),
-        content_type=response.headers.get("content-type"),
-        url=str(response.url),
-    )
+        write(chunk)
+    return Streamed(content_type=response.headers.get("content-type"), url=str(response.url))
 
 
-__all__ = ["Fetched", "fetch_bytes"]
+__all__ = ["Fetched", "Streamed", "fetch_bytes", "fetch_streamed"]
