@@ -1,6 +1,7 @@
 """Bad input answered with a clear 4xx in the error envelope, never a 500: host names
-that are not IDNA, NULs, ranges and cursors past any number, names past the file
-system's limit; and the file route's HEAD and redirects."""
+that are not IDNA, NULs, ranges and cursors past any number, JSON bodies with integers
+past any conversion, bytes that are not UTF-8 or nesting too deep, names past the
+file system's limit; and the file route's HEAD and redirects."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -109,6 +111,78 @@ async def test_a_cursor_past_every_seq_starts_from_the_newest(service: Service) 
         )
         assert response.status_code == 200, response.text
         assert [task["task_id"] for task in response.json()["data"]["tasks"]] == [task_id]
+
+
+# JSON bodies --------------------------------------------------------------------------
+
+PROMPT = b'"a lighthouse on a cliff"'
+THOUSANDS_OF_DIGITS = b"9" * 5000  # past the 4300 digits Python converts to an int
+
+
+async def post_json(service: Service, path: str, body: bytes) -> httpx.Response:
+    headers = {**service.auth(), "Content-Type": "application/json"}
+    return await service.client.post(path, content=body, headers=headers)
+
+
+async def assert_still_submits(service: Service) -> None:
+    response = await service.submit({"model": "flux-2-pro", "input": {"prompt": "a kite"}})
+    assert response.status_code == 200, response.text
+
+
+async def test_an_integer_of_thousands_of_digits_is_refused_by_its_field(service: Service) -> None:
+    """Out of range, as 1e400 is: a 400 naming the field, not the input."""
+    for sign in (b"", b"-"):
+        body = b'{"model": "flux-2-pro", "input": {"prompt": %s, "seed": %s%s}}' % (
+            PROMPT,
+            sign,
+            THOUSANDS_OF_DIGITS,
+        )
+        response = await post_json(service, "/api/generate/submit", body)
+        assert refusal(response, 400) == "input.seed: Input should be a valid integer"
+        assert len(response.content) < 200  # the digits are not echoed
+    await assert_still_submits(service)
+
+
+async def test_an_integer_of_thousands_of_digits_in_an_unknown_field_is_ignored(
+    service: Service,
+) -> None:
+    """Fields the server does not know are ignored, whatever number they hold."""
+    body = b'{"model": "flux-2-pro", "note": %s, "input": {"prompt": %s, "tag": [%s]}}' % (
+        THOUSANDS_OF_DIGITS,
+        PROMPT,
+        THOUSANDS_OF_DIGITS,
+    )
+    response = await post_json(service, "/api/generate/submit", body)
+    assert response.status_code == 200, response.text
+    status = await service.status(response.json()["data"]["task_id"])
+    assert status.json()["data"]["status"] == "not_started"
+    image = base64.b64encode(png())
+    body = b'{"base64_data": "%s", "note": %s}' % (image, THOUSANDS_OF_DIGITS)
+    uploaded = await post_json(service, "/api/common/upload/base64", body)
+    assert uploaded.status_code == 200, uploaded.text
+
+
+def body_types(operations: dict[str, Any]) -> set[str]:
+    """The media types a path's POST takes as its body, as the OpenAPI document says."""
+    return set(operations.get("post", {}).get("requestBody", {}).get("content", {}))
+
+
+async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_not_json_on_every_route(
+    service: Service,
+) -> None:
+    """Every route of this API that takes a JSON body, as its document lists them."""
+    document = (await service.client.get("/openapi.json")).json()
+    json_routes = [
+        path
+        for path, operations in document["paths"].items()
+        if path.startswith("/api/") and "application/json" in body_types(operations)
+    ]
+    assert {"/api/generate/submit", "/api/common/upload/base64"} <= set(json_routes)
+    for path in json_routes:
+        for body in (b'{"model": "flux-2-pro", "input": {"prompt": "\xff\xfe"}}', b"[" * 100_000):
+            response = await post_json(service, path, body)
+            assert refusal(response, 400) == "Request body is not valid JSON", path
+    await assert_still_submits(service)
 
 
 # Upload names ------------------------------------------------------------------------

@@ -10,7 +10,6 @@ the database away) through the same door.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Scope
 
+from fluxserve.api.json_body import JsonBodyRoute
 from fluxserve.errors import ApiError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -65,44 +65,18 @@ class Door:
 
 def door_route(answer: Answer) -> type[APIRoute]:
     """A route class whose every error leaves as `answer` writes it, and whose JSON
-    bodies are read as `JsonBodyRequest` reads them."""
+    bodies are read as every door reads them (`JsonBodyRoute`)."""
 
-    class DoorRoute(APIRoute):
+    class DoorRoute(JsonBodyRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def answered(request: Request) -> Response:
                 try:
-                    return await handler(JsonBodyRequest(request.scope, request.receive))
+                    return await handler(request)
                 except Exception as exc:
                     return answer(exc, request.scope)
 
             return answered
 
     return DoorRoute
-
-
-class JsonBodyRequest(Request):
-    """A request whose JSON body fails only as JSON that does not validate, or as
-    malformed JSON, each answered by the door's own rule for it; never as FastAPI's
-    400 "error parsing the body".
-
-    An integer too long for Python to convert (over 4300 digits) is read as
-    infinity, which every number field refuses by name, as it refuses 1e400;
-    bytes that are not UTF-8 and arrays or objects nested past Python's recursion
-    limit are malformed JSON.
-    """
-
-    async def json(self) -> Any:
-        body = await self.body()
-        try:
-            return json.loads(body, parse_int=_integer)
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise json.JSONDecodeError(f"Not JSON: {exc}", "", 0) from exc
-
-
-def _integer(digits: str) -> int | float:
-    try:
-        return int(digits)
-    except ValueError:  # past sys.get_int_max_str_digits()
-        return float(digits)

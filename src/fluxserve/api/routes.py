@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.api.file_response import file_response
 from fluxserve.api.guard import api_key_of
+from fluxserve.api.json_body import JsonBodyRoute
 from fluxserve.api.openapi import (
     FILE_ANSWERS,
     METRICS_ANSWERS,
@@ -29,7 +30,7 @@ from fluxserve.store import ApiKeyRecord
 from fluxserve.tasks import format_time
 from fluxserve.wire import ok
 
-router = APIRouter()
+router = APIRouter(route_class=JsonBodyRoute)
 JSON = "application/json"
 
 

@@ -293,6 +293,9 @@ class SubmitBody(BaseModel):
         )
 
 
+NOT_JSON = "Request body is not valid JSON"
+
+
 def describe_validation_error(errors: list[Any]) -> str:
     """One message naming the field and what was wrong, from pydantic's errors."""
     if not errors:
@@ -302,7 +305,7 @@ def describe_validation_error(errors: list[Any]) -> str:
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
     field = ".".join(loc) if loc else "body"
     if kind == "json_invalid":
-        return "Request body is not valid JSON"
+        return NOT_JSON
     if field == "body" and kind in ("model_type", "dict_type", "model_attributes_type"):
         return "Request body must be a JSON object"
     if kind == "missing":

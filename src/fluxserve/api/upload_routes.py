@@ -6,6 +6,7 @@ past what the limit allows, so no upload holds more than that in memory.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
@@ -15,9 +16,10 @@ from pydantic.json_schema import JsonDict
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from fluxserve.api.json_body import JsonBodyRoute, parse_json
 from fluxserve.api.openapi import UploadData, answers
 from fluxserve.api.routes import KeyDep, RuntimeDep
-from fluxserve.api.schemas import describe_validation_error
+from fluxserve.api.schemas import NOT_JSON, describe_validation_error
 from fluxserve.errors import InvalidRequest, PayloadTooLarge
 from fluxserve.storage import Storage
 from fluxserve.store import ApiKeyRecord
@@ -34,7 +36,7 @@ from fluxserve.uploads import (
 from fluxserve.wire import ok
 
 PREFIX = "/api/common/upload"
-router = APIRouter(prefix=PREFIX)
+router = APIRouter(prefix=PREFIX, route_class=JsonBodyRoute)
 
 # Room for what surrounds the image in a body: multipart framing and text fields,
 # or a JSON object's other fields.
@@ -151,7 +153,11 @@ async def upload_base64(request: Request, key: KeyDep, up: UploadsDep) -> dict[s
         request, cap, f"Request body is larger than {cap} bytes: base64_data too large"
     )
     try:
-        payload = Base64Upload.model_validate_json(body)
+        # Read as every JSON body is, not by pydantic's own parser: a field this
+        # route does not know is ignored whatever number it holds, as at submit.
+        payload = Base64Upload.model_validate(parse_json(body))
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(NOT_JSON) from exc
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(list(exc.errors()))) from exc
     where = destination(payload.upload_path, payload.file_name)
