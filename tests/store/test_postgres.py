@@ -18,7 +18,7 @@ from pg_proxy import PostgresProxy
 from fluxserve.errors import StoreOpenFailed, StoreUnavailable
 from fluxserve.store import Store, open_store
 from fluxserve.store.base import Outcome, UploadRecord
-from fluxserve.store.postgres import PostgresDatabase, _Pooled
+from fluxserve.store.postgres import POOL_SIZE, PostgresDatabase, _Pooled
 from fluxserve.store.rows import task_from_row
 from fluxserve.store.schema import tasks
 from fluxserve.store.store import SqlStore
@@ -31,6 +31,7 @@ from conftest import (
     fresh_postgres_database,
     queue_position,
     queue_task,
+    until,
 )
 
 
@@ -635,6 +636,38 @@ async def test_a_statement_waiting_on_a_row_locked_elsewhere_times_out_as_an_out
             assert cancelled is not None and cancelled.status is TaskStatus.FAILED
         finally:
             await locker.close()
+            await store.close()
+
+
+async def test_a_wait_for_a_pooled_connection_is_bounded_by_the_statement_timeout() -> None:
+    """Every pooled connection is held (a burst far past the pool, transactions that
+    stall): one more operation is StoreUnavailable once the statement timeout has
+    passed (the API's 503), not a wait in line for as long as they take; once they
+    end, it goes through."""
+    async with fresh_postgres_database() as url:
+        store = open_store(url, postgres_statement_timeout=0.5)
+        await store.start()
+        assert isinstance(store, SqlStore)
+        release = asyncio.Event()
+        held = 0
+
+        async def hold_a_connection() -> None:
+            nonlocal held
+            async with store.db.transaction():
+                held += 1
+                await release.wait()
+
+        holders = [asyncio.create_task(hold_a_connection()) for _ in range(POOL_SIZE)]
+        try:
+            await until(lambda: held == POOL_SIZE)
+            with pytest.raises(StoreUnavailable, match="timed out"):
+                await asyncio.wait_for(store.get_task("task-unified-0-00000000"), 20)
+            release.set()
+            await asyncio.gather(*holders)
+            assert await store.get_task("task-unified-0-00000000") is None
+        finally:
+            release.set()
+            await asyncio.gather(*holders, return_exceptions=True)
             await store.close()
 
 

@@ -9,7 +9,8 @@ on: an API process is not sent a NOTIFY for every task the fleet queues.
 
 Every pooled statement is bounded by the statement timeout (see `_bounded`): one
 held up by a row that a stuck transaction locked, or by a network that dropped
-it, is `StoreUnavailable`, which the API answers 503 and the loops retry.
+it, is `StoreUnavailable`, which the API answers 503 and the loops retry. So is
+a wait of as long for a connection from the pool, every one of them held.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ class PostgresDatabase:
     async def _run(self, statement: Any, params: Mapping[str, Any], how: str) -> Any:
         async def attempt() -> Any:
             with driver_errors():
-                async with self._started.acquire() as connection:
+                async with self._started.acquire(timeout=self.statement_timeout) as connection:
                     return await getattr(_Pooled(connection, self._statements), how)(
                         statement, **params
                     )
@@ -226,7 +227,7 @@ class PostgresDatabase:
     ) -> AsyncIterator[Connection]:
         async def begin() -> asyncpg.Connection:
             with driver_errors():
-                connection = await self._started.acquire()
+                connection = await self._started.acquire(timeout=self.statement_timeout)
                 try:
                     # BEGIN and the NOTIFYs in one round trip, before the body: its
                     # statements may lock a row that others wait for (an account's),
