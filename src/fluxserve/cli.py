@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from fluxserve import accounts, logs
 from fluxserve.errors import ApiError, NotFound, StoreOpenFailed
 from fluxserve.settings import Settings
-from fluxserve.store import Store, open_store
+from fluxserve.store import Store, store_for
 from fluxserve.store.base import Account, LedgerEntry
 from fluxserve.tasks import MODELS
 
@@ -58,11 +58,7 @@ def _settings(**overrides: Any) -> Settings:
 async def on_store(settings: Settings, action: Callable[[Store], Awaitable[T]]) -> T:
     """Start the store (StoreOpenFailed if its database cannot be opened), run `action`
     on it, and close it."""
-    store = open_store(
-        settings.resolved_database_url,
-        sqlite_synchronous=settings.sqlite_synchronous,
-        postgres_statement_timeout=settings.postgres_statement_timeout,
-    )
+    store = store_for(settings)
     await store.start()
     try:
         return await action(store)

@@ -17,7 +17,7 @@ from fluxserve.net_policy import NetPolicy
 from fluxserve.service import TaskService
 from fluxserve.settings import Settings
 from fluxserve.storage import Storage, open_storage
-from fluxserve.store import Store, open_store
+from fluxserve.store import Store, store_for
 from fluxserve.store.base import SubmitLimits
 from fluxserve.task_feed import TaskFeed
 from fluxserve.task_metrics import TaskMetrics
@@ -46,11 +46,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.policy = NetPolicy(allow_private_networks=settings.allow_private_networks)
-        self.store: Store = open_store(
-            settings.resolved_database_url,
-            sqlite_synchronous=settings.sqlite_synchronous,
-            postgres_statement_timeout=settings.postgres_statement_timeout,
-        )
+        self.store: Store = store_for(settings)
         self.storage: Storage = open_storage(settings)
         self.metrics = Metrics()
         self.store.watch_endings(TaskMetrics(self.metrics).ended)

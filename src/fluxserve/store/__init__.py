@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fluxserve.errors import ConfigError
 from fluxserve.store.base import (
     POSTGRES_STATEMENT_TIMEOUT,
@@ -10,6 +12,9 @@ from fluxserve.store.base import (
     SqliteSynchronous,
 )
 from fluxserve.store.ports import Store
+
+if TYPE_CHECKING:
+    from fluxserve.settings import Settings
 
 
 def open_store(
@@ -39,4 +44,14 @@ def open_store(
     )
 
 
-__all__ = ["ApiKeyRecord", "CallbackRecord", "Store", "open_store"]
+def store_for(settings: Settings) -> Store:
+    """The store `settings` describe (`database_url` and its database's own settings),
+    not yet started: the one every process and command opens."""
+    return open_store(
+        settings.resolved_database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        postgres_statement_timeout=settings.postgres_statement_timeout,
+    )
+
+
+__all__ = ["ApiKeyRecord", "CallbackRecord", "Store", "open_store", "store_for"]
