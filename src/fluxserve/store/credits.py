@@ -43,13 +43,13 @@ _head = sa.func.coalesce(
     accounts.c.next_vtime,
 )
 _start = sa.case((accounts.c.next_vtime >= _head, accounts.c.next_vtime), else_=_head - 1)
-TURN = (
+_TURN = (
     accounts.update()
     .where(_account)
     .values(next_vtime=_start + 1, held=accounts.c.held + PRICE)
     .returning(accounts.c.next_vtime)
 )
-PAID_TURN = TURN.where(accounts.c.balance - accounts.c.held >= PRICE)
+_PAID_TURN = _TURN.where(accounts.c.balance - accounts.c.held >= PRICE)
 _AVAILABLE = sa.select(accounts.c.balance - accounts.c.held).where(_account)
 # Holds the account's row (PostgreSQL) until the turns that follow have taken it.
 _AVAILABLE_LOCKED = _AVAILABLE.with_for_update()
@@ -59,16 +59,16 @@ _BY_ID = accounts.select().where(_account)
 _BY_EMAIL = accounts.select().where(accounts.c.email == sa.bindparam("email"))
 
 
-def turn(task: NewTask) -> Any:
-    """The statement of `task`'s turn: the paid one refuses when credits are short."""
-    return PAID_TURN if task.price > 0 else TURN
+def turn(paid: bool) -> sa.Update:
+    """The statement of a task's turn; a `paid` one refuses when credits are short."""
+    return _PAID_TURN if paid else _TURN
 
 
 def turn_params(task: NewTask) -> dict[str, Any]:
     return {"account": task.account_id, "model": task.model, "price": task.price}
 
 
-def hold_row(task: NewTask) -> dict[str, Any]:
+def _hold_row(task: NewTask) -> dict[str, Any]:
     """The ledger row of `task`'s hold."""
     return _ledger_row(task.account_id, task.task_id, LedgerKind.HOLD, task.price, task.created_at)
 
@@ -82,10 +82,10 @@ async def take_turn(conn: Connection, task: NewTask) -> int:
     accounts with queued work take turns, whatever their backlogs.
     """
     if task.account_id is not None:
-        taken = await conn.one(turn(task), **turn_params(task))
+        taken = await conn.one(turn(task.price > 0), **turn_params(task))
         if taken is not None:
             if task.price > 0:
-                await conn.execute(_NEW_LEDGER_ROW, **hold_row(task))
+                await conn.execute(_NEW_LEDGER_ROW, **_hold_row(task))
             return int(taken.next_vtime) - 1
         if task.price > 0:
             await refuse(conn, task)

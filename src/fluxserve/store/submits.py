@@ -79,7 +79,7 @@ def _given(table: sa.Table, names: Sequence[str]) -> list[Any]:
 def _queue_in_one_statement(paid: bool, idempotent: bool) -> sa.Select[Any]:
     """The turn, the task, its hold and its Idempotency-Key, written by one statement
     (PostgreSQL's data-modifying WITH); a row only when the turn was taken."""
-    turn = (credits.PAID_TURN if paid else credits.TURN).cte("turn")
+    turn = credits.turn(paid).cte("turn")
     new_task = (
         tasks.insert()
         .from_select(
